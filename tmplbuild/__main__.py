@@ -1,0 +1,3 @@
+from tmplbuild.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,293 @@
+"""The Debian archive as seen by one build: its signed Release identity, its package index, and the .debs in
+the shared package cache. Everything read from the mirror is verified before use: InRelease by gpgv against
+the recipe's keyring, Packages by the SHA256 listed in that InRelease, each .deb by the SHA256 in Packages."""
+from __future__ import annotations
+
+import hashlib
+import lzma
+import os
+import re
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from tmplbuild.errors import AuthenticityError, LocalIOError, TransportError
+from tmplbuild.run import run
+
+INRELEASE_CAP = 16 << 20
+PACKAGES_CAP = 512 << 20
+TIMEOUT = (10, 60)
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    suite: str
+    codename: str
+    date: str  # RFC 2822, as written by the archive
+    epoch: int  # the Date field in seconds: the default SOURCE_DATE_EPOCH of a build
+    inrelease_sha256: str  # identity of the archive state the build saw
+    files: dict[str, tuple[str, int]]  # path -> (sha256, size), from the signed SHA256 field
+    raw: bytes  # the InRelease bytes, placed into the tree for debootstrap
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    arch: str
+    filename: str
+    sha256: str
+    size: int
+    priority: str
+    depends: tuple[str, ...]  # first alternative of each Depends/Pre-Depends clause, debootstrap's rule
+
+    @property
+    def deb_name(self) -> str:
+        # debootstrap's cache and archive naming: the epoch colon is escaped as %3a.
+        return f"{self.name}_{self.version}_{self.arch}.deb".replace(":", "%3a", 1)
+
+
+class Fetcher:
+    """HTTP(S) and file:// reads with size caps, mapping failures to TransportError."""
+
+    def __init__(self) -> None:
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=8, max_retries=2)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def to_file(self, url: str, dest: Path, cap: int, sha256: str | None = None) -> None:
+        """Download url to dest through a temporary file; the final path appears only after size and hash
+        (when given) match. Raises TransportError, AuthenticityError, LocalIOError."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+        digest = hashlib.sha256()
+        total = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in self._chunks(url):
+                    total += len(chunk)
+                    if total > cap:
+                        raise TransportError("download size", f"{url}: more than {cap} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise AuthenticityError("sha256", f"{url}: got {digest.hexdigest()}, expected {sha256}")
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise LocalIOError("package cache", f"{dest}: {exc.strerror}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def get(self, url: str, cap: int) -> bytes:
+        data = bytearray()
+        for chunk in self._chunks(url):
+            data += chunk
+            if len(data) > cap:
+                raise TransportError("download size", f"{url}: more than {cap} bytes")
+        return bytes(data)
+
+    def _chunks(self, url: str):
+        if url.startswith("file://"):
+            try:
+                with open(url[len("file://"):], "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        yield chunk
+            except OSError as exc:
+                raise TransportError("fetch", f"{url}: {exc.strerror}") from None
+            return
+        try:
+            with self.session.get(url, stream=True, timeout=TIMEOUT, allow_redirects=False) as resp:
+                if resp.status_code != 200:
+                    raise TransportError("fetch", f"{url}: HTTP {resp.status_code}, expected 200")
+                yield from resp.iter_content(CHUNK)
+        except requests.RequestException as exc:
+            raise TransportError("fetch", f"{url}: {type(exc).__name__}: {exc}") from None
+
+
+def verify_inrelease(data: bytes, keyring: Path, what: str) -> bytes:
+    """The signed text of a clearsigned InRelease, after gpgv accepted it with the keyring alone (as apt
+    does). Raises AuthenticityError when the signature is bad, missing, expired, revoked or by an unknown key:
+    gpgv's exit code is checked and so are its status lines."""
+    with tempfile.TemporaryDirectory(prefix="tmplbuild-gpgv-") as home:
+        src, out = Path(home, "InRelease"), Path(home, "Release")
+        src.write_bytes(data)
+        proc = run(
+            ["gpgv", "--status-fd", "1", "--keyring", keyring, "--output", out, src],
+            check="archive signature", capture=True, error=AuthenticityError,
+            env={"GNUPGHOME": home},  # an empty home: no user configuration or trust settings are read
+        )
+        status = proc.stdout.decode(errors="replace")
+        bad = [k for k in ("BADSIG", "ERRSIG", "EXPKEYSIG", "REVKEYSIG", "EXPSIG", "NO_PUBKEY")
+               if re.search(rf"^\[GNUPG:\] {k} ", status, re.M)]
+        if bad or not re.search(r"^\[GNUPG:\] VALIDSIG ", status, re.M):
+            raise AuthenticityError(
+                "archive signature",
+                f"{what}: not signed by a valid key in {keyring} ({', '.join(bad) or 'no VALIDSIG'})",
+            )
+        return out.read_bytes()
+
+
+def parse_release(signed: bytes, raw: bytes) -> ReleaseInfo:
+    """Fields of a verified Release text. Raises AuthenticityError when a field the build relies on is
+    missing (a Release without Date or SHA256 cannot pin an archive state)."""
+    from email.utils import parsedate_to_datetime
+
+    text = signed.decode("utf-8", errors="replace")
+    fields: dict[str, str] = {}
+    key = ""
+    for line in text.splitlines():
+        if line[:1] in (" ", "\t") and key:
+            fields[key] += "\n" + line.strip()
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    try:
+        epoch = int(parsedate_to_datetime(fields["Date"]).timestamp())
+        files: dict[str, tuple[str, int]] = {}
+        for entry in fields["SHA256"].split("\n"):
+            parts = entry.split()
+            if len(parts) == 3:
+                files[parts[2]] = (parts[0], int(parts[1]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise AuthenticityError("archive Release", f"missing or malformed field: {exc}") from None
+    return ReleaseInfo(
+        suite=fields.get("Suite", ""), codename=fields.get("Codename", ""), date=fields["Date"], epoch=epoch,
+        inrelease_sha256=hashlib.sha256(raw).hexdigest(), files=files, raw=raw,
+    )
+
+
+def fetch_release(fetcher: Fetcher, mirror: str, suite: str, keyring: Path) -> ReleaseInfo:
+    """Download and verify dists/SUITE/InRelease. Raises TransportError, AuthenticityError."""
+    url = f"{mirror}/dists/{suite}/InRelease"
+    raw = fetcher.get(url, INRELEASE_CAP)
+    return parse_release(verify_inrelease(raw, keyring, url), raw)
+
+
+def parse_packages(text: bytes) -> dict[str, Package]:
+    """Package stanzas by name (the first stanza of a name wins, as in debootstrap's pkgdetails)."""
+    packages: dict[str, Package] = {}
+    for stanza in text.split(b"\n\n"):
+        f: dict[bytes, bytes] = {}
+        for line in stanza.split(b"\n"):
+            if line[:1] not in (b" ", b"\t") and b":" in line:
+                k, _, v = line.partition(b":")
+                if k in _WANTED:
+                    f[k] = v.strip()
+        name = f.get(b"Package", b"").decode()
+        if not name or name in packages:
+            continue
+        deps: list[str] = []
+        for field in (b"Pre-Depends", b"Depends"):
+            for clause in f.get(field, b"").decode().split(","):
+                dep = clause.split("|")[0].split("(")[0].split(":")[0].strip()
+                if dep:
+                    deps.append(dep)
+        packages[name] = Package(
+            name=name, version=f[b"Version"].decode(), arch=f[b"Architecture"].decode(),
+            filename=f[b"Filename"].decode(), sha256=f[b"SHA256"].decode(), size=int(f[b"Size"]),
+            priority=f.get(b"Priority", b"").decode(), depends=tuple(deps),
+        )
+    return packages
+
+
+def select_stanzas(text: bytes, names: set[str]) -> bytes:
+    """The stanzas of `names` only, in index order: what debootstrap needs to install a resolved plan. Its
+    shell scans the whole index for every pre-dependency; a trimmed index makes each scan trivial."""
+    out = []
+    for stanza in text.split(b"\n\n"):
+        if stanza.startswith(b"Package: "):
+            name = stanza[9:stanza.find(b"\n")].decode()
+        else:
+            m = re.search(rb"^Package: (\S+)", stanza, re.M)
+            name = m.group(1).decode() if m else ""
+        if name in names:
+            out.append(stanza.strip(b"\n"))
+    return b"\n\n".join(out) + b"\n\n" if out else b""
+
+
+_WANTED = {b"Package", b"Version", b"Architecture", b"Filename", b"SHA256", b"Size", b"Priority",
+           b"Depends", b"Pre-Depends"}
+
+
+def fetch_packages(fetcher: Fetcher, mirror: str, release: ReleaseInfo, suite: str, component: str, arch: str,
+                   cache: Path) -> Path:
+    """The uncompressed Packages file of one component, verified against the signed Release and kept in the
+    cache under its hash, so a warm build neither downloads nor decompresses it again."""
+    rel = f"{component}/binary-{arch}/Packages"
+    if rel not in release.files:
+        raise AuthenticityError("archive index", f"{suite}: Release lists no {rel}")
+    sha, size = release.files[rel]
+    dest = cache / "indices" / f"{sha}.Packages"
+    if dest.exists():
+        return dest
+    for suffix, decompress in ((".xz", lzma.decompress), ("", None)):
+        if rel + suffix not in release.files:
+            continue
+        xsha, xsize = release.files[rel + suffix]
+        data = fetcher.get(f"{mirror}/dists/{suite}/{rel}{suffix}", xsize + 1)
+        if hashlib.sha256(data).hexdigest() != xsha:
+            raise AuthenticityError("archive index", f"{rel}{suffix}: sha256 differs from the signed Release")
+        if decompress:
+            data = decompress(data)
+        if hashlib.sha256(data).hexdigest() != sha or len(data) != size:
+            raise AuthenticityError("archive index", f"{rel}: sha256 differs from the signed Release")
+        _atomic_write(dest, data)
+        return dest
+    raise AuthenticityError("archive index", f"{suite}: Release lists no usable {rel}")
+
+
+def _atomic_write(dest: Path, data: bytes) -> None:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise LocalIOError("package cache", f"{dest}: {exc.strerror}") from None
+
+
+def resolve(names: list[str], packages: dict[str, Package], exclude_dependency: frozenset[str]) -> list[str]:
+    """debootstrap's resolve_deps: the closure over the first alternative of each (Pre-)Depends clause,
+    dropping names that are not real packages (virtual ones). Sorted, as debootstrap sorts."""
+    seen = set(names)
+    todo = list(names)
+    while todo:
+        new: set[str] = set()
+        for name in todo:
+            pkg = packages.get(name)
+            if pkg:
+                new.update(d for d in pkg.depends if d not in exclude_dependency)
+        todo = sorted(n for n in new if n in packages and n not in seen)
+        seen.update(todo)
+    return sorted(seen)
+
+
+def download_debs(fetcher: Fetcher, mirror: str, wanted: list[Package], cache: Path) -> list[Path]:
+    """Each .deb in the shared cache, downloaded in parallel where missing. A cached file is trusted only
+    when its size and sha256 match the signed index: a corrupt cache entry is fetched again, not used."""
+    debs = cache / "debs"
+
+    def one(pkg: Package) -> Path:
+        dest = debs / pkg.deb_name
+        if dest.exists() and dest.stat().st_size == pkg.size and _sha256(dest) == pkg.sha256:
+            return dest
+        fetcher.to_file(f"{mirror}/{pkg.filename}", dest, pkg.size, pkg.sha256)
+        return dest
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(one, wanted))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,335 @@
+"""`tmplbuild build`: one recipe, one architecture, to a compressed template and its manifest.
+
+Reads as the list of steps it is: archive, resolve, download, bootstrap, scripts, clean-up, manifest, pack,
+compress. Each step prints its duration. Nothing reaches the output directory until every step succeeded."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tmplbuild import __version__
+from tmplbuild.build import archive, chroot, normalize, pack
+from tmplbuild.build.manifest import installed_packages
+from tmplbuild.build.mirror import resolve_mirror
+from tmplbuild.build.plan import BootstrapPlan, debootstrap_argv, lists_name, make_plan, missing_packages
+from tmplbuild.errors import BuildError, LocalIOError, UsageError
+from tmplbuild.log import say, step
+from tmplbuild.recipe.model import Recipe, Stage
+from tmplbuild.run import run
+
+
+@dataclass
+class BuildOptions:
+    arch: str
+    out_dir: Path
+    cache_dir: Path
+    mirror: str | None = None
+    force: bool = False
+    use_tmpfs: bool = True
+
+
+@dataclass
+class BuildResult:
+    artifacts: list[pack.Artifact]
+    manifest_path: Path
+    manifest: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def artifact_stem(recipe: Recipe, version: str, arch: str) -> str:
+    return f"{recipe.name}_{version}_{arch}"
+
+
+def default_version(recipe: Recipe, epoch: int) -> str:
+    """The recipe's own version, else `<release>-<archive date>`: the same archive state gives the same
+    version, so a rebuild is reproducible down to its file name."""
+    return recipe.version or f"{recipe.release}-{time.strftime('%Y%m%d', time.gmtime(epoch))}"
+
+
+def input_hash(recipe: Recipe, arch: str, releases: list[archive.ReleaseInfo]) -> str:
+    """What the template is made from: the resolved recipe (with its parents, scripts, files and keys), the
+    architecture, the identity of the signed archive state, and the builder's version."""
+    h = hashlib.sha256()
+    for part in (recipe.canonical, arch.encode(), __version__.encode(),
+                 *(r.inrelease_sha256.encode() for r in releases)):
+        h.update(len(part).to_bytes(8, "big") + part)
+    return "sha256:" + h.hexdigest()
+
+
+def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
+    """Raises UsageError (recipe, configuration), AuthenticityError (archive signature or hashes),
+    TransportError (mirror), BuildError (debootstrap or a script failed), UnsafeContentError (private keys
+    in the tree), LocalIOError (output or cache not writable)."""
+    if opts.arch not in recipe.architectures:
+        raise UsageError("arch", f"{opts.arch} is not among the recipe's architectures "
+                                 f"({', '.join(recipe.architectures)})")
+    if not chroot.is_root():
+        raise UsageError("build", "building a template needs root (debootstrap, chroot and mounts)")
+    mirror = resolve_mirror(opts.mirror, recipe.bootstrap.mirror)
+    for d in (opts.out_dir, opts.cache_dir):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocalIOError("output", f"{d}: {exc.strerror}") from None
+    chroot.enter_private_mount_namespace()
+    timings: dict[str, float] = {}
+    fetcher = archive.Fetcher()
+
+    with step("archive", timings):
+        release = archive.fetch_release(fetcher, mirror, recipe.suite, recipe.bootstrap.keyring)
+        epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or release.epoch)
+        version = default_version(recipe, epoch)
+        stem = artifact_stem(recipe, version, opts.arch)
+        say(f"    {recipe.suite}: Release of {release.date}, InRelease sha256 {release.inrelease_sha256[:16]}…")
+    finals = [opts.out_dir / f"{stem}.{fmt.value}" for fmt in recipe.formats]
+    manifest_path = opts.out_dir / f"{stem}.manifest.json"
+    existing = [p for p in finals + [manifest_path] if p.exists()]
+    if existing and not opts.force:
+        raise UsageError("output", f"{existing[0]} exists; pass --force to replace it")
+
+    with step("resolve", timings):
+        indices, plan = _resolve(fetcher, mirror, recipe, opts, release)
+    with step("download", timings):
+        debs = archive.download_debs(fetcher, mirror, list(plan.debs), opts.cache_dir)
+        say(f"    {len(debs)} packages, {sum(p.size for p in plan.debs) / 1e6:.1f} MB in {opts.cache_dir}")
+
+    workbase = opts.cache_dir / "build"
+    workbase.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{stem}.", dir=workbase))
+    try:
+        with (chroot.tmpfs(work) if opts.use_tmpfs else _plain_dir(work)):
+            root = work / "rootfs"
+            log = work / "build.log"
+            try:
+                with step("bootstrap", timings):
+                    _bootstrap(root, work, mirror, recipe, opts.arch, release, indices, plan, debs, log)
+                env = {"SOURCE_DATE_EPOCH": str(epoch), "TMPLBUILD_TEMPLATE": recipe.name,
+                       "TMPLBUILD_VERSION": version, "TMPLBUILD_ARCH": opts.arch, "TMPLBUILD_SUITE": recipe.suite}
+                with step("scripts", timings):
+                    _customise(root, recipe, env, log)
+                with step("clean-up", timings):
+                    if chroot.mounts_under(root):
+                        raise BuildError("clean-up", f"mounts still active under {root}; refusing to clean")
+                    normalize.clean(root, epoch)
+                    normalize.refuse_private_keys(root)
+                with step("manifest", timings):
+                    packages = installed_packages(root)
+                with step("pack", timings):
+                    tar_path = work / f"{stem}.tar"
+                    entries, content_bytes = pack.write_tar(root, tar_path, epoch)
+                shutil.rmtree(root)  # frees the tmpfs before the compressed copies are written
+                with step("compress", timings):
+                    staged = [pack.compress(tar_path, final.with_name(f".{final.name}.part"), fmt)
+                              for final, fmt in zip(finals, recipe.formats)]
+            except BaseException:
+                _keep_log(log, opts.cache_dir / "logs" / f"{stem}.build.log")
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        # All formats land together, the manifest last: a reader that sees the manifest sees every file.
+        for a, final in zip(staged, finals):
+            os.replace(a.path, final)
+    except OSError as exc:
+        for a in staged:
+            a.path.unlink(missing_ok=True)
+        raise LocalIOError("output", f"{opts.out_dir}: {exc.strerror}") from None
+    artifacts = [pack.Artifact(path=final, format=a.format, size=a.size, sha256=a.sha256, sha512=a.sha512)
+                 for a, final in zip(staged, finals)]
+
+    manifest = {
+        "schema": 1,
+        "name": recipe.name, "version": version, "arch": opts.arch,
+        "distribution": recipe.distribution, "release": recipe.release, "suite": recipe.suite,
+        "variant": recipe.variant, "description": recipe.description,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)), "source_date_epoch": epoch,
+        "build": {
+            "input_hash": input_hash(recipe, opts.arch, [release]),
+            "recipe_sha256": hashlib.sha256(recipe.canonical).hexdigest(),
+            "extends": list(recipe.extends),
+            "archive": [{"suite": recipe.suite, "codename": release.codename, "date": release.date,
+                         "inrelease_sha256": release.inrelease_sha256}],
+            "bootstrap_variant": recipe.bootstrap.variant,
+            "tmplbuild": __version__,
+        },
+        "tree": {"entries": entries, "content_bytes": content_bytes},
+        "packages": packages,
+        "artifacts": [{"file": a.path.name, "format": a.format.value, "size": a.size,
+                       "sha256": a.sha256, "sha512": a.sha512} for a in artifacts],
+    }
+    _write_json(manifest_path, manifest)
+    for a in artifacts:
+        say(f"==> {a.path} {a.size / 1e6:.1f} MB sha256 {a.sha256}")
+    say(f"==> {manifest_path} ({len(packages)} packages)")
+    return BuildResult(artifacts=artifacts, manifest_path=manifest_path, manifest=manifest, timings=timings)
+
+
+def _resolve(fetcher, mirror: str, recipe: Recipe, opts: BuildOptions, release: archive.ReleaseInfo):
+    """Index files and the bootstrap plan. The plan is cached under everything it depends on, so a warm build
+    parses no index at all."""
+    indices = {c: archive.fetch_packages(fetcher, mirror, release, recipe.suite, c, opts.arch, opts.cache_dir)
+               for c in recipe.bootstrap.components}
+    key_src = json.dumps([release.inrelease_sha256, opts.arch, recipe.bootstrap.variant,
+                          list(recipe.bootstrap.components), list(recipe.include), list(recipe.exclude),
+                          mirror.startswith("https://"), release.codename], sort_keys=True)
+    plan_file = opts.cache_dir / "plans" / (hashlib.sha256(key_src.encode()).hexdigest() + ".json")
+    if plan_file.exists():
+        data = json.loads(plan_file.read_text())
+        plan = BootstrapPlan(required=tuple(data["required"]), base=tuple(data["base"]),
+                             debs=tuple(archive.Package(**{**d, "depends": tuple(d["depends"])})
+                                        for d in data["debs"]))
+        say(f"    cached plan {plan_file.name[:16]}…")
+        return indices, plan
+    packages: dict[str, archive.Package] = {}
+    for c in recipe.bootstrap.components:
+        for name, pkg in archive.parse_packages(indices[c].read_bytes()).items():
+            packages.setdefault(name, pkg)
+    plan = make_plan(packages, codename=release.codename or recipe.suite, variant=recipe.bootstrap.variant,
+                     include=recipe.include, exclude=recipe.exclude, https_mirror=mirror.startswith("https://"))
+    missing = missing_packages(plan)
+    if missing:
+        raise UsageError("packages", f"not in {recipe.suite} {'/'.join(recipe.bootstrap.components)} for "
+                                     f"{opts.arch}: {', '.join(missing)}")
+    _write_json(plan_file, {"required": plan.required, "base": plan.base,
+                            "debs": [{**d.__dict__, "depends": list(d.depends)} for d in plan.debs]})
+    say(f"    {len(plan.required)} required + {len(plan.base)} base packages")
+    return indices, plan
+
+
+def _bootstrap(root: Path, work: Path, mirror: str, recipe: Recipe, arch: str, release: archive.ReleaseInfo,
+               indices: dict[str, Path], plan: BootstrapPlan, debs: list[Path], log: Path) -> None:
+    """Lay the verified lists and .debs where debootstrap expects them, then let debootstrap install the
+    resolved plan (its --unpack-tarball mode: no second resolution, no second download)."""
+    lists = root / "var/lib/apt/lists"
+    archives = root / "var/cache/apt/archives"
+    lists.mkdir(parents=True)
+    (archives / "partial").mkdir(parents=True)
+    (lists / lists_name(mirror, f"dists/{recipe.suite}/InRelease")).write_bytes(release.raw)
+    wanted = {p.name for p in plan.debs}
+    list_paths = {c: lists / lists_name(mirror, f"dists/{recipe.suite}/{c}/binary-{arch}/Packages") for c in indices}
+    for component, index in indices.items():
+        list_paths[component].write_bytes(archive.select_stanzas(index.read_bytes(), wanted))
+    for pkg, deb in zip(plan.debs, debs):
+        shutil.copyfile(deb, archives / pkg.deb_name)
+    tarball = work / "plan.tar"
+    with tarfile.open(tarball, "w") as tar:
+        for name, text in (("required", " ".join(plan.required) + "\n"), ("base", " ".join(plan.base) + "\n"),
+                           ("debpaths", plan.debpaths())):
+            data = text.encode()
+            info = tarfile.TarInfo(f"debootstrap/{name}")
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, _BytesReader(data))
+    argv = debootstrap_argv(suite=recipe.suite, target=root, mirror=mirror, arch=arch,
+                            variant=recipe.bootstrap.variant, components=recipe.bootstrap.components,
+                            plan_tarball=tarball)
+    try:
+        run(argv, check="debootstrap", log=log)
+        # Scripts may call apt-get without an update: give them the full, verified index back.
+        for component, index in indices.items():
+            shutil.copyfile(index, list_paths[component])
+    finally:
+        # debootstrap mounts /proc and /sys itself and may leave them on failure.
+        for point in chroot.mounts_under(root):
+            chroot.umount(point)
+
+
+def _customise(root: Path, recipe: Recipe, env: dict[str, str], log: Path) -> None:
+    """Stage scripts, extra repositories with their packages, and files, in that documented order:
+    post-bootstrap scripts, repositories + packages, files, post-install scripts, pre-pack scripts."""
+    index = 0
+    with chroot.chroot_mounts(root):
+        for script in recipe.scripts_for(Stage.POST_BOOTSTRAP):
+            index += 1
+            chroot.run_script(root, script, index, {**env, "TMPLBUILD_STAGE": script.stage.value}, log)
+        if recipe.repositories:
+            _add_repositories(root, recipe, env, log)
+        for entry in recipe.files:
+            dest = root / entry.dest.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(entry.content)
+            dest.chmod(entry.mode)
+        for stage in (Stage.POST_INSTALL, Stage.PRE_PACK):
+            for script in recipe.scripts_for(stage):
+                index += 1
+                chroot.run_script(root, script, index, {**env, "TMPLBUILD_STAGE": stage.value}, log)
+
+
+def _add_repositories(root: Path, recipe: Recipe, env: dict[str, str], log: Path) -> None:
+    """Each extra repository is trusted through its own key only (deb822 Signed-By), never globally."""
+    keyrings = root / "etc/apt/keyrings"
+    keyrings.mkdir(parents=True, exist_ok=True)
+    wanted: list[str] = []
+    for repo in recipe.repositories:
+        key = keyrings / f"tmplbuild-{repo.name}.{'asc' if repo.key_armored else 'gpg'}"
+        key.write_bytes(repo.key)
+        key.chmod(0o644)
+        (root / f"etc/apt/sources.list.d/{repo.name}.sources").write_text(
+            "Types: deb\n"
+            f"URIs: {' '.join(repo.uris)}\n"
+            f"Suites: {' '.join(repo.suites)}\n"
+            f"Components: {' '.join(repo.components)}\n"
+            f"Signed-By: /{key.relative_to(root)}\n"
+        )
+        wanted.extend(repo.packages)
+    chroot.chroot_run(root, ["apt-get", "update", "-q"], "apt-get update", env, log)
+    if wanted:
+        chroot.chroot_run(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", "--", *wanted],
+                          "apt-get install", env, log)
+    chroot.chroot_run(root, ["apt-get", "clean"], "apt-get clean", env, log)
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        chunk = self._data[self._pos:end]
+        self._pos += len(chunk)
+        return chunk
+
+
+class _plain_dir:
+    """No tmpfs (a host short of memory): the build dir on disk, same interface."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        for point in chroot.mounts_under(self.path):
+            chroot.umount(point)
+
+
+def _keep_log(log: Path, dest: Path) -> None:
+    try:
+        if log.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, dest)
+            say(f"    build log kept at {dest}")
+    except OSError:
+        pass
+
+
+def _write_json(path: Path, data: object) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LocalIOError("write", f"{path}: {exc.strerror}") from None

@@ -1,0 +1,88 @@
+"""Which Debian mirror to bootstrap from: the `--mirror` flag, then TMPLBUILD_MIRROR, then the recipe, then
+the first Debian archive in the host's apt sources. No mirror host is written anywhere in the project."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from tmplbuild.errors import UsageError
+from tmplbuild.recipe.validate import url_problem
+
+# Suites whose entry names a Debian archive proper (not security, backports, or a third-party repository).
+DEBIAN_SUITES = frozenset(
+    "buster bullseye bookworm trixie forky duke sid oldoldstable oldstable stable testing unstable".split()
+)
+HOW_TO_SET = "set TMPLBUILD_MIRROR=URL, pass --mirror URL, or set bootstrap.mirror in the recipe"
+
+
+def parse_one_line(text: str) -> Iterable[tuple[str, list[str]]]:
+    """(uri, suites) of each `deb` line of a one-line-style sources.list."""
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line.startswith("deb "):
+            continue
+        # Drop the optional [ option=value ... ] block.
+        line = re.sub(r"\[[^\]]*\]", " ", line[4:]).split()
+        if len(line) >= 2:
+            yield line[0], [line[1]]
+
+
+def parse_deb822(text: str) -> Iterable[tuple[str, list[str]]]:
+    """(uri, suites) of each enabled `Types: deb` stanza of a deb822 .sources file."""
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        key = None
+        for raw in stanza.splitlines():
+            if raw.startswith("#"):
+                continue
+            if raw[:1].isspace() and key:
+                fields[key] += " " + raw.strip()
+            elif ":" in raw:
+                key, _, value = raw.partition(":")
+                key = key.strip().lower()
+                fields[key] = value.strip()
+        if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
+            continue
+        for uri in fields.get("uris", "").split():
+            yield uri, fields.get("suites", "").split()
+
+
+def host_sources(root: Path = Path("/")) -> list[tuple[str, list[str]]]:
+    entries: list[tuple[str, list[str]]] = []
+    etc = root / "etc/apt"
+    files = [etc / "sources.list"] + sorted((etc / "sources.list.d").glob("*"))
+    for path in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if path.name.endswith(".list"):
+            entries.extend(parse_one_line(text))
+        elif path.name.endswith(".sources"):
+            entries.extend(parse_deb822(text))
+    return entries
+
+
+def debian_mirror_from_host(root: Path = Path("/")) -> str | None:
+    for uri, suites in host_sources(root):
+        if any(s in DEBIAN_SUITES for s in suites) and uri.startswith(("http://", "https://", "file:/")):
+            return uri.rstrip("/")
+    return None
+
+
+def resolve_mirror(flag: str | None, recipe_mirror: str | None, root: Path = Path("/")) -> str:
+    """The mirror URL to use. Raises UsageError when none is configured or the chosen one is malformed."""
+    for source, value in (
+        ("--mirror", flag),
+        ("TMPLBUILD_MIRROR", os.environ.get("TMPLBUILD_MIRROR") or None),
+        ("bootstrap.mirror", recipe_mirror),
+        ("host apt sources", debian_mirror_from_host(root)),
+    ):
+        if value:
+            problem = url_problem(value)
+            if problem:
+                raise UsageError("mirror", f"{source}: {problem}")
+            return value.rstrip("/")
+    raise UsageError("mirror", f"no Debian mirror found in the host's apt sources; {HOW_TO_SET}")

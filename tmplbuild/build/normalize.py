@@ -1,0 +1,158 @@
+"""Make the tree a template: remove what must be unique per container or must not ship, make what remains
+reproducible, and refuse a tree that carries private key material."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from tmplbuild.errors import UnsafeContentError
+
+# Removed outright: unique per container (regenerated at first boot), build-host leftovers, variable caches.
+REMOVE_GLOBS = (
+    "etc/ssh/ssh_host_*",  # every container must get its own host keys
+    "var/lib/systemd/random-seed",
+    "var/lib/dbus/machine-id",
+    "etc/*-",  # passwd-, shadow-, group-, gshadow-: backups that useradd leaves
+    "var/lib/dpkg/*-old",
+    "var/cache/debconf/*-old",
+    "var/cache/ldconfig/aux-cache",
+    "var/cache/apt/*.bin",
+    "var/cache/apt/archives/*.deb",
+    "var/cache/man/*",
+    "root/.bash_history",
+    "root/.wget-hsts",
+    "root/.lesshst",
+    "debootstrap",
+    "usr/sbin/policy-rc.d",
+)
+# Emptied but kept (the directory, or a file other software expects to exist).
+EMPTY_DIRS = ("var/lib/apt/lists", "tmp", "var/tmp", "run", "dev")
+KEEP_IN_LISTS = {"partial", "lock"}
+TRUNCATE = ("etc/machine-id", "etc/resolv.conf")
+
+# A marker alone is not a key: libraries (gnutls, openssl) carry these strings as literals. A key has a line of
+# base64 within a few header lines after its BEGIN marker.
+PEM_KEY = re.compile(
+    rb"-----BEGIN (?:OPENSSH |RSA |DSA |EC |ENCRYPTED )?PRIVATE KEY-----\r?\n"
+    rb"|-----BEGIN PGP PRIVATE KEY BLOCK-----\r?\n"
+)
+BASE64_LINE = re.compile(rb"^[A-Za-z0-9+/=]{40,}\r?$", re.M)
+SCAN_LIMIT = 4 << 20  # key files are small; a larger file holding one is not a key file anyone relies on
+
+
+def clean(root: Path, epoch: int) -> None:
+    for pattern in REMOVE_GLOBS:
+        for path in root.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    for name in EMPTY_DIRS:
+        d = root / name
+        if not d.is_dir():
+            continue
+        for entry in d.iterdir():
+            if name == "var/lib/apt/lists" and entry.name in KEEP_IN_LISTS:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    for name in TRUNCATE:
+        p = root / name
+        if p.is_symlink():
+            p.unlink()
+        if p.exists() or name == "etc/machine-id":
+            p.write_bytes(b"")  # an empty machine-id makes systemd generate one at first boot
+    (root / "etc/hostname").write_text("localhost\n")
+    _clean_logs(root / "var/log")
+    _clamp_shadow(root / "etc/shadow", epoch)
+
+
+def _clean_logs(logdir: Path) -> None:
+    """Logs say when and where the template was built: remove *.log and apt's logs, empty the rest (btmp,
+    wtmp, lastlog keep their owners and modes, which login tools check)."""
+    if not logdir.is_dir():
+        return
+    for path in sorted(logdir.rglob("*"), reverse=True):
+        if path.is_symlink() or not path.is_file():
+            continue
+        if path.suffix in (".log", ".gz", ".xz") or path.name.endswith(".log.1"):
+            path.unlink()
+        else:
+            path.write_bytes(b"")
+
+
+def _clamp_shadow(shadow: Path, epoch: int) -> None:
+    """Field 3 of /etc/shadow is the day of the last password change: the build date, unless clamped."""
+    if not shadow.exists():
+        return
+    day = str(epoch // 86400)
+    lines = []
+    for line in shadow.read_text().splitlines():
+        fields = line.split(":")
+        if len(fields) > 2 and fields[2] and int(fields[2] or 0) > int(day):
+            fields[2] = day
+        lines.append(":".join(fields))
+    st = shadow.stat()
+    shadow.write_text("\n".join(lines) + "\n")
+    os.chown(shadow, st.st_uid, st.st_gid)
+    shadow.chmod(st.st_mode & 0o7777)
+
+
+def find_private_keys(root: Path) -> list[str]:
+    """Paths (relative to root) of files that hold private key material: PEM/OpenSSH private keys, armored
+    or binary OpenPGP secret keys, GnuPG's private-keys-v1.d. Reads each regular file up to SCAN_LIMIT."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not os.path.isfile(path) or os.path.islink(path) or st.st_size == 0 or st.st_size > SCAN_LIMIT:
+                continue
+            if "private-keys-v1.d" in rel.split(os.sep) or name == "secring.gpg":
+                found.append(rel)
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            if _has_pem_key(data) or _is_binary_secret_key(name, data):
+                found.append(rel)
+    return found
+
+
+def _has_pem_key(data: bytes) -> bool:
+    # ELF objects are skipped: gnutls and others compile known-answer self-test keys into their code, which
+    # are public test vectors, not anyone's key.
+    if data.startswith(b"\x7fELF") or b"PRIVATE KEY" not in data:
+        return False
+    return any(BASE64_LINE.search(data, m.end(), m.end() + 1024) for m in PEM_KEY.finditer(data))
+
+
+def _is_binary_secret_key(name: str, data: bytes) -> bool:
+    # An OpenPGP Secret-Key packet (tag 5): old format 0x94-0x97, new format 0xC5; then key version 4, 5 or 6.
+    if not name.endswith((".gpg", ".pgp", ".key", ".sec", ".kbx")) or len(data) < 8:
+        return False
+    first = data[0]
+    if 0x94 <= first <= 0x97:
+        header = 1 + (1, 2, 4, 0)[first & 3]
+    elif first == 0xC5:
+        header = 2 if data[1] < 192 else (3 if data[1] < 224 else 6)
+    else:
+        return False
+    return header < len(data) and data[header] in (4, 5, 6)
+
+
+def refuse_private_keys(root: Path) -> None:
+    """Raises UnsafeContentError (exit 6) when the tree holds private key material."""
+    found = find_private_keys(root)
+    if found:
+        shown = ", ".join("/" + p for p in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise UnsafeContentError("private key scan", f"refusing to pack: private key material in {shown}")

@@ -1,0 +1,143 @@
+"""Deterministic tar and its compressed forms.
+
+The same tree always gives the same bytes: entries sorted by name, mtimes clamped to SOURCE_DATE_EPOCH and
+written as integers (tarfile adds a pax header per file for a float mtime), numeric owners only (user and
+group names would come from the build host), hard links kept as links, file capabilities kept."""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from tmplbuild.errors import BuildError, LocalIOError
+from tmplbuild.recipe.model import Compression
+
+CHUNK = 1 << 20
+ZSTD_LEVEL = 3  # provisional; chosen by bench/build.py: see the README's table
+XZ_LEVEL = "-6"
+KEPT_XATTRS = ("security.capability",)  # ping and friends need it; other xattrs are build-host noise
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    format: Compression
+    size: int
+    sha256: str
+    sha512: str
+
+
+def write_tar(root: Path, dest: Path, epoch: int) -> tuple[int, int]:
+    """Write root as a tarball to dest. Returns (entries, bytes of file content)."""
+    inodes: dict[tuple[int, int], str] = {}
+    entries = content = 0
+    with open(dest, "wb") as raw, tarfile.open(
+        fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", copybufsize=CHUNK
+    ) as tar:
+        for rel, path in _walk(root):
+            st = os.lstat(path)
+            info = tarfile.TarInfo(rel)
+            info.mode = stat.S_IMODE(st.st_mode)
+            info.uid, info.gid = st.st_uid, st.st_gid
+            info.uname = info.gname = ""
+            info.mtime = min(int(st.st_mtime), epoch)
+            pax = _xattrs(path)
+            if pax:
+                info.pax_headers = pax
+            fileobj = None
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and key in inodes:
+                info.type, info.linkname = tarfile.LNKTYPE, inodes[key]
+            elif stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1:
+                    inodes[key] = rel
+                info.size = st.st_size
+                fileobj = open(path, "rb")
+                content += st.st_size
+            elif stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+            elif stat.S_ISLNK(st.st_mode):
+                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+                info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            elif stat.S_ISFIFO(st.st_mode):
+                info.type = tarfile.FIFOTYPE
+            else:
+                continue  # sockets cannot be archived and are meaningless in a template
+            try:
+                tar.addfile(info, fileobj)
+            finally:
+                if fileobj:
+                    fileobj.close()
+            entries += 1
+    return entries, content
+
+
+def _walk(root: Path):
+    """(archive name, path) in sorted order, directories before their contents; './' names like other
+    rootfs templates."""
+    yield ".", str(root)
+    stack = [("", str(root))]
+    while stack:
+        rel_dir, dir_path = stack.pop()
+        with os.scandir(dir_path) as it:
+            names = sorted(e.name for e in it)
+        subdirs = []
+        for name in names:
+            path = os.path.join(dir_path, name)
+            rel = f"./{rel_dir}{name}"
+            yield rel, path
+            if os.path.isdir(path) and not os.path.islink(path):
+                subdirs.append((f"{rel_dir}{name}/", path))
+        # Depth-first in name order: push in reverse so the first name is visited first.
+        stack.extend(reversed(subdirs))
+
+
+def _xattrs(path: str) -> dict[str, str]:
+    out = {}
+    for name in KEPT_XATTRS:
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+        out[f"SCHILY.xattr.{name}"] = value.decode("latin-1")
+    return out
+
+
+def compress(tar_path: Path, dest: Path, fmt: Compression) -> Artifact:
+    """Compress tar_path into dest and hash the result; on any failure dest does not exist afterwards.
+    Raises LocalIOError on a write failure (disk full), BuildError when xz fails."""
+    try:
+        if fmt is Compression.ZSTD:
+            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
+            with open(tar_path, "rb") as src, open(dest, "wb") as out:
+                cctx.copy_stream(src, out, read_size=CHUNK, write_size=CHUNK)
+        else:
+            with open(tar_path, "rb") as src, open(dest, "wb") as out:
+                proc = subprocess.run(["xz", XZ_LEVEL, "-T0", "-c"], stdin=src, stdout=out, stderr=subprocess.PIPE)
+            if proc.returncode != 0:
+                raise BuildError("compress", f"xz exited {proc.returncode}: {proc.stderr.decode().strip()}")
+        sha256, sha512, size = hash_file(dest)
+    except BaseException as exc:
+        dest.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise LocalIOError("compress", f"{dest}: {exc.strerror}") from None
+        raise
+    return Artifact(path=dest, format=fmt, size=size, sha256=sha256, sha512=sha512)
+
+
+def hash_file(path: Path) -> tuple[str, str, int]:
+    h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h256.update(chunk)
+            h512.update(chunk)
+            size += len(chunk)
+    return h256.hexdigest(), h512.hexdigest(), size

@@ -1,0 +1,84 @@
+"""Typed exceptions. Library code raises these; only the CLI turns them into exit codes and one-line messages.
+
+Each class carries the exit category from DESIGN.md, so a new failure mode picks its exit code by picking its
+class, never by a number scattered through the code.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    AUTHENTICITY = 3
+    FRESHNESS = 4
+    TRANSPORT = 5
+    UNSAFE_ARCHIVE = 6
+    LOCAL_IO = 7
+
+
+class TmplbuildError(Exception):
+    """Base class. `check` names the check that failed; it leads the one-line message."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(f"{check}: {message}")
+        self.check = check
+        self.message = message
+
+
+class UsageError(TmplbuildError):
+    """Bad command line or configuration (exit 2)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class RecipeError(UsageError):
+    """A recipe that cannot be used: names file:line and the field (exit 2)."""
+
+    def __init__(self, path: str, line: int | None, field: str, message: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"recipe {where}", f"{field}: {message}" if field else message)
+        self.path = path
+        self.line = line
+        self.field = field
+
+
+class AuthenticityError(TmplbuildError):
+    """Signature, key, hash or size check failed (exit 3)."""
+
+    exit_code = ExitCode.AUTHENTICITY
+
+
+class FreshnessError(TmplbuildError):
+    """Expired, future or rolled-back metadata (exit 4)."""
+
+    exit_code = ExitCode.FRESHNESS
+
+
+class TransportError(TmplbuildError):
+    """HTTP error, timeout, truncated or oversized download (exit 5)."""
+
+    exit_code = ExitCode.TRANSPORT
+
+
+class UnsafeContentError(TmplbuildError):
+    """Archive or tree content that must not be shipped or unpacked (exit 6)."""
+
+    exit_code = ExitCode.UNSAFE_ARCHIVE
+
+
+class LocalIOError(TmplbuildError):
+    """Disk full, permissions, lock held (exit 7)."""
+
+    exit_code = ExitCode.LOCAL_IO
+
+
+class BuildError(TmplbuildError):
+    """A build step (debootstrap, a stage script, apt) failed. Not a bug in tmplbuild, so not exit 1:
+    the recipe or its scripts are at fault, which DESIGN.md files under 'recipe error' (exit 2)."""
+
+    exit_code = ExitCode.USAGE
