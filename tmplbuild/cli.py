@@ -49,7 +49,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         native = host_arch()
         arch = native if native in recipe.architectures else recipe.architectures[0]
     opts = BuildOptions(arch=arch, out_dir=Path(args.out), cache_dir=Path(args.cache_dir or default_cache_dir()),
-                        mirror=args.mirror, force=args.force, use_tmpfs=not args.no_tmpfs)
+                        mirror=args.mirror, force=args.force, use_tmpfs=not args.no_tmpfs,
+                        zstd_level=args.zstd_level)
     build(recipe, opts)
     return 0
 
@@ -77,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--mirror", help="Debian mirror URL (default: $TMPLBUILD_MIRROR, the recipe, the host's apt "
                                     "sources)")
     b.add_argument("--force", action="store_true", help="replace an existing template of the same version")
+    b.add_argument("--zstd-level", type=int, default=9, choices=range(1, 23), metavar="1-22",
+                   help="zstd level (default 9, with a 128 MiB long-distance window; 19 is near xz's size, slower)")
     b.add_argument("--no-tmpfs", action="store_true", help="build on disk instead of a tmpfs (low-memory hosts)")
     b.set_defaults(func=cmd_build)
 

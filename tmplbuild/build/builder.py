@@ -33,6 +33,7 @@ class BuildOptions:
     mirror: str | None = None
     force: bool = False
     use_tmpfs: bool = True
+    zstd_level: int = pack.ZSTD_LEVEL
 
 
 @dataclass
@@ -126,7 +127,7 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
                     entries, content_bytes = pack.write_tar(root, tar_path, epoch)
                 shutil.rmtree(root)  # frees the tmpfs before the compressed copies are written
                 with step("compress", timings):
-                    staged = [pack.compress(tar_path, final.with_name(f".{final.name}.part"), fmt)
+                    staged = [pack.compress(tar_path, final.with_name(f".{final.name}.part"), fmt, opts.zstd_level)
                               for final, fmt in zip(finals, recipe.formats)]
             except BaseException:
                 _keep_log(log, opts.cache_dir / "logs" / f"{stem}.build.log")
@@ -157,6 +158,7 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
             "archive": [{"suite": recipe.suite, "codename": release.codename, "date": release.date,
                          "inrelease_sha256": release.inrelease_sha256}],
             "bootstrap_variant": recipe.bootstrap.variant,
+            "zstd_level": opts.zstd_level,
             "tmplbuild": __version__,
         },
         "tree": {"entries": entries, "content_bytes": content_bytes},

@@ -30,7 +30,6 @@ REMOVE_GLOBS = (
 # Emptied but kept (the directory, or a file other software expects to exist).
 EMPTY_DIRS = ("var/lib/apt/lists", "tmp", "var/tmp", "run", "dev")
 KEEP_IN_LISTS = {"partial", "lock"}
-TRUNCATE = ("etc/machine-id", "etc/resolv.conf")
 
 # A marker alone is not a key: libraries (gnutls, openssl) carry these strings as literals. A key has a line of
 # base64 within a few header lines after its BEGIN marker.
@@ -60,13 +59,14 @@ def clean(root: Path, epoch: int) -> None:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-    for name in TRUNCATE:
+    # An empty machine-id makes systemd generate one at first boot; an empty resolv.conf and a neutral
+    # hostname replace the build host's, which debootstrap copied in. Modes are set: the host's may be odd.
+    for name, content in (("etc/machine-id", b""), ("etc/resolv.conf", b""), ("etc/hostname", b"localhost\n")):
         p = root / name
         if p.is_symlink():
             p.unlink()
-        if p.exists() or name == "etc/machine-id":
-            p.write_bytes(b"")  # an empty machine-id makes systemd generate one at first boot
-    (root / "etc/hostname").write_text("localhost\n")
+        p.write_bytes(content)
+        p.chmod(0o444 if name == "etc/machine-id" else 0o644)
     _clean_logs(root / "var/log")
     _clamp_shadow(root / "etc/shadow", epoch)
 

@@ -30,7 +30,7 @@ VARIANTS = frozenset({"minbase", "buildd", "fakechroot", "-"})  # "-" is deboots
 @dataclass(frozen=True)
 class Script:
     stage: Stage
-    name: str  # for logs and error messages: the file name, or "inline-<n>"
+    name: str  # for logs and errors: the file name, or "<template>:inline-<n>" (n counts within its file)
     content: bytes  # the script text; a file-backed script is read at load time so the input hash covers it
 
 

@@ -1,0 +1,268 @@
+"""Grammars for every recipe value that later reaches debootstrap, apt or a shell, and the typed checkers the
+loader applies to raw TOML values.
+
+The `*_problem` helpers are public because the builder checks values from the command line and the environment
+(a mirror URL, an extra package) against the same rules as recipe values. Each returns None when the value is
+fine, else a phrase starting with "expected ..." that reads well after `found "VALUE", `.
+"""
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+
+from tmplbuild.recipe.locate import Val, join_field, quote, type_name
+
+# All anchored with \A...\Z: `$` would accept a trailing newline, which would split a sources.list line.
+NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9.+-]*\Z")  # no "_": it separates name, version and arch in file names
+DISTRIBUTION_RE = NAME_RE
+RELEASE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9.+~-]*\Z")
+SUITE_RE = re.compile(r"\A[a-z0-9][a-z0-9.+-]*\Z")
+SUITE_MAX_LENGTH = 64
+VERSION_RE = re.compile(r"\A[0-9A-Za-z][0-9A-Za-z.+~-]*\Z")
+COMPONENT_RE = re.compile(r"\A[a-z0-9][a-z0-9-]*\Z")
+PACKAGE_RE = re.compile(r"\A[a-z0-9][a-z0-9+.-]+\Z")  # Debian policy 5.6.1
+REPOSITORY_NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9.-]*\Z")  # becomes a file name under /etc/apt
+DESCRIPTION_MAX_LENGTH = 200
+DESCRIPTION_EXPECTED = f"a single line of at most {DESCRIPTION_MAX_LENGTH} printable characters"
+
+NAME_EXPECTED = "a name of lowercase letters, digits and + - . (no underscore), starting with a letter or digit"
+RELEASE_EXPECTED = "a release of letters, digits and + - . ~, starting with a letter or digit"
+VERSION_EXPECTED = "a version of letters, digits and + - . ~ (no underscore), starting with a letter or digit"
+COMPONENT_EXPECTED = "an archive component of lowercase letters, digits and - (e.g. main)"
+PACKAGE_EXPECTED = "a Debian package name (lowercase letters, digits and + - ., at least 2 characters)"
+SUITE_EXPECTED = f"a suite name (lowercase letters, digits and + - ., at most {SUITE_MAX_LENGTH} characters)"
+MODE_EXPECTED = 'a permission mode: an octal string such as "0644", or an integer such as 0o644, at most 0o7777'
+REPOSITORY_NAME_EXPECTED = "a repository name of lowercase letters, digits and - ., starting with a letter or digit"
+
+# Characters RFC 3986 allows, minus the shell-significant sub-delimiters (! $ & ' ( ) * ;) that no mirror needs.
+_URL_CHARS_RE = re.compile(r"\A[A-Za-z0-9._~:/?#\[\]@%+=,-]*\Z")
+_HOST_RE = re.compile(r"\A(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])\Z")
+_BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def url_problem(value: str, *, schemes: Collection[str] = ("http", "https", "file")) -> str | None:
+    """None if `value` is a plain http(s) URL with a host, or a file:/// URL; else what is wrong with it."""
+    names = [f"{s}://" for s in schemes]
+    allowed = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    if not isinstance(value, str) or not value:
+        return f"expected a URL starting with {allowed}"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "expected a URL without whitespace or control characters"
+    if any(c in value for c in "\"'`"):
+        return "expected a URL without quotes"
+    scheme, sep, _ = value.partition("://")
+    if not sep or scheme not in schemes:
+        return f"expected a URL starting with {allowed}"
+    if "?" in value or "#" in value:
+        return "expected a URL without a query (?) or fragment (#)"
+    if not _URL_CHARS_RE.fullmatch(value):
+        bad = next(c for c in value if not _URL_CHARS_RE.fullmatch(c))
+        return f"expected a URL without {quote(bad)} (percent-encode it)"
+    if _BAD_PERCENT_RE.search(value):
+        return "expected % only in percent-escapes such as %20"
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        return f"expected a well-formed URL ({e})"
+    if "@" in parts.netloc:
+        return "expected a URL without credentials (user:password@)"
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            return "expected file:///absolute/path (a file URL has no host)"
+        if not parts.path.startswith("/"):
+            return "expected file:///absolute/path"
+        return None
+    host = parts.netloc.rsplit(":", 1)[0] if not parts.netloc.endswith("]") else parts.netloc
+    if not host or not _HOST_RE.fullmatch(host):
+        return f"expected a host name after {scheme}://"
+    if port == 0:
+        return "expected a port between 1 and 65535"
+    return None
+
+
+def package_name_problem(value: str) -> str | None:
+    return None if isinstance(value, str) and PACKAGE_RE.fullmatch(value) else PACKAGE_EXPECTED
+
+
+def suite_problem(value: str) -> str | None:
+    ok = isinstance(value, str) and len(value) <= SUITE_MAX_LENGTH and SUITE_RE.fullmatch(value)
+    return None if ok else SUITE_EXPECTED
+
+
+_ARMOR_BEGIN = b"-----BEGIN PGP PUBLIC KEY BLOCK-----"
+_SECRET_KEY_TAGS = frozenset({0x94, 0x95, 0x96, 0x97, 0xC5})  # old- and new-format secret-key packet headers
+_PUBLIC_KEY_TAGS = frozenset({0x98, 0x99, 0x9A, 0x9B, 0xC6})
+
+
+def key_armored(data: bytes) -> bool:
+    return data.lstrip().startswith(_ARMOR_BEGIN)
+
+
+def key_problem(data: bytes, *, public_key_only: bool = True) -> str | None:
+    """None for an OpenPGP public key (armored or binary). A secret key is refused outright: it would be copied
+    into the template and shipped to every container made from it."""
+    if b"PRIVATE KEY" in data or (data and data[0] in _SECRET_KEY_TAGS):
+        return "found a PRIVATE key, expected a public key (never put a secret key into a recipe)"
+    if not data.strip():
+        return "found an empty file, expected an OpenPGP public key"
+    if public_key_only and not key_armored(data) and data[0] not in _PUBLIC_KEY_TAGS:
+        return "found neither an armored public key block nor a binary OpenPGP public key"
+    return None
+
+
+def table(v: Val, allowed: Sequence[str], expected: str = "a table") -> dict[str, Val]:
+    """The entries of a TOML table, refusing unknown keys: a typo must not silently drop a setting."""
+    if not isinstance(v.value, dict):
+        raise v.wrong_type(expected)
+    out: dict[str, Val] = {}
+    for key, value in v.value.items():
+        child = Val(value, v.src, join_field(v.field, key))
+        if key not in allowed:
+            raise child.error(f"unknown field; expected one of: {', '.join(allowed)}")
+        out[key] = child
+    return out
+
+
+def text(v: Val, *, one_line: bool = False, non_empty: bool = True) -> str:
+    if not isinstance(v.value, str):
+        raise v.wrong_type("a string")
+    if non_empty and not v.value.strip():
+        raise v.error("found an empty string, expected some text")
+    if "\0" in v.value:  # cannot pass through argv, a file name or most shells
+        raise v.error("found a NUL character, expected text")
+    if one_line and not v.value.isprintable():
+        raise v.found("a single line without control characters")
+    return v.value
+
+
+def description(val: Val) -> str:
+    value = text(val, one_line=True)
+    if len(value) > DESCRIPTION_MAX_LENGTH:
+        raise val.error(f"found {len(value)} characters, expected {DESCRIPTION_EXPECTED}")
+    return value
+
+
+def refuse_repeats(keys: list[str], entries: list[Val], attr: str, what: str) -> None:
+    """Within one file a repeated repository name or destination is a mistake (across files it is an override)."""
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in first:
+            raise Val(key, entries[i].src, f"{entries[i].field}.{attr}").error(
+                f"found {quote(key)} twice (also in {entries[first[key]].field}), expected each {what} once")
+        first[key] = i
+
+
+def required(fields: dict[str, Val], key: str, entry: Val, expected: str) -> Val:
+    if key not in fields:
+        raise entry.src.error(f"{entry.field}.{key}", f"missing required field, expected {expected}")
+    return fields[key]
+
+
+def grammar(regex: re.Pattern[str], expected: str, max_length: int | None = None) -> Callable[[Val], str]:
+    def check(v: Val) -> str:
+        if not isinstance(v.value, str):
+            raise v.wrong_type("a string")
+        if not regex.fullmatch(v.value) or (max_length is not None and len(v.value) > max_length):
+            raise v.found(expected)
+        return v.value
+
+    return check
+
+
+def one_of(choices: Collection[str]) -> Callable[[Val], str]:
+    def check(v: Val) -> str:
+        if not isinstance(v.value, str):
+            raise v.wrong_type("a string")
+        if v.value not in choices:
+            raise v.found(f"one of: {', '.join(sorted(choices))}")
+        return v.value
+
+    return check
+
+
+def url(schemes: Collection[str]) -> Callable[[Val], str]:
+    def check(v: Val) -> str:
+        if not isinstance(v.value, str):
+            raise v.wrong_type("a string")
+        problem = url_problem(v.value, schemes=schemes)
+        if problem:
+            raise v.error(f"found {quote(v.value)}, {problem}")
+        return v.value
+
+    return check
+
+
+def unique_list(v: Val, item: Callable[[Val], str], what: str, *, non_empty: bool = True) -> tuple[str, ...]:
+    """An array of checked strings without repeats; `what` names one item for messages."""
+    if not isinstance(v.value, list):
+        raise v.wrong_type(f"an array of {what}s")
+    if non_empty and not v.value:
+        raise v.error(f"found an empty array, expected at least one {what}")
+    seen: dict[str, int] = {}
+    for index, child in enumerate(v.items()):
+        value = item(child)
+        if value in seen:
+            raise child.error(f"found {quote(value)} twice (also at [{seen[value]}]), expected each {what} once")
+        seen[value] = index
+    return tuple(v.value)
+
+
+def local_path(v: Val) -> Path:
+    """A path from the recipe, relative to the directory of the file that set it."""
+    raw = text(v)
+    if not raw.isprintable():
+        raise v.found("a file path without control characters")
+    return v.src.dir / raw
+
+
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a recipe input larger than this is a mistake, not a config file
+
+
+def read_input(v: Val, what: str) -> tuple[Path, bytes]:
+    """Reads a file the recipe names, at load time, so the input hash covers its bytes."""
+    path = local_path(v)
+    try:
+        if not path.exists():
+            raise v.error(f"{what} file not found: {path}")
+        if not path.is_file():
+            raise v.error(f"{what} file is not a regular file: {path}")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise v.error(f"{what} file is larger than {MAX_FILE_BYTES} bytes: {path}")
+        return path, path.read_bytes()
+    except OSError as e:
+        raise v.error(f"cannot read {what} file {path}: {e.strerror or e}") from e
+
+
+def dest_path(val: Val) -> str:
+    """A normalised absolute path inside the tree; `..` is refused, not resolved, as it can only be a mistake."""
+    value = text(val)
+    if not value.isprintable():
+        raise val.found("an absolute path without control characters")
+    if not value.startswith("/"):
+        raise val.found("an absolute path (starting with /)")
+    parts = [p for p in value.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise val.found("a path without . or .. components")
+    if not parts:
+        raise val.found("the path of a file, not /")
+    return "/" + "/".join(parts)
+
+
+def file_mode(val: Val) -> int:
+    value = val.value
+    if isinstance(value, str):
+        if not re.fullmatch(r"[0-7]{1,4}", value):
+            raise val.found(MODE_EXPECTED)
+        return int(value, 8)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise val.wrong_type(MODE_EXPECTED)
+    if not 0 <= value <= 0o7777:
+        raise val.error(f"found {value}, expected {MODE_EXPECTED}")
+    literal = val.src.locator.literal(val.field) or ""
+    # `mode = 644` is decimal 644 = 0o1204 in TOML: almost certainly meant as octal, so refuse to guess.
+    if value > 7 and re.fullmatch(r"\+?[0-9_]+", literal):
+        raise val.error(f"found {literal} (decimal, which is 0o{value:o}), expected {MODE_EXPECTED}")
+    return value
