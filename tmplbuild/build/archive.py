@@ -117,11 +117,16 @@ def verify_inrelease(data: bytes, keyring: Path, what: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="tmplbuild-gpgv-") as home:
         src, out = Path(home, "InRelease"), Path(home, "Release")
         src.write_bytes(data)
-        proc = run(
-            ["gpgv", "--status-fd", "1", "--keyring", keyring, "--output", out, src],
-            check="archive signature", capture=True, error=AuthenticityError,
-            env={"GNUPGHOME": home},  # an empty home: no user configuration or trust settings are read
-        )
+        try:
+            proc = run(
+                ["gpgv", "--status-fd", "1", "--keyring", keyring, "--output", out, src],
+                check="archive signature", capture=True, error=AuthenticityError,
+                env={"GNUPGHOME": home},  # an empty home: no user configuration or trust settings are read
+            )
+        except AuthenticityError as exc:
+            reason = exc.message.rsplit(": ", 1)[-1] if ": " in exc.message else exc.message
+            raise AuthenticityError("archive signature", f"{what}: refused with keyring {keyring}: {reason}") \
+                from None
         status = proc.stdout.decode(errors="replace")
         bad = [k for k in ("BADSIG", "ERRSIG", "EXPKEYSIG", "REVKEYSIG", "EXPSIG", "NO_PUBKEY")
                if re.search(rf"^\[GNUPG:\] {k} ", status, re.M)]

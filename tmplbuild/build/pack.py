@@ -85,23 +85,20 @@ def write_tar(root: Path, dest: Path, epoch: int) -> tuple[int, int]:
 
 
 def _walk(root: Path):
-    """(archive name, path) in sorted order, directories before their contents; './' names like other
+    """(archive name, path), depth-first in name order like `tar --sort=name`, with './' names like other
     rootfs templates."""
     yield ".", str(root)
-    stack = [("", str(root))]
-    while stack:
-        rel_dir, dir_path = stack.pop()
-        with os.scandir(dir_path) as it:
-            names = sorted(e.name for e in it)
-        subdirs = []
-        for name in names:
-            path = os.path.join(dir_path, name)
-            rel = f"./{rel_dir}{name}"
-            yield rel, path
-            if os.path.isdir(path) and not os.path.islink(path):
-                subdirs.append((f"{rel_dir}{name}/", path))
-        # Depth-first in name order: push in reverse so the first name is visited first.
-        stack.extend(reversed(subdirs))
+    yield from _walk_dir(str(root), "./")
+
+
+def _walk_dir(dir_path: str, prefix: str):
+    with os.scandir(dir_path) as it:
+        entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+    for name, is_dir in entries:
+        path = os.path.join(dir_path, name)
+        yield prefix + name, path
+        if is_dir:
+            yield from _walk_dir(path, f"{prefix}{name}/")
 
 
 def _xattrs(path: str) -> dict[str, str]:

@@ -1,0 +1,221 @@
+"""Real builds: debootstrap against the configured Debian mirror, as root. What a maintainer would check by
+hand: the template unpacks to Debian 12, the manifest tells the truth, nothing secret ships, two builds of the
+same recipe are bit-identical, and a failure leaves nothing behind."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, can_build, gpg
+from tmplbuild.build.normalize import find_private_keys
+
+pytestmark = [pytest.mark.build, pytest.mark.skipif(can_build() is not None, reason=str(can_build()))]
+
+MINIMAL = (ROOT / "recipes/debian-12-minimal.toml").read_text()
+
+
+def tmplbuild(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tmplbuild", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def build(recipe: str | Path, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return tmplbuild("build", str(recipe), "--out", str(out), "--cache-dir", str(cache), *extra)
+
+
+def only(out: Path, pattern: str) -> Path:
+    found = sorted(out.glob(pattern))
+    assert len(found) == 1, (pattern, found)
+    return found[0]
+
+
+def unpack(tarball: Path, dest: Path) -> Path:
+    dest.mkdir()
+    # Plain GNU tar with --zstd, as pct, lxc-create and admins unpack templates.
+    subprocess.run(["tar", "--zstd", "--numeric-owner", "-xpf", str(tarball), "-C", str(dest)], check=True)
+    return dest
+
+
+def mounts_below(path: Path) -> list[str]:
+    prefix = str(path.resolve())
+    return [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()
+            if ln.split()[4].startswith(prefix)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def minimal(tmp_path_factory, cache):
+    """debian-12-minimal built twice: first with an empty package cache, then warm."""
+    cold, warm = tmp_path_factory.mktemp("cold"), tmp_path_factory.mktemp("warm")
+    first = build("debian-12-minimal", cold, cache)
+    assert first.returncode == 0, first.stderr
+    second = build("debian-12-minimal", warm, cache)
+    assert second.returncode == 0, second.stderr
+    return cold, warm, first.stderr, second.stderr
+
+
+def test_build_prints_each_step_with_duration_and_the_result(minimal):
+    _, _, log, _ = minimal
+    for name in ("archive", "resolve", "download", "bootstrap", "scripts", "clean-up", "manifest", "pack",
+                 "compress"):
+        assert re.search(rf"^    {name}: \d+\.\ds$", log, re.M), name
+    assert re.search(r"debian-12-minimal_12-\d{8}_amd64\.tar\.zst [\d.]+ MB sha256 [0-9a-f]{64}$", log, re.M)
+
+
+def test_two_builds_are_bit_identical_cold_and_warm(minimal):
+    cold, warm, _, _ = minimal
+    a, b = only(cold, "*.tar.zst"), only(warm, "*.tar.zst")
+    assert a.name == b.name
+    assert a.read_bytes() == b.read_bytes()
+    assert only(cold, "*.manifest.json").read_bytes() == only(warm, "*.manifest.json").read_bytes()
+
+
+def test_warm_build_downloads_nothing(minimal, cache):
+    _, _, _, warm_log = minimal
+    assert "cached plan" in warm_log
+    debs = list((cache / "debs").glob("*.deb"))
+    assert len(debs) > 80
+    assert not list((cache / "debs").glob(".part-*"))
+
+
+def test_template_is_a_debian_12_tree_and_manifest_matches_dpkg(minimal, tmp_path):
+    cold, _, _, _ = minimal
+    tree = unpack(only(cold, "*.tar.zst"), tmp_path / "tree")
+    assert (tree / "etc/debian_version").read_text().startswith("12.")
+    assert 'VERSION_ID="12"' in (tree / "etc/os-release").read_text()
+    assert (tree / "sbin/init").exists()  # systemd-sysv: the container can boot
+    installed = {}
+    for stanza in (tree / "var/lib/dpkg/status").read_text().split("\n\n"):
+        fields = dict(re.findall(r"^([\w-]+): (.*)$", stanza, re.M))
+        if fields.get("Status") == "install ok installed":
+            installed[fields["Package"]] = fields["Version"]
+    manifest = json.loads(only(cold, "*.manifest.json").read_text())
+    assert {p["name"]: p["version"] for p in manifest["packages"]} == installed
+    for pkg in ("systemd-sysv", "iproute2", "ifupdown", "ca-certificates", "apt"):
+        assert pkg in installed
+
+
+def test_manifest_records_hashes_sizes_and_inputs(minimal):
+    cold, _, _, _ = minimal
+    tarball = only(cold, "*.tar.zst")
+    manifest = json.loads(only(cold, "*.manifest.json").read_text())
+    data = tarball.read_bytes()
+    assert manifest["artifacts"] == [{"file": tarball.name, "format": "tar.zst", "size": len(data),
+                                      "sha256": hashlib.sha256(data).hexdigest(),
+                                      "sha512": hashlib.sha512(data).hexdigest()}]
+    assert manifest["name"] == "debian-12-minimal" and manifest["arch"] == "amd64"
+    assert manifest["build"]["input_hash"].startswith("sha256:")
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["build"]["archive"][0]["inrelease_sha256"])
+
+
+def test_template_carries_nothing_unique_or_from_the_build_host(minimal, tmp_path):
+    cold, _, _, _ = minimal
+    tree = unpack(only(cold, "*.tar.zst"), tmp_path / "tree")
+    assert (tree / "etc/machine-id").read_bytes() == b""
+    assert (tree / "etc/resolv.conf").read_bytes() == b""
+    assert (tree / "etc/hostname").read_text() == "localhost\n"
+    assert not list((tree / "var/lib/apt/lists").glob("*_Packages"))
+    assert not list((tree / "var/cache/apt/archives").glob("*.deb"))
+    assert not list((tree / "var/log").rglob("*.log"))
+    assert not (tree / "usr/sbin/policy-rc.d").exists()
+    assert list((tree / "dev").iterdir()) == []
+    assert (tree / "etc/network/interfaces").read_text() == "auto lo\niface lo inet loopback\n"  # recipe script
+    assert (tree / "etc/apt/apt.conf.d/90tmplbuild-no-recommends").stat().st_mode & 0o777 == 0o644  # recipe file
+
+
+def test_ssh_variant_has_the_server_but_no_host_keys_or_private_keys(cache, tmp_path):
+    out = tmp_path / "out"
+    proc = build("debian-12-ssh", out, cache)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(only(out, "*.manifest.json").read_text())
+    names = {p["name"] for p in manifest["packages"]}
+    assert {"openssh-server", "systemd-sysv", "ifupdown"} <= names
+    tree = unpack(only(out, "debian-12-ssh_*.tar.zst"), tmp_path / "tree")
+    assert (tree / "usr/sbin/sshd").exists()
+    assert not list((tree / "etc/ssh").glob("ssh_host_*"))
+    assert find_private_keys(tree) == []
+    assert (tree / "etc/systemd/system/multi-user.target.wants/ssh-keygen-host-keys.service").is_symlink()
+
+
+def failing_recipe(tmp_path: Path, script: str) -> Path:
+    recipe = tmp_path / "recipes/failing.toml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    text = MINIMAL.replace('name = "debian-12-minimal"', 'name = "failing"')
+    recipe.write_text(text + f'\n[[scripts]]\nstage = "post-install"\nrun = """\n{script}\n"""\n')
+    return recipe
+
+
+def assert_nothing_left(out: Path, cache: Path) -> None:
+    assert not out.exists() or list(out.iterdir()) == []
+    assert mounts_below(cache) == []
+    assert not (cache / "build").exists() or list((cache / "build").iterdir()) == []
+
+
+def test_failing_script_fails_the_build_and_leaves_nothing(cache, tmp_path):
+    out = tmp_path / "out"
+    proc = build(failing_recipe(tmp_path, "echo about to fail\nexit 3"), out, cache)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tmplbuild: post-install script failing:inline-") and "exited 3" in last
+    assert_nothing_left(out, cache)
+
+
+def test_private_key_in_tree_is_refused_with_exit_6(cache, tmp_path):
+    out = tmp_path / "out"
+    proc = build(failing_recipe(tmp_path, "mkdir -p /root/.ssh && ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id "
+                                          "2>/dev/null || printf -- '-----BEGIN OPENSSH PRIVATE KEY-----\\n%s\\n' "
+                                          "$(head -c 60 /dev/zero | base64 -w0) > /root/.ssh/id"), out, cache)
+    assert proc.returncode == 6, proc.stderr
+    assert "private key scan" in proc.stderr and "/root/.ssh/id" in proc.stderr
+    assert_nothing_left(out, cache)
+
+
+def test_archive_signed_by_a_key_not_in_the_keyring_fails_with_exit_3(cache, tmp_path, throwaway_key):
+    _, _, wrong_keyring = throwaway_key
+    recipe = tmp_path / "recipes/wrongkey.toml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text(MINIMAL.replace("/usr/share/keyrings/debian-archive-keyring.gpg", str(wrong_keyring)))
+    out = tmp_path / "out"
+    proc = build(recipe, out, cache)
+    assert proc.returncode == 3
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tmplbuild: archive signature: ") and "/InRelease: refused with keyring" in last
+    assert "No public key" in last
+    assert_nothing_left(out, cache)
+
+
+def test_unknown_package_fails_before_bootstrap_with_exit_2(cache, tmp_path):
+    recipe = tmp_path / "recipes/nopkg.toml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text(MINIMAL.replace('"ca-certificates"]', '"ca-certificates", "no-such-package-xyz"]'))
+    proc = build(recipe, tmp_path / "out", cache)
+    assert proc.returncode == 2
+    assert "no-such-package-xyz" in proc.stderr and "bootstrap" not in proc.stderr
+
+
+def test_malformed_recipe_fails_with_file_line_and_exit_2(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(MINIMAL.replace('include = ["systemd-sysv"', 'include = ["Systemd_Sysv"'))
+    proc = tmplbuild("build", str(recipe), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    line = next(i for i, ln in enumerate(recipe.read_text().splitlines(), 1) if "Systemd_Sysv" in ln)
+    assert proc.stderr.strip() == proc.stderr.strip().splitlines()[0]
+    assert f"bad.toml:{line}: packages.include[0]" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_not_replaced_without_force(minimal, cache):
+    cold, _, _, _ = minimal
+    before = only(cold, "*.tar.zst").stat().st_mtime_ns
+    proc = build("debian-12-minimal", cold, cache)
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert only(cold, "*.tar.zst").stat().st_mtime_ns == before

@@ -1,0 +1,85 @@
+"""Mirror discovery from apt sources, and the debootstrap wrapper's refusals."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tmplbuild.build.mirror import debian_mirror_from_host, resolve_mirror
+from tmplbuild.build.plan import WRAPPER
+from tmplbuild.errors import UsageError
+
+DEB822 = """Types: deb
+URIs: http://mirror.example.invalid/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb-src
+URIs: http://src.example.invalid/debian
+Suites: bookworm
+
+Types: deb
+URIs: http://mirror.example.invalid/debian/
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+def fake_root(tmp_path: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        p = tmp_path / "etc/apt" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return tmp_path
+
+
+def test_deb822_picks_the_debian_archive_not_security_or_deb_src(tmp_path):
+    root = fake_root(tmp_path, {"sources.list.d/debian.sources": DEB822})
+    assert debian_mirror_from_host(root) == "http://mirror.example.invalid/debian"
+
+
+def test_one_line_format_with_options(tmp_path):
+    root = fake_root(tmp_path, {"sources.list": "# comment\ndeb [arch=amd64 signed-by=/k.gpg] "
+                                                "http://one.example.invalid/debian trixie main\n"})
+    assert debian_mirror_from_host(root) == "http://one.example.invalid/debian"
+
+
+def test_disabled_files_and_third_party_suites_are_ignored(tmp_path):
+    root = fake_root(tmp_path, {"sources.list.d/x.list.disabled": "deb http://a.example.invalid/debian bookworm main\n",
+                                "sources.list.d/tool.list": "deb http://b.example.invalid/apt stable-tool main\n"})
+    assert debian_mirror_from_host(root) is None
+
+
+def test_precedence_flag_env_recipe_host(tmp_path, monkeypatch):
+    root = fake_root(tmp_path, {"sources.list.d/debian.sources": DEB822})
+    monkeypatch.delenv("TMPLBUILD_MIRROR", raising=False)
+    assert resolve_mirror(None, None, root) == "http://mirror.example.invalid/debian"
+    assert resolve_mirror(None, "http://recipe.example.invalid/d", root) == "http://recipe.example.invalid/d"
+    monkeypatch.setenv("TMPLBUILD_MIRROR", "http://env.example.invalid/d/")
+    assert resolve_mirror(None, "http://recipe.example.invalid/d", root) == "http://env.example.invalid/d"
+    assert resolve_mirror("file:///srv/m", None, root) == "file:///srv/m"
+
+
+def test_no_mirror_says_how_to_set_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("TMPLBUILD_MIRROR", raising=False)
+    with pytest.raises(UsageError, match="TMPLBUILD_MIRROR"):
+        resolve_mirror(None, None, tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["ftp://x.example.invalid/debian", "http://a b/debian", "http://x/$(reboot)"])
+def test_malformed_mirror_is_a_usage_error_naming_its_source(tmp_path, monkeypatch, bad):
+    monkeypatch.setenv("TMPLBUILD_MIRROR", bad)
+    with pytest.raises(UsageError, match="TMPLBUILD_MIRROR"):
+        resolve_mirror(None, None, tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bookworm", "/nonexistent", "http://m.example.invalid/debian"], "without --keyring"),
+    (["--keyring=/k.gpg", "--no-check-gpg", "bookworm", "/x", "http://m.example.invalid/d"], "refusing --no-check-gpg"),
+])
+def test_wrapper_refuses_unverified_bootstraps(argv, message):
+    proc = subprocess.run(["sh", str(WRAPPER), *argv], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr
