@@ -1,6 +1,8 @@
 """InRelease verification: the archive is trusted through the recipe's keyring only, and refused loudly."""
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tmplbuild.build.archive import parse_release, verify_inrelease
@@ -39,9 +41,13 @@ def test_signature_by_a_key_outside_the_keyring_is_refused(throwaway_key, tmp_pa
     _, _, keyring = throwaway_key
     other = tmp_path / "other"
     other.mkdir(mode=0o700)
-    gpg(other, "--quick-gen-key", "other <o@example.invalid>", "ed25519", "sign", "1d")
+    try:
+        gpg(other, "--quick-gen-key", "other <o@example.invalid>", "ed25519", "sign", "1d")
+        data = clearsign(other, RELEASE)
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(other), "--kill", "all"], capture_output=True)
     with pytest.raises(AuthenticityError, match="archive signature"):
-        verify_inrelease(clearsign(other, RELEASE), keyring, "test")
+        verify_inrelease(data, keyring, "test")
 
 
 def test_unsigned_text_is_refused(throwaway_key):
@@ -58,5 +64,6 @@ def test_signature_by_an_expired_key_is_refused(tmp_path):
     data = clearsign(home, RELEASE, *then)
     keyring = tmp_path / "old.gpg"
     keyring.write_bytes(gpg(home, "--export").stdout)
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
     with pytest.raises(AuthenticityError, match="archive signature"):
         verify_inrelease(data, keyring, "test")

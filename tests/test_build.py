@@ -219,3 +219,17 @@ def test_existing_output_is_not_replaced_without_force(minimal, cache):
     proc = build("debian-12-minimal", cold, cache)
     assert proc.returncode == 2 and "--force" in proc.stderr
     assert only(cold, "*.tar.zst").stat().st_mtime_ns == before
+
+
+def test_python_resolver_picks_exactly_what_debootstrap_would(minimal, tmp_path):
+    """The plan is resolved in Python for speed; debootstrap's own resolver must agree, package for package."""
+    from tmplbuild.build.mirror import resolve_mirror
+
+    cold, _, _, _ = minimal
+    manifest = json.loads(only(cold, "*.manifest.json").read_text())
+    proc = subprocess.run(
+        ["debootstrap", "--print-debs", "--variant=minbase", "--include=systemd-sysv,iproute2,ifupdown,ca-certificates",
+         "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg", "bookworm", str(tmp_path / "t"),
+         resolve_mirror(None, None)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert set(proc.stdout.split()) == {p["name"] for p in manifest["packages"]}

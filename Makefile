@@ -1,0 +1,42 @@
+# `make demo` and `make test` work on a fresh Debian 12 machine as root: both install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# debootstrap + keyring: builds; gnupg: gpgv and the test keys; zstd/xz: unpacking in tests; openssh-client:
+# ssh-keygen in the key-scan tests; python3-venv: the virtual environment on Debian's own python3.
+APT_PACKAGES := debootstrap debian-archive-keyring gnupg zstd xz-utils openssh-client python3-venv ca-certificates
+
+.PHONY: all system-deps venv test test-fast demo bench clean
+
+all: test
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: system-deps venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not build"
+
+demo: system-deps venv
+	PYTHON=$(PY) sh contrib/demo.sh
+
+bench: system-deps venv
+	@command -v mmdebstrap >/dev/null || (apt-get update -q && apt-get install -y -q mmdebstrap)
+	$(PY) bench/build.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

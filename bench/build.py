@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Benchmark tmplbuild against plain debootstrap and mmdebstrap, and zstd settings against xz -6.
+
+Run as root from anywhere: python3 bench/build.py [--repeat N] [--json FILE]. See bench/README.md."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))  # the package is run from its checkout, not installed
+
+import zstandard  # noqa: E402
+
+from tmplbuild.build.mirror import resolve_mirror  # noqa: E402
+from tmplbuild.build.pack import ZSTD_LEVEL, ZSTD_WINDOW_LOG  # noqa: E402
+from tmplbuild.errors import UsageError  # noqa: E402
+
+RECIPE = "debian-12-minimal"
+GOALS = {"tmplbuild cold": 0.8, "tmplbuild warm": 0.6}  # max ratio to plain debootstrap
+SIZE_GOAL, TIME_GOAL = 1.10, 1 / 3  # zstd: within 10% of xz's size in at most 1/3 of its time
+CHUNK = 1 << 20
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)  # progress on stderr so stdout holds only the tables
+
+
+def run_timed(argv: list[str], work: Path) -> float:
+    """Seconds argv took; on failure print the tail of its log and exit 1 (the caller's finally cleans up)."""
+    logfile = work / "log.txt"
+    with open(logfile, "wb") as out:
+        start = time.monotonic()
+        rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT).returncode
+        secs = time.monotonic() - start
+    if rc != 0:
+        tail = logfile.read_text(errors="replace").splitlines()[-30:]
+        log(f"FAILED ({rc}): {argv[0]} {argv[1]}\n" + "\n".join(tail))
+        sys.exit(1)
+    log(f"    {secs:.1f} s")
+    return secs
+
+
+def fresh_dir(session: Path, name: str) -> Path:
+    # A fresh disk directory per step, so no step reuses another's files or page-cache-warm tree by accident.
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=session))
+
+
+def one_round(session: Path, mirror: str, suite: str, keep: Path | None) -> dict[str, float]:
+    """Run a, b, c, d once; if keep is given, move the warm build's .tar.zst there."""
+    times: dict[str, float] = {}
+    work = fresh_dir(session, "debootstrap")
+    log("  debootstrap ...")
+    times["debootstrap"] = run_timed(
+        ["debootstrap", "--variant=minbase", suite, str(work / "root"), mirror], work)
+    shutil.rmtree(work)
+
+    work = fresh_dir(session, "mmdebstrap")
+    log("  mmdebstrap ...")
+    times["mmdebstrap"] = run_timed(
+        ["mmdebstrap", "--variant=minbase", suite, str(work / "out.tar"), mirror], work)
+    shutil.rmtree(work)
+
+    cache = fresh_dir(session, "cache")  # brand-new and empty for the cold build, then reused warm
+    # The last row is informational: the warm build on disk (--no-tmpfs), like for like with the references,
+    # to show how much of the gain is the tmpfs and how much the skipped resolution and download.
+    for label, extra in (("tmplbuild cold", []), ("tmplbuild warm", []), ("tmplbuild warm on disk", ["--no-tmpfs"])):
+        work = fresh_dir(session, label.replace(" ", "-"))
+        log(f"  {label} ...")
+        # --mirror so tmplbuild fetches from the same mirror as the references.
+        times[label] = run_timed(
+            [sys.executable, "-m", "tmplbuild", "build", RECIPE, "--out", str(work / "out"),
+             "--cache-dir", str(cache), "--mirror", mirror, "--force", *extra], work)
+        if label == "tmplbuild warm" and keep is not None:
+            built = sorted((work / "out").glob("*.tar.zst"))
+            if not built:
+                log("FAILED: the warm build wrote no .tar.zst")
+                sys.exit(1)
+            shutil.move(built[0], keep)
+        shutil.rmtree(work)
+    shutil.rmtree(cache)
+    return times
+
+
+def zstd_compress(params: zstandard.ZstdCompressionParameters) -> Callable[[Path, Path], None]:
+    def go(src: Path, dest: Path) -> None:
+        cctx = zstandard.ZstdCompressor(compression_params=params)
+        with open(src, "rb") as i, open(dest, "wb") as o:
+            cctx.copy_stream(i, o, read_size=CHUNK, write_size=CHUNK)
+    return go
+
+
+def xz_compress(src: Path, dest: Path) -> None:
+    with open(src, "rb") as i, open(dest, "wb") as o:
+        subprocess.run(["xz", "-6", "-T0", "-c"], stdin=i, stdout=o, check=True)
+
+
+def compression_rows(tarball: Path, session: Path) -> list[dict]:
+    work = fresh_dir(session, "compression")
+    tar = work / "template.tar"
+    with open(tarball, "rb") as i, open(tar, "wb") as o:
+        # max_window_size: accept frames with any window tmplbuild might have written.
+        zstandard.ZstdDecompressor(max_window_size=1 << 31).copy_stream(i, o, read_size=CHUNK, write_size=CHUNK)
+    log(f"  uncompressed tar: {tar.stat().st_size / 1e6:.1f} MB")
+
+    # write_checksum as tmplbuild does (xz writes a check too); threads=-1 everywhere, like xz -T0.
+    candidates: list[tuple[str, bool, Callable[[Path, Path], None]]] = []
+    for level in (3, 9, 19):
+        p = zstandard.ZstdCompressionParameters(compression_level=level, threads=-1, write_checksum=True)
+        candidates.append((f"zstd -{level}", False, zstd_compress(p)))
+    ldm_levels = sorted({9, 11, 14, 15, 19, ZSTD_LEVEL})  # always include the default row
+    for level in ldm_levels:
+        p = zstandard.ZstdCompressionParameters(compression_level=level, enable_ldm=True, window_log=27,
+                                                threads=-1, write_checksum=True)
+        default = level == ZSTD_LEVEL and ZSTD_WINDOW_LOG == 27
+        candidates.append((f"zstd -{level} --long=27", default, zstd_compress(p)))
+    candidates.append(("xz -6 -T0", False, xz_compress))
+
+    rows = []
+    for name, default, fn in candidates:
+        dest = work / "out.bin"
+        log(f"  {name} ...")
+        start = time.monotonic()
+        fn(tar, dest)
+        secs = time.monotonic() - start
+        rows.append({"name": name, "default": default, "bytes": dest.stat().st_size, "seconds": secs})
+        dest.unlink()
+    shutil.rmtree(work)
+
+    xz = rows[-1]
+    for r in rows:
+        r["size_vs_xz"] = r["bytes"] / xz["bytes"]
+        r["time_vs_xz"] = r["seconds"] / xz["seconds"]
+        r["meets_goal"] = r["size_vs_xz"] <= SIZE_GOAL and r["time_vs_xz"] <= TIME_GOAL
+    return rows
+
+
+def build_table(medians: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    ref = medians["debootstrap"]
+    rows = []
+    for tool, secs in medians.items():
+        goal = GOALS.get(tool)
+        verdict = "" if goal is None else ("PASS" if secs / ref <= goal else "MISS")
+        rows.append([tool, f"{secs:.1f}", f"{secs / ref:.2f}x",
+                     "" if goal is None else f"<= {goal:.1f}x", verdict])
+    return ["tool", "seconds", "vs debootstrap", "goal", "result"], rows
+
+
+def compression_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    out = []
+    for r in rows:
+        name = r["name"] + (" (tmplbuild default)" if r["default"] else "")
+        goal = "" if r["name"].startswith("xz") else ("yes" if r["meets_goal"] else "no")
+        out.append([name, f"{r['bytes'] / 1e6:.1f}", f"{r['seconds']:.1f}",
+                    # Three decimals on size: 1.103 would print as a passing-looking 1.10.
+                    f"{r['size_vs_xz']:.3f}x", f"{r['time_vs_xz']:.2f}x", goal])
+    return ["compressor", "MB", "seconds", "size vs xz", "time vs xz", "meets goal"], out
+
+
+def plain(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mirror", help="Debian mirror URL (default: $TMPLBUILD_MIRROR, else the host's apt sources)")
+    ap.add_argument("--repeat", type=int, default=1, help="run the build sequence N times, report medians")
+    ap.add_argument("--json", type=Path, help="write raw results here")
+    ap.add_argument("--skip-compression", action="store_true")
+    ap.add_argument("--only-compression", type=Path, metavar="TARBALL", help="compare compressors on this .tar.zst")
+    ap.add_argument("--suite", default="bookworm", help="suite for debootstrap/mmdebstrap (default: bookworm)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/build.py must run as root (debootstrap, mmdebstrap and tmplbuild build need it)", file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    if args.only_compression and not args.only_compression.is_file():
+        ap.error(f"{args.only_compression}: no such file")
+
+    results: dict = {"suite": args.suite, "repeat": args.repeat, "recipe": RECIPE}
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    # /var/tmp is on disk; /tmp may be a tmpfs, which would flatter the references.
+    session = Path(tempfile.mkdtemp(prefix="tmplbuild-bench-", dir="/var/tmp"))
+    try:
+        tarball = args.only_compression
+        if tarball is None:
+            try:
+                mirror = resolve_mirror(args.mirror, None)  # never printed: mirror hosts stay out of logs
+            except UsageError as exc:
+                log(f"bench/build.py: {exc}")
+                return 2
+            runs: dict[str, list[float]] = {}
+            for n in range(args.repeat):
+                log(f"round {n + 1}/{args.repeat}")
+                keep = None if args.skip_compression else session / "template.tar.zst"
+                for tool, secs in one_round(session, mirror, args.suite, keep).items():
+                    runs.setdefault(tool, []).append(secs)
+            medians = {tool: statistics.median(v) for tool, v in runs.items()}
+            results["builds"] = {"runs": runs, "median": medians,
+                                 "ratio": {t: s / medians["debootstrap"] for t, s in medians.items()},
+                                 "goals": GOALS}
+            tables.append((f"Build time (median of {args.repeat}, suite {args.suite})", *build_table(medians)))
+            tarball = keep
+        if tarball is not None:
+            log("compression")
+            rows = compression_rows(tarball, session)
+            results["compression"] = {"rows": rows, "goal": {"size_vs_xz_max": SIZE_GOAL, "time_vs_xz_max": TIME_GOAL},
+                                      "default": {"level": ZSTD_LEVEL, "window_log": ZSTD_WINDOW_LOG}}
+            tables.append(("Compression (goal: within 10% of xz -6's size in at most 1/3 of its time)",
+                           *compression_table(rows)))
+    finally:
+        shutil.rmtree(session, ignore_errors=True)
+
+    for title, header, rows in tables:
+        print(f"\n{title}\n{plain(header, rows)}")
+    print("\nMarkdown:")
+    for title, header, rows in tables:
+        print(f"\n{title}:\n\n{markdown(header, rows)}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
