@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -89,7 +90,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (systemd stop, CI timeout) takes the same path as Ctrl-C: unmount, remove temporaries, exit.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         args = parser().parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors are exit 2 already, --help/--version exit 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,20 +56,29 @@ def run(
     else:
         stdout = None
     try:
-        proc = subprocess.run(
+        # Its own session: on Ctrl-C or an error here the whole group (debootstrap and its dpkg children,
+        # a script's background jobs) is killed, not just the direct child, before the tree is torn down.
+        proc = subprocess.Popen(
             argv,
             env=full_env,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=stdout,  # type: ignore[arg-type]
             stderr=subprocess.PIPE if capture else (subprocess.STDOUT if logf else None),
-            check=False,
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
+        if logf:
+            logf.close()
         raise error(check, f"cannot run {argv[0]}: {exc.strerror}") from None
+    try:
+        out, err = proc.communicate(input)
+    except BaseException:
+        _kill_group(proc)
+        raise
     finally:
         if logf:
             logf.close()
+    proc = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if proc.returncode != 0:
         detail = ""
         if capture and proc.stderr:
@@ -77,6 +87,14 @@ def run(
             detail = _last_line(log.read_text(errors="replace")) + f" (full log: {log})"
         raise error(check, f"`{command_line(argv)}` exited {proc.returncode}" + (f": {detail}" if detail else ""))
     return proc
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _last_line(text: str) -> str:

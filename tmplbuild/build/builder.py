@@ -19,10 +19,14 @@ from tmplbuild.build import archive, chroot, normalize, pack
 from tmplbuild.build.manifest import installed_packages
 from tmplbuild.build.mirror import resolve_mirror
 from tmplbuild.build.plan import BootstrapPlan, debootstrap_argv, lists_name, make_plan, missing_packages
-from tmplbuild.errors import BuildError, LocalIOError, UsageError
+from tmplbuild.errors import AuthenticityError, BuildError, LocalIOError, UsageError
 from tmplbuild.log import say, step
 from tmplbuild.recipe.model import Recipe, Stage
 from tmplbuild.run import run
+
+
+APT_SIGNATURE_ERRORS = ("NO_PUBKEY", "is not signed", "BADSIG", "EXPKEYSIG", "REVKEYSIG",
+                        "signatures couldn't be verified", "The following signatures were invalid")
 
 
 @dataclass
@@ -281,7 +285,18 @@ def _add_repositories(root: Path, recipe: Recipe, env: dict[str, str], log: Path
             f"Signed-By: /{key.relative_to(root)}\n"
         )
         wanted.extend(repo.packages)
-    chroot.chroot_run(root, ["apt-get", "update", "-q"], "apt-get update", env, log)
+    mark = log.stat().st_size if log.exists() else 0
+    try:
+        chroot.chroot_run(root, ["apt-get", "update", "-q"], "apt-get update", env, log)
+    except BuildError as exc:
+        # apt refuses an unsigned or wrongly signed repository; that is an authenticity failure, not a typo.
+        with open(log, "rb") as f:
+            f.seek(mark)
+            output = f.read().decode(errors="replace")
+        if any(s in output for s in APT_SIGNATURE_ERRORS):
+            detail = next(ln.strip() for ln in output.splitlines() if any(s in ln for s in APT_SIGNATURE_ERRORS))
+            raise AuthenticityError("repository signature", detail[:300]) from None
+        raise exc
     if wanted:
         chroot.chroot_run(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", "--", *wanted],
                           "apt-get install", env, log)
