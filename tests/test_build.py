@@ -233,3 +233,20 @@ def test_python_resolver_picks_exactly_what_debootstrap_would(minimal, tmp_path)
          resolve_mirror(None, None)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert set(proc.stdout.split()) == {p["name"] for p in manifest["packages"]}
+
+
+def test_template_has_the_newest_version_from_updates_and_security(minimal, cache, tmp_path):
+    """Extra suites are merged newest-wins: nothing installed is older than what any of the three suites
+    offers, and the template keeps all three in its sources.list."""
+    from tmplbuild.build.archive import merge_newest, parse_packages
+
+    cold, _, _, _ = minimal
+    manifest = json.loads(only(cold, "*.manifest.json").read_text())
+    assert [a["suite"] for a in manifest["build"]["archive"]] == ["bookworm", "bookworm-updates", "bookworm-security"]
+    newest = merge_newest([parse_packages(p.read_bytes()) for p in sorted((cache / "indices").glob("*.Packages"))])
+    stale = [(p["name"], p["version"], newest[p["name"]].version) for p in manifest["packages"]
+             if p["version"] != newest[p["name"]].version]
+    assert stale == []
+    tree = unpack(only(cold, "*.tar.zst"), tmp_path / "tree")
+    suites = [ln.split()[2] for ln in (tree / "etc/apt/sources.list").read_text().splitlines()]
+    assert suites == ["bookworm", "bookworm-updates", "bookworm-security"]

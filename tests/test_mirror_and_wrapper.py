@@ -83,3 +83,20 @@ def test_wrapper_refuses_unverified_bootstraps(argv, message):
     proc = subprocess.run(["sh", str(WRAPPER), *argv], capture_output=True, text=True)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_security_mirror_comes_from_the_security_entry(tmp_path, monkeypatch):
+    from tmplbuild.build.mirror import security_mirror_from_host
+
+    monkeypatch.delenv("TMPLBUILD_SECURITY_MIRROR", raising=False)
+    root = fake_root(tmp_path, {"sources.list.d/debian.sources": DEB822})
+    assert security_mirror_from_host(root) == "http://mirror.example.invalid/debian-security"
+    assert resolve_mirror(None, None, root, security=True) == "http://mirror.example.invalid/debian-security"
+    monkeypatch.setenv("TMPLBUILD_SECURITY_MIRROR", "http://sec.example.invalid/ds")
+    assert resolve_mirror(None, None, root, security=True) == "http://sec.example.invalid/ds"
+
+
+def test_no_security_mirror_says_how_to_set_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("TMPLBUILD_SECURITY_MIRROR", raising=False)
+    with pytest.raises(UsageError, match="TMPLBUILD_SECURITY_MIRROR"):
+        resolve_mirror(None, None, tmp_path, security=True)

@@ -170,3 +170,33 @@ def test_lists_name_matches_apt_dest():
     assert lists_name("http://mirror.example.invalid/debian", "dists/bookworm/main/binary-amd64/Packages") == \
         "mirror.example.invalid_debian_dists_bookworm_main_binary-amd64_Packages"
     assert lists_name("file:///srv/mirror", "dists/trixie/InRelease") == "_srv_mirror_dists_trixie_InRelease"
+
+
+@pytest.mark.parametrize("a, b", [
+    ("1.0", "1.0"), ("1.0", "1.1"), ("1:1.0", "2.0"), ("1.0~rc1", "1.0"), ("1.0-1", "1.0-2"),
+    ("2.36-9+deb12u10", "2.36-9+deb12u9"), ("1.0a", "1.0"), ("1.0~", "1.0~~"), ("1.0.0", "1.0"), ("0:1", "1"),
+    ("3.0.22-1~deb12u2", "3.0.17-1~deb12u1"), ("20250419~deb12u2", "20230311"), ("1.2+b1", "1.2"),
+])
+def test_version_compare_agrees_with_dpkg(a, b):
+    import subprocess
+
+    from tmplbuild.build.archive import version_compare
+
+    def dpkg(op: str) -> bool:
+        return subprocess.run(["dpkg", "--compare-versions", a, op, b]).returncode == 0
+
+    expected = -1 if dpkg("lt") else (1 if dpkg("gt") else 0)
+    assert version_compare(a, b) == expected
+
+
+def test_merge_newest_takes_the_higher_version_and_keeps_the_position(packages):
+    from dataclasses import replace
+
+    from tmplbuild.build.archive import merge_newest
+
+    security = {"libc6": replace(packages["libc6"], version="2.36-9+deb12u1", origin="bookworm-security/main"),
+                "apt": replace(packages["apt"], version="1:2.6.0", origin="bookworm-security/main")}
+    merged = merge_newest([packages, security])
+    assert list(merged) == list(packages)
+    assert merged["libc6"].origin == "bookworm-security/main"
+    assert merged["apt"].version == "1:2.6.1"  # older in the extra suite: the main suite's stays

@@ -396,3 +396,18 @@ def test_package_name_problem(value: str, ok: bool) -> None:
                                            ("bookworm/updates", False), ("x;y", False), ("bookworm\n", False)])
 def test_suite_problem(value: str, ok: bool) -> None:
     assert (suite_problem(value) is None) is ok
+
+
+def test_extra_suites_are_parsed_and_validated(tmp_path):
+    from tmplbuild.errors import RecipeError
+    from tmplbuild.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES / "debian-12-ssh.toml")
+    assert recipe.bootstrap.extra_suites == ("bookworm-updates", "bookworm-security")  # inherited
+    text = (RECIPES / "debian-13-minimal.toml").read_text().replace('"trixie-security"]', '"trixie security"]')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if "trixie security" in ln)
+    assert (err.value.line, err.value.field) == (line, "bootstrap.extra_suites[1]")

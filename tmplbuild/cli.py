@@ -50,7 +50,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         native = host_arch()
         arch = native if native in recipe.architectures else recipe.architectures[0]
     opts = BuildOptions(arch=arch, out_dir=Path(args.out), cache_dir=Path(args.cache_dir or default_cache_dir()),
-                        mirror=args.mirror, force=args.force, use_tmpfs=not args.no_tmpfs,
+                        mirror=args.mirror, security_mirror=args.security_mirror, force=args.force, use_tmpfs=not args.no_tmpfs,
                         zstd_level=args.zstd_level)
     build(recipe, opts)
     return 0
@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
                                        "or $TMPLBUILD_CACHE_DIR)")
     b.add_argument("--mirror", help="Debian mirror URL (default: $TMPLBUILD_MIRROR, the recipe, the host's apt "
                                     "sources)")
+    b.add_argument("--security-mirror", help="Debian security mirror, for *-security extra suites (default: "
+                                             "$TMPLBUILD_SECURITY_MIRROR, the recipe, the host's apt sources)")
     b.add_argument("--force", action="store_true", help="replace an existing template of the same version")
     b.add_argument("--zstd-level", type=int, default=9, choices=range(1, 23), metavar="1-22",
                    help="zstd level (default 9, with a 128 MiB long-distance window; 19 is near xz's size, slower)")

@@ -44,6 +44,8 @@ class Package:
     size: int
     priority: str
     depends: tuple[str, ...]  # first alternative of each Depends/Pre-Depends clause, debootstrap's rule
+    base_url: str = ""  # the mirror this package is downloaded from
+    origin: str = ""  # "<suite>/<component>": the index it was chosen from
 
     @property
     def deb_name(self) -> str:
@@ -174,7 +176,7 @@ def fetch_release(fetcher: Fetcher, mirror: str, suite: str, keyring: Path) -> R
     return parse_release(verify_inrelease(raw, keyring, url), raw)
 
 
-def parse_packages(text: bytes) -> dict[str, Package]:
+def parse_packages(text: bytes, base_url: str = "", origin: str = "") -> dict[str, Package]:
     """Package stanzas by name (the first stanza of a name wins, as in debootstrap's pkgdetails)."""
     packages: dict[str, Package] = {}
     for stanza in text.split(b"\n\n"):
@@ -196,9 +198,58 @@ def parse_packages(text: bytes) -> dict[str, Package]:
         packages[name] = Package(
             name=name, version=f[b"Version"].decode(), arch=f[b"Architecture"].decode(),
             filename=f[b"Filename"].decode(), sha256=f[b"SHA256"].decode(), size=int(f[b"Size"]),
-            priority=f.get(b"Priority", b"").decode(), depends=tuple(deps),
+            priority=f.get(b"Priority", b"").decode(), depends=tuple(deps), base_url=base_url, origin=origin,
         )
     return packages
+
+
+def merge_newest(indices: list[dict[str, Package]]) -> dict[str, Package]:
+    """One view over several suites (bookworm, bookworm-updates, bookworm-security): the highest version of
+    each package wins, as apt would install it; a package keeps the position of its first appearance."""
+    merged: dict[str, Package] = {}
+    for index in indices:
+        for name, pkg in index.items():
+            old = merged.get(name)
+            if old is None or version_compare(pkg.version, old.version) > 0:
+                merged[name] = pkg
+    return merged
+
+
+def version_compare(a: str, b: str) -> int:
+    """dpkg's version ordering (epoch, upstream, revision; `~` sorts before everything, even the end)."""
+    def split(v: str) -> tuple[int, str, str]:
+        epoch, _, rest = v.rpartition(":") if ":" in v else ("0", "", v)
+        upstream, _, revision = rest.rpartition("-") if "-" in rest else (rest, "", "0")
+        return int(epoch or 0), upstream, revision
+
+    def order(c: str) -> int:
+        if c == "~":
+            return -1
+        if c.isalpha():
+            return ord(c)
+        return ord(c) + 256
+
+    def part(x: str, y: str) -> int:
+        while x or y:
+            xs = re.match(r"[^0-9]*", x).group()
+            ys = re.match(r"[^0-9]*", y).group()
+            for i in range(max(len(xs), len(ys))):
+                cx = order(xs[i]) if i < len(xs) else 0
+                cy = order(ys[i]) if i < len(ys) else 0
+                if cx != cy:
+                    return -1 if cx < cy else 1
+            x, y = x[len(xs):], y[len(ys):]
+            xd = re.match(r"[0-9]*", x).group()
+            yd = re.match(r"[0-9]*", y).group()
+            if int(xd or 0) != int(yd or 0):
+                return -1 if int(xd or 0) < int(yd or 0) else 1
+            x, y = x[len(xd):], y[len(yd):]
+        return 0
+
+    (ea, ua, ra), (eb, ub, rb) = split(a), split(b)
+    if ea != eb:
+        return -1 if ea < eb else 1
+    return part(ua, ub) or part(ra, rb)
 
 
 def select_stanzas(text: bytes, names: set[str]) -> bytes:
@@ -283,7 +334,7 @@ def download_debs(fetcher: Fetcher, mirror: str, wanted: list[Package], cache: P
         dest = debs / pkg.deb_name
         if dest.exists() and dest.stat().st_size == pkg.size and _sha256(dest) == pkg.sha256:
             return dest
-        fetcher.to_file(f"{mirror}/{pkg.filename}", dest, pkg.size, pkg.sha256)
+        fetcher.to_file(f"{pkg.base_url or mirror}/{pkg.filename}", dest, pkg.size, pkg.sha256)
         return dest
 
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -35,6 +35,7 @@ class BuildOptions:
     out_dir: Path
     cache_dir: Path
     mirror: str | None = None
+    security_mirror: str | None = None
     force: bool = False
     use_tmpfs: bool = True
     zstd_level: int = pack.ZSTD_LEVEL
@@ -88,11 +89,11 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
     fetcher = archive.Fetcher()
 
     with step("archive", timings):
-        release = archive.fetch_release(fetcher, mirror, recipe.suite, recipe.bootstrap.keyring)
-        epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or release.epoch)
+        suites = _fetch_suites(fetcher, recipe, mirror, opts)
+        releases = [s.release for s in suites]
+        epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or max(r.epoch for r in releases))
         version = default_version(recipe, epoch)
         stem = artifact_stem(recipe, version, opts.arch)
-        say(f"    {recipe.suite}: Release of {release.date}, InRelease sha256 {release.inrelease_sha256[:16]}…")
     finals = [opts.out_dir / f"{stem}.{fmt.value}" for fmt in recipe.formats]
     manifest_path = opts.out_dir / f"{stem}.manifest.json"
     existing = [p for p in finals + [manifest_path] if p.exists()]
@@ -100,7 +101,7 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
         raise UsageError("output", f"{existing[0]} exists; pass --force to replace it")
 
     with step("resolve", timings):
-        indices, plan = _resolve(fetcher, mirror, recipe, opts, release)
+        indices, plan, trimmed = _resolve(fetcher, recipe, opts, suites, mirror)
     with step("download", timings):
         debs = archive.download_debs(fetcher, mirror, list(plan.debs), opts.cache_dir)
         say(f"    {len(debs)} packages, {sum(p.size for p in plan.debs) / 1e6:.1f} MB in {opts.cache_dir}")
@@ -114,7 +115,7 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
             log = work / "build.log"
             try:
                 with step("bootstrap", timings):
-                    _bootstrap(root, work, mirror, recipe, opts.arch, release, indices, plan, debs, log)
+                    _bootstrap(root, work, mirror, recipe, opts.arch, suites, indices, plan, trimmed, debs, log)
                 env = {"SOURCE_DATE_EPOCH": str(epoch), "TMPLBUILD_TEMPLATE": recipe.name,
                        "TMPLBUILD_VERSION": version, "TMPLBUILD_ARCH": opts.arch, "TMPLBUILD_SUITE": recipe.suite}
                 with step("scripts", timings):
@@ -156,11 +157,11 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
         "variant": recipe.variant, "description": recipe.description,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)), "source_date_epoch": epoch,
         "build": {
-            "input_hash": input_hash(recipe, opts.arch, [release]),
+            "input_hash": input_hash(recipe, opts.arch, releases),
             "recipe_sha256": hashlib.sha256(recipe.canonical).hexdigest(),
             "extends": list(recipe.extends),
-            "archive": [{"suite": recipe.suite, "codename": release.codename, "date": release.date,
-                         "inrelease_sha256": release.inrelease_sha256}],
+            "archive": [{"suite": x.suite, "codename": x.release.codename, "date": x.release.date,
+                         "inrelease_sha256": x.release.inrelease_sha256} for x in suites],
             "bootstrap_variant": recipe.bootstrap.variant,
             "zstd_level": opts.zstd_level,
             "tmplbuild": __version__,
@@ -177,51 +178,86 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
     return BuildResult(artifacts=artifacts, manifest_path=manifest_path, manifest=manifest, timings=timings)
 
 
-def _resolve(fetcher, mirror: str, recipe: Recipe, opts: BuildOptions, release: archive.ReleaseInfo):
-    """Index files and the bootstrap plan. The plan is cached under everything it depends on, so a warm build
-    parses no index at all."""
-    indices = {c: archive.fetch_packages(fetcher, mirror, release, recipe.suite, c, opts.arch, opts.cache_dir)
-               for c in recipe.bootstrap.components}
-    key_src = json.dumps([release.inrelease_sha256, opts.arch, recipe.bootstrap.variant,
+@dataclass(frozen=True)
+class SuiteSource:
+    suite: str
+    url: str  # the mirror it comes from
+    release: archive.ReleaseInfo
+
+
+def _fetch_suites(fetcher: archive.Fetcher, recipe: Recipe, mirror: str, opts: BuildOptions) -> list[SuiteSource]:
+    """The verified Release of the recipe's suite and of each extra suite, main suite first."""
+    out = []
+    for suite in (recipe.suite, *recipe.bootstrap.extra_suites):
+        url = mirror
+        if suite.endswith("-security"):
+            url = resolve_mirror(opts.security_mirror, recipe.bootstrap.security_mirror, security=True)
+        release = archive.fetch_release(fetcher, url, suite, recipe.bootstrap.keyring)
+        say(f"    {suite}: Release of {release.date}, InRelease sha256 {release.inrelease_sha256[:16]}…")
+        out.append(SuiteSource(suite, url, release))
+    return out
+
+
+def _resolve(fetcher: archive.Fetcher, recipe: Recipe, opts: BuildOptions, suites: list[SuiteSource],
+             mirror: str) -> tuple[dict[tuple[str, str], Path], BootstrapPlan, bytes]:
+    """Index files, the bootstrap plan, and the trimmed index debootstrap gets. The plan is cached under
+    everything it depends on, so a warm build parses no index at all."""
+    indices = {(x.suite, c): archive.fetch_packages(fetcher, x.url, x.release, x.suite, c, opts.arch, opts.cache_dir)
+               for x in suites for c in recipe.bootstrap.components}
+    key_src = json.dumps([[x.release.inrelease_sha256 for x in suites], opts.arch, recipe.bootstrap.variant,
                           list(recipe.bootstrap.components), list(recipe.include), list(recipe.exclude),
-                          mirror.startswith("https://"), release.codename], sort_keys=True)
-    plan_file = opts.cache_dir / "plans" / (hashlib.sha256(key_src.encode()).hexdigest() + ".json")
-    if plan_file.exists():
+                          mirror.startswith("https://"), suites[0].release.codename], sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()
+    plan_file = opts.cache_dir / "plans" / f"{key}.json"
+    trimmed_file = plan_file.with_suffix(".Packages")
+    if plan_file.exists() and trimmed_file.exists():
         data = json.loads(plan_file.read_text())
         plan = BootstrapPlan(required=tuple(data["required"]), base=tuple(data["base"]),
                              debs=tuple(archive.Package(**{**d, "depends": tuple(d["depends"])})
                                         for d in data["debs"]))
-        say(f"    cached plan {plan_file.name[:16]}…")
-        return indices, plan
-    packages: dict[str, archive.Package] = {}
-    for c in recipe.bootstrap.components:
-        for name, pkg in archive.parse_packages(indices[c].read_bytes()).items():
-            packages.setdefault(name, pkg)
-    plan = make_plan(packages, codename=release.codename or recipe.suite, variant=recipe.bootstrap.variant,
-                     include=recipe.include, exclude=recipe.exclude, https_mirror=mirror.startswith("https://"))
+        say(f"    cached plan {key[:16]}…")
+        return indices, plan, trimmed_file.read_bytes()
+    urls = {x.suite: x.url for x in suites}
+    packages = archive.merge_newest([
+        archive.parse_packages(path.read_bytes(), base_url=urls[suite], origin=f"{suite}/{component}")
+        for (suite, component), path in indices.items()])
+    plan = make_plan(packages, codename=suites[0].release.codename or recipe.suite,
+                     variant=recipe.bootstrap.variant, include=recipe.include, exclude=recipe.exclude,
+                     https_mirror=mirror.startswith("https://"))
     missing = missing_packages(plan)
     if missing:
-        raise UsageError("packages", f"not in {recipe.suite} {'/'.join(recipe.bootstrap.components)} for "
-                                     f"{opts.arch}: {', '.join(missing)}")
+        raise UsageError("packages", f"not in {', '.join(x.suite for x in suites)} "
+                                     f"{'/'.join(recipe.bootstrap.components)} for {opts.arch}: {', '.join(missing)}")
+    # debootstrap reads one index per component of the main suite: give it the chosen stanza of every planned
+    # package, whichever suite it came from.
+    trimmed = b"".join(
+        archive.select_stanzas(path.read_bytes(), {p.name for p in plan.debs if p.origin == f"{suite}/{component}"})
+        for (suite, component), path in indices.items())
+    _write_bytes(trimmed_file, trimmed)
     _write_json(plan_file, {"required": plan.required, "base": plan.base,
                             "debs": [{**d.__dict__, "depends": list(d.depends)} for d in plan.debs]})
-    say(f"    {len(plan.required)} required + {len(plan.base)} base packages")
-    return indices, plan
+    upgraded = sum(1 for p in plan.debs if not p.origin.startswith(f"{recipe.suite}/"))
+    say(f"    {len(plan.required)} required + {len(plan.base)} base packages, {upgraded} from "
+        f"{', '.join(x.suite for x in suites[1:]) or 'no extra suite'}")
+    return indices, plan, trimmed
 
 
-def _bootstrap(root: Path, work: Path, mirror: str, recipe: Recipe, arch: str, release: archive.ReleaseInfo,
-               indices: dict[str, Path], plan: BootstrapPlan, debs: list[Path], log: Path) -> None:
+def _bootstrap(root: Path, work: Path, mirror: str, recipe: Recipe, arch: str, suites: list[SuiteSource],
+               indices: dict[tuple[str, str], Path], plan: BootstrapPlan, trimmed: bytes, debs: list[Path],
+               log: Path) -> None:
     """Lay the verified lists and .debs where debootstrap expects them, then let debootstrap install the
     resolved plan (its --unpack-tarball mode: no second resolution, no second download)."""
     lists = root / "var/lib/apt/lists"
     archives = root / "var/cache/apt/archives"
     lists.mkdir(parents=True)
     (archives / "partial").mkdir(parents=True)
-    (lists / lists_name(mirror, f"dists/{recipe.suite}/InRelease")).write_bytes(release.raw)
-    wanted = {p.name for p in plan.debs}
-    list_paths = {c: lists / lists_name(mirror, f"dists/{recipe.suite}/{c}/binary-{arch}/Packages") for c in indices}
-    for component, index in indices.items():
-        list_paths[component].write_bytes(archive.select_stanzas(index.read_bytes(), wanted))
+    for x in suites:
+        (lists / lists_name(x.url, f"dists/{x.suite}/InRelease")).write_bytes(x.release.raw)
+    main_lists = [lists / lists_name(mirror, f"dists/{recipe.suite}/{c}/binary-{arch}/Packages")
+                  for c in recipe.bootstrap.components]
+    main_lists[0].write_bytes(trimmed)
+    for extra in main_lists[1:]:
+        extra.write_bytes(b"")  # present, so debootstrap still lists the component in sources.list
     for pkg, deb in zip(plan.debs, debs):
         shutil.copyfile(deb, archives / pkg.deb_name)
     tarball = work / "plan.tar"
@@ -238,9 +274,14 @@ def _bootstrap(root: Path, work: Path, mirror: str, recipe: Recipe, arch: str, r
                             plan_tarball=tarball)
     try:
         run(argv, check="debootstrap", log=log)
-        # Scripts may call apt-get without an update: give them the full, verified index back.
-        for component, index in indices.items():
-            shutil.copyfile(index, list_paths[component])
+        # Scripts may call apt-get without an update: give them every suite's full, verified index, and the
+        # template the sources of every suite it was built from, so it keeps getting those updates.
+        for (suite, component), index in indices.items():
+            url = next(x.url for x in suites if x.suite == suite)
+            shutil.copyfile(index, lists / lists_name(url, f"dists/{suite}/{component}/binary-{arch}/Packages"))
+        with open(root / "etc/apt/sources.list", "a") as f:
+            for x in suites[1:]:
+                f.write(f"deb {x.url} {x.suite} {' '.join(recipe.bootstrap.components)}\n")
     finally:
         # debootstrap mounts /proc and /sys itself and may leave them on failure.
         for point in chroot.mounts_under(root):
@@ -339,14 +380,18 @@ def _keep_log(log: Path, dest: Path) -> None:
         pass
 
 
-def _write_json(path: Path, data: object) -> None:
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Atomically: a reader sees the old file or the new one, never a part."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as exc:
         raise LocalIOError("write", f"{path}: {exc.strerror}") from None
+
+
+def _write_json(path: Path, data: object) -> None:
+    _write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

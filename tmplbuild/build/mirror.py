@@ -72,17 +72,33 @@ def debian_mirror_from_host(root: Path = Path("/")) -> str | None:
     return None
 
 
-def resolve_mirror(flag: str | None, recipe_mirror: str | None, root: Path = Path("/")) -> str:
-    """The mirror URL to use. Raises UsageError when none is configured or the chosen one is malformed."""
+def security_mirror_from_host(root: Path = Path("/")) -> str | None:
+    for uri, suites in host_sources(root):
+        if any(s.endswith("-security") for s in suites) and uri.startswith(("http://", "https://", "file:/")):
+            return uri.rstrip("/")
+    return None
+
+
+def resolve_mirror(flag: str | None, recipe_mirror: str | None, root: Path = Path("/"), *,
+                   security: bool = False) -> str:
+    """The mirror URL to use (the security mirror with security=True). Raises UsageError when none is
+    configured or the chosen one is malformed."""
+    prefix, field = ("SECURITY_", "security_mirror") if security else ("", "mirror")
+    flag_name = "--security-mirror" if security else "--mirror"
+    from_host = security_mirror_from_host(root) if security else debian_mirror_from_host(root)
     for source, value in (
-        ("--mirror", flag),
-        ("TMPLBUILD_MIRROR", os.environ.get("TMPLBUILD_MIRROR") or None),
-        ("bootstrap.mirror", recipe_mirror),
-        ("host apt sources", debian_mirror_from_host(root)),
+        (flag_name, flag),
+        (f"TMPLBUILD_{prefix}MIRROR", os.environ.get(f"TMPLBUILD_{prefix}MIRROR") or None),
+        (f"bootstrap.{field}", recipe_mirror),
+        ("host apt sources", from_host),
     ):
         if value:
             problem = url_problem(value)
             if problem:
                 raise UsageError("mirror", f"{source}: {problem}")
             return value.rstrip("/")
+    if security:
+        raise UsageError("mirror", "no Debian security mirror found in the host's apt sources; set "
+                                   "TMPLBUILD_SECURITY_MIRROR=URL, pass --security-mirror URL, or set "
+                                   "bootstrap.security_mirror in the recipe")
     raise UsageError("mirror", f"no Debian mirror found in the host's apt sources; {HOW_TO_SET}")

@@ -57,6 +57,9 @@ _BOOTSTRAP: dict[str, Callable[[Val], Any]] = {
     "components": lambda val: v.unique_list(val, v.grammar(v.COMPONENT_RE, v.COMPONENT_EXPECTED), "component"),
     "keyring": _keyring,
     "mirror": v.url(("http", "https", "file")),
+    "extra_suites": lambda val: v.unique_list(val, v.grammar(v.SUITE_RE, v.SUITE_EXPECTED, v.SUITE_MAX_LENGTH),
+                                              "suite", non_empty=False),
+    "security_mirror": v.url(("http", "https", "file")),
 }
 _REQUIRED = {  # field -> what is expected, for the "missing" message
     "template.name": v.NAME_EXPECTED, "template.distribution": v.NAME_EXPECTED,
@@ -101,7 +104,8 @@ def load_recipe(path: Path | str) -> Recipe:
         path=leaf.src.path.resolve(), name=t["name"], distribution=t["distribution"], release=t["release"],
         suite=t["suite"], variant=t["variant"], architectures=t["architectures"], description=t["description"],
         bootstrap=Bootstrap(variant=b.get("variant", "minbase"), components=b.get("components", ("main",)),
-                            keyring=keyring, mirror=b.get("mirror")),
+                            keyring=keyring, mirror=b.get("mirror"), extra_suites=b.get("extra_suites", ()),
+                            security_mirror=b.get("security_mirror")),
         include=merged["include"], exclude=merged["exclude"], repositories=merged["repositories"],
         scripts=merged["scripts"], files=merged["files"], formats=t.get("formats", (Compression.ZSTD,)),
         version=t.get("version"),

@@ -62,6 +62,10 @@ class Bootstrap:
     components: tuple[str, ...]
     keyring: Path  # verifies the archive's Release file; always used
     mirror: str | None  # None: resolved at build time (flag, TMPLBUILD_MIRROR, host apt sources)
+    # More suites merged into the bootstrap, newest version winning: `<suite>-updates` from the same mirror,
+    # `<suite>-security` from the security mirror. They also go into the template's sources.list.
+    extra_suites: tuple[str, ...] = ()
+    security_mirror: str | None = None  # None: flag, TMPLBUILD_SECURITY_MIRROR, host apt sources
 
 
 @dataclass(frozen=True)
