@@ -26,6 +26,7 @@ from tmplbuild.build.pack import ZSTD_LEVEL, ZSTD_WINDOW_LOG  # noqa: E402
 from tmplbuild.errors import UsageError  # noqa: E402
 
 RECIPE = "debian-12-minimal"
+SAME_PACKAGES = ("systemd-sysv", "iproute2", "ifupdown", "ca-certificates")  # recipes/debian-12-minimal.toml
 GOALS = {"tmplbuild cold": 0.8, "tmplbuild warm": 0.6}  # max ratio to plain debootstrap
 SIZE_GOAL, TIME_GOAL = 1.10, 1 / 3  # zstd: within 10% of xz's size in at most 1/3 of its time
 CHUNK = 1 << 20
@@ -62,6 +63,14 @@ def one_round(session: Path, mirror: str, suite: str, keep: Path | None) -> dict
     log("  debootstrap ...")
     times["debootstrap"] = run_timed(
         ["debootstrap", "--variant=minbase", suite, str(work / "root"), mirror], work)
+    shutil.rmtree(work)
+
+    # Informational: the same package set as the recipe (what tmplbuild actually installs), like for like.
+    work = fresh_dir(session, "debootstrap-same-packages")
+    log("  debootstrap with the recipe's packages ...")
+    times["debootstrap, recipe's packages"] = run_timed(
+        ["debootstrap", "--variant=minbase", f"--include={','.join(SAME_PACKAGES)}", suite, str(work / "root"),
+         mirror], work)
     shutil.rmtree(work)
 
     work = fresh_dir(session, "mmdebstrap")

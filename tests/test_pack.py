@@ -1,12 +1,15 @@
 """The deterministic tar and its compression: what makes two builds bit-identical, and readable by tar."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import tarfile
 from pathlib import Path
 
-from tmplbuild.build.pack import compress, write_tar
+import pytest
+
+from tmplbuild.build.pack import pack, write_tar
 from tmplbuild.recipe.model import Compression
 
 EPOCH = 1_700_000_000
@@ -32,8 +35,9 @@ def test_same_tree_gives_same_bytes_whatever_the_build_time(tmp_path):
     a.mkdir(), b.mkdir()
     make_tree(a, EPOCH + 12345.678)  # files written during a build: newer than the epoch, float mtimes
     make_tree(b, EPOCH + 99999.5)
-    write_tar(a, tmp_path / "a.tar", EPOCH)
-    write_tar(b, tmp_path / "b.tar", EPOCH)
+    with open(tmp_path / "a.tar", "wb") as fa, open(tmp_path / "b.tar", "wb") as fb:
+        write_tar(a, fa, EPOCH)
+        write_tar(b, fb, EPOCH)
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
 
 
@@ -41,7 +45,8 @@ def test_entries_sorted_clamped_numeric_owners_and_hardlinks(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     make_tree(root, EPOCH + 5.5)
-    entries, _ = write_tar(root, tmp_path / "t.tar", EPOCH)
+    with open(tmp_path / "t.tar", "wb") as f:
+        entries, _ = write_tar(root, f, EPOCH)
     with tarfile.open(tmp_path / "t.tar") as tar:
         members = tar.getmembers()
     names = [m.name for m in members]
@@ -59,15 +64,40 @@ def test_entries_sorted_clamped_numeric_owners_and_hardlinks(tmp_path):
     assert b"PaxHeader" not in raw and b"mtime=" not in raw
 
 
-def test_compressed_formats_unpack_with_plain_tar(tmp_path):
+def test_both_formats_from_one_stream_unpack_with_plain_tar_and_match_the_plain_tar(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     make_tree(root, EPOCH)
-    write_tar(root, tmp_path / "t.tar", EPOCH)
-    for fmt, flag in ((Compression.ZSTD, "--zstd"), (Compression.XZ, "--xz")):
-        art = compress(tmp_path / "t.tar", tmp_path / f"t.{fmt.value}", fmt)
-        assert art.size == (tmp_path / f"t.{fmt.value}").stat().st_size and len(art.sha512) == 128
-        out = tmp_path / f"x-{fmt.name}"
-        out.mkdir()
-        subprocess.run(["tar", flag, "-xf", str(art.path), "-C", str(out)], check=True)
-        assert (out / "etc/b/c").read_text() == "c\n"
+    with open(tmp_path / "t.tar", "wb") as f:
+        write_tar(root, f, EPOCH)
+    outputs = [(Compression.ZSTD, tmp_path / "t.tar.zst"), (Compression.XZ, tmp_path / "t.tar.xz")]
+    entries, content, artifacts = pack(root, outputs, EPOCH)
+    assert entries == 11 and content == 1000 + 2 + 2 + 15
+    for art, flag in zip(artifacts, ("--zstd", "--xz")):
+        data = art.path.read_bytes()
+        assert art.size == len(data) and art.sha256 == hashlib.sha256(data).hexdigest() and len(art.sha512) == 128
+        plain = subprocess.run(["tar", flag, "-xOf", str(art.path), "./etc/b/c"], capture_output=True, check=True)
+        assert plain.stdout == b"c\n"
+        decompressed = subprocess.run(["zstd" if flag == "--zstd" else "xz", "-dc", str(art.path)],
+                                      capture_output=True, check=True).stdout
+        assert decompressed == (tmp_path / "t.tar").read_bytes()  # exactly the deterministic tar
+
+
+def test_a_write_failure_mid_pack_leaves_no_output(tmp_path, monkeypatch):
+    import tmplbuild.build.pack as pack_module
+    from tmplbuild.errors import LocalIOError
+
+    root = tmp_path / "root"
+    root.mkdir()
+    make_tree(root, EPOCH)
+
+    def open_failing_on_tool(path, *args, **kwargs):
+        if str(path).endswith("usr/bin/tool"):  # half-way through the walk: the outputs are partly written
+            raise OSError(28, "No space left on device", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(pack_module, "open", open_failing_on_tool, raising=False)
+    outputs = [(Compression.ZSTD, tmp_path / "out.tar.zst"), (Compression.XZ, tmp_path / "out.tar.xz")]
+    with pytest.raises(LocalIOError, match="No space left on device"):
+        pack(root, outputs, EPOCH)
+    assert list(tmp_path.glob("out.*")) == []

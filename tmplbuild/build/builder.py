@@ -127,13 +127,10 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
                     normalize.refuse_private_keys(root)
                 with step("manifest", timings):
                     packages = installed_packages(root)
-                with step("pack", timings):
-                    tar_path = work / f"{stem}.tar"
-                    entries, content_bytes = pack.write_tar(root, tar_path, epoch)
-                shutil.rmtree(root)  # frees the tmpfs before the compressed copies are written
-                with step("compress", timings):
-                    staged = [pack.compress(tar_path, final.with_name(f".{final.name}.part"), fmt, opts.zstd_level)
-                              for final, fmt in zip(finals, recipe.formats)]
+                with step("pack + compress", timings):
+                    outputs = [(fmt, final.with_name(f".{final.name}.part"))
+                               for final, fmt in zip(finals, recipe.formats)]
+                    entries, content_bytes, staged = pack.pack(root, outputs, epoch, opts.zstd_level)
             except BaseException:
                 _keep_log(log, opts.cache_dir / "logs" / f"{stem}.build.log")
                 raise

@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -37,12 +38,12 @@ class Artifact:
     sha512: str
 
 
-def write_tar(root: Path, dest: Path, epoch: int) -> tuple[int, int]:
-    """Write root as a tarball to dest. Returns (entries, bytes of file content)."""
+def write_tar(root: Path, out: BinaryIO, epoch: int) -> tuple[int, int]:
+    """Write root as a tarball to the stream `out`. Returns (entries, bytes of file content)."""
     inodes: dict[tuple[int, int], str] = {}
     entries = content = 0
-    with open(dest, "wb") as raw, tarfile.open(
-        fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", copybufsize=CHUNK
+    with tarfile.open(
+        fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", copybufsize=CHUNK
     ) as tar:
         for rel, path in _walk(root):
             st = os.lstat(path)
@@ -112,30 +113,70 @@ def _xattrs(path: str) -> dict[str, str]:
     return out
 
 
-def compress(tar_path: Path, dest: Path, fmt: Compression, zstd_level: int = ZSTD_LEVEL) -> Artifact:
-    """Compress tar_path into dest and hash the result; on any failure dest does not exist afterwards.
-    Raises LocalIOError on a write failure (disk full), BuildError when xz fails."""
+class _Tee:
+    """One tar stream into every compressor at once: no intermediate tar on disk, and packing overlaps
+    compression (zstd and xz run in their own threads and processes)."""
+
+    def __init__(self, sinks: list[BinaryIO]) -> None:
+        self.sinks = sinks
+
+    def write(self, data: bytes) -> int:
+        for sink in self.sinks:
+            sink.write(data)
+        return len(data)
+
+
+def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
+         zstd_level: int = ZSTD_LEVEL) -> tuple[int, int, list[Artifact]]:
+    """Pack root into each (format, path) of outputs. Returns (entries, content bytes, artifacts). On any
+    failure no output file exists afterwards. Raises LocalIOError on a write failure (disk full), BuildError
+    when xz fails."""
+    files: list[BinaryIO] = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        if fmt is Compression.ZSTD:
-            params = zstandard.ZstdCompressionParameters(
-                compression_level=zstd_level, enable_ldm=True, window_log=ZSTD_WINDOW_LOG,
-                threads=-1, write_checksum=True,
-            )
-            cctx = zstandard.ZstdCompressor(compression_params=params)
-            with open(tar_path, "rb") as src, open(dest, "wb") as out:
-                cctx.copy_stream(src, out, read_size=CHUNK, write_size=CHUNK)
-        else:
-            with open(tar_path, "rb") as src, open(dest, "wb") as out:
-                proc = subprocess.run(["xz", XZ_LEVEL, "-T0", "-c"], stdin=src, stdout=out, stderr=subprocess.PIPE)
-            if proc.returncode != 0:
-                raise BuildError("compress", f"xz exited {proc.returncode}: {proc.stderr.decode().strip()}")
-        sha256, sha512, size = hash_file(dest)
+        sinks: list[BinaryIO] = []
+        for fmt, dest in outputs:
+            f = open(dest, "wb")
+            files.append(f)
+            if fmt is Compression.ZSTD:
+                params = zstandard.ZstdCompressionParameters(
+                    compression_level=zstd_level, enable_ldm=True, window_log=ZSTD_WINDOW_LOG,
+                    threads=-1, write_checksum=True,
+                )
+                sinks.append(zstandard.ZstdCompressor(compression_params=params).stream_writer(
+                    f, write_size=CHUNK, closefd=False))
+            else:
+                proc = subprocess.Popen(["xz", XZ_LEVEL, "-T0", "-c"], stdin=subprocess.PIPE, stdout=f,
+                                        stderr=subprocess.PIPE)
+                procs.append(proc)
+                sinks.append(proc.stdin)  # type: ignore[arg-type]
+        entries, content = write_tar(root, _Tee(sinks), epoch)  # type: ignore[arg-type]
+        for sink in sinks:
+            sink.close()  # ends the zstd frame; EOF for xz
+        for proc in procs:
+            err = proc.stderr.read() if proc.stderr else b""
+            if proc.wait() != 0:
+                raise BuildError("compress", f"xz exited {proc.returncode}: {err.decode().strip()}")
+        for f in files:
+            f.close()
+        artifacts = [Artifact(dest, fmt, *_hashes(dest)) for fmt, dest in outputs]
     except BaseException as exc:
-        dest.unlink(missing_ok=True)
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for f in files:
+            f.close()
+        for _, dest in outputs:
+            dest.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise LocalIOError("compress", f"{dest}: {exc.strerror}") from None
+            raise LocalIOError("compress", f"{exc.filename or outputs[0][1]}: {exc.strerror}") from None
         raise
-    return Artifact(path=dest, format=fmt, size=size, sha256=sha256, sha512=sha512)
+    return entries, content, artifacts
+
+
+def _hashes(path: Path) -> tuple[int, str, str]:
+    sha256, sha512, size = hash_file(path)
+    return size, sha256, sha512
 
 
 def hash_file(path: Path) -> tuple[str, str, int]:
