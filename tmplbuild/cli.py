@@ -65,6 +65,129 @@ def cmd_recipe_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_duration(text: str) -> int:
+    """`30d`, `12h`, `2w`, `1y` → seconds. Raises UsageError."""
+    import re
+
+    m = re.fullmatch(r"(\d+)([smhdwy])", text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise UsageError("duration", f"found {text!r}, expected a number and a unit (s m h d w y), e.g. 30d")
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}[m.group(2)]
+
+
+def _signer(args: argparse.Namespace, forbidden: list[Path]):
+    from tmplbuild.sign import Signer, default_gnupghome
+    from tmplbuild.sign.keys import check_gnupghome_location
+
+    home = Path(args.gnupghome) if args.gnupghome else default_gnupghome()
+    check_gnupghome_location(home, forbidden)
+    return Signer(home, args.key), home
+
+
+def cmd_key_generate(args: argparse.Namespace) -> int:
+    from tmplbuild.sign import default_gnupghome, export_public, generate_key
+    from tmplbuild.sign.keys import check_gnupghome_location
+
+    home = Path(args.gnupghome) if args.gnupghome else default_gnupghome()
+    check_gnupghome_location(home, [Path.cwd()])  # the private key stays out of the project
+    fpr = generate_key(args.name, home, expire=args.expire, algo=args.algo)
+    out = Path(args.out) if args.out else Path("keys") / f"{fpr}.asc"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(export_public(fpr, home, armored=True))
+    print(fpr)
+    print(f"tmplbuild: private key in {home}; public key written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_key_export(args: argparse.Namespace) -> int:
+    from tmplbuild.sign import default_gnupghome, export_public
+
+    home = Path(args.gnupghome) if args.gnupghome else default_gnupghome()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for armored, suffix in ((True, "asc"), (False, "gpg")):
+        path = out / f"{args.key.upper()}.{suffix}"
+        path.write_bytes(export_public(args.key, home, armored=armored))
+        print(path)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from tmplbuild.repo.publish import publish
+
+    repo = Path(args.repo)
+    signer, _ = _signer(args, [repo, Path.cwd()])
+    result = publish(repo, [Path(a) for a in args.artifacts], signer, parse_duration(args.expires_in))
+    for e in result.added:
+        print(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.files)}")
+    for key in result.unchanged:
+        print(f"unchanged {' '.join(key)}: already published with the same content")
+    print(f"index version {result.index.version}, expires {result.index.expires}")
+    return 0
+
+
+def cmd_repo_init(args: argparse.Namespace) -> int:
+    from tmplbuild.repo.manage import init
+
+    repo = Path(args.dir)
+    signer, home = _signer(args, [repo, Path.cwd()])
+    index = init(repo, signer, home, args.id or repo.resolve().name.lower(), parse_duration(args.expires_in))
+    print(f"initialised {repo} (repo id {index.repo_id}, key {signer.fingerprint}, index version 1)")
+    return 0
+
+
+def cmd_repo_verify(args: argparse.Namespace) -> int:
+    from tmplbuild.errors import ExitCode
+    from tmplbuild.repo import store
+    from tmplbuild.repo.manage import audit, fingerprints_in
+
+    repo = Path(args.dir)
+    if args.key:
+        data = Path(args.key).read_bytes()
+        pinned = tuple(args.fingerprint) if args.fingerprint else tuple(fingerprints_in(data))
+    else:
+        keys = store.read_keys(repo)
+        data, pinned = keys.public_keys, keys.fingerprints
+    findings = audit(repo, data, pinned)
+    for line in findings:
+        print(f"tmplbuild: repo verify: {line}", file=sys.stderr)
+    if not findings:
+        print(f"{repo}: ok")
+        return 0
+    only_freshness = all(": expired at " in f for f in findings)
+    return int(ExitCode.FRESHNESS if only_freshness else ExitCode.AUTHENTICITY)
+
+
+def cmd_repo_prune(args: argparse.Namespace) -> int:
+    from tmplbuild.repo.manage import prune
+
+    repo = Path(args.dir)
+    signer, _ = _signer(args, [repo, Path.cwd()])
+    index, removed = prune(repo, args.keep, signer, parse_duration(args.expires_in))
+    for e in removed:
+        print(f"removed {e.name} {e.version} {e.arch}")
+    print(f"index version {index.version}, {len(index.templates)} template versions kept")
+    return 0
+
+
+def cmd_repo_resign(args: argparse.Namespace) -> int:
+    from tmplbuild.repo.manage import resign
+
+    repo = Path(args.dir)
+    signer, _ = _signer(args, [repo, Path.cwd()])
+    index = resign(repo, signer, parse_duration(args.expires_in))
+    print(f"index version {index.version}, expires {index.expires}")
+    return 0
+
+
+def _signing_args(p: argparse.ArgumentParser, expires: bool = True) -> None:
+    p.add_argument("--key", required=True, metavar="FINGERPRINT", help="signing key")
+    p.add_argument("--gnupghome", help="the signing key's own GNUPGHOME (default: $TMPLBUILD_GNUPGHOME or "
+                                       "~/.local/share/tmplbuild/gnupg); never inside the repository")
+    if expires:
+        p.add_argument("--expires-in", default="30d", help="index lifetime (default 30d)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tmplbuild", description="Build, sign, publish and fetch OS templates.")
     p.add_argument("--version", action="version", version=f"tmplbuild {__version__}")
@@ -85,6 +208,48 @@ def parser() -> argparse.ArgumentParser:
                    help="zstd level (default 9, with a 128 MiB long-distance window; 19 is near xz's size, slower)")
     b.add_argument("--no-tmpfs", action="store_true", help="build on disk instead of a tmpfs (low-memory hosts)")
     b.set_defaults(func=cmd_build)
+
+    k = sub.add_parser("key", help="signing keys").add_subparsers(dest="key_verb", required=True)
+    kg = k.add_parser("generate", help="make a signing key in a dedicated GNUPGHOME")
+    kg.add_argument("--name", required=True, help='user id, e.g. "Example Templates <templates@example.org>"')
+    kg.add_argument("--gnupghome")
+    kg.add_argument("--expire", default="2y", help="key lifetime (gpg syntax: 2y, 365d, never)")
+    kg.add_argument("--algo", default="ed25519")
+    kg.add_argument("--out", help="public key file (default keys/<FINGERPRINT>.asc)")
+    kg.set_defaults(func=cmd_key_generate)
+    ke = k.add_parser("export", help="export a public key, armored (.asc) and binary (.gpg, for gpgv/systemd)")
+    ke.add_argument("--key", required=True, metavar="FINGERPRINT")
+    ke.add_argument("--gnupghome")
+    ke.add_argument("--out-dir", default="keys")
+    ke.set_defaults(func=cmd_key_export)
+
+    pb = sub.add_parser("publish", help="add built templates to a signed repository")
+    pb.add_argument("artifacts", nargs="+", help="a built .tar.zst or its .manifest.json")
+    pb.add_argument("--repo", required=True, help="repository directory")
+    _signing_args(pb)
+    pb.set_defaults(func=cmd_publish)
+
+    r = sub.add_parser("repo", help="create, audit and maintain a repository").add_subparsers(
+        dest="repo_verb", required=True)
+    ri = r.add_parser("init", help="create an empty signed repository")
+    ri.add_argument("dir")
+    ri.add_argument("--id", help="repository id clients pin (default: the directory name)")
+    _signing_args(ri)
+    ri.set_defaults(func=cmd_repo_init)
+    rv = r.add_parser("verify", help="audit every file, hash and signature; exit 3 on any finding")
+    rv.add_argument("dir")
+    rv.add_argument("--key", help="public key file to verify with (default: the repository's keys/)")
+    rv.add_argument("--fingerprint", action="append", help="pin only this fingerprint of --key (repeatable)")
+    rv.set_defaults(func=cmd_repo_verify)
+    rp = r.add_parser("prune", help="keep the newest N versions of each template and architecture")
+    rp.add_argument("dir")
+    rp.add_argument("--keep", type=int, required=True)
+    _signing_args(rp)
+    rp.set_defaults(func=cmd_repo_prune)
+    rr = r.add_parser("resign", help="re-sign the index with a new version and expiry")
+    rr.add_argument("dir")
+    _signing_args(rr)
+    rr.set_defaults(func=cmd_repo_resign)
 
     c = sub.add_parser("check", help="parse and validate recipes without building")
     c.add_argument("recipes", nargs="+")

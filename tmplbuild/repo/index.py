@@ -1,0 +1,184 @@
+"""The signed catalogue, index.json: its model, its exact bytes, and a strict parse of untrusted bytes.
+
+Pure: no I/O. The bytes that are signed are the bytes served; parsing happens only after the signature over
+those exact bytes was verified (see tmplbuild.sign.verify)."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tmplbuild.errors import AuthenticityError
+
+SCHEMA = 1
+HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+HEX128 = re.compile(r"\A[0-9a-f]{128}\Z")
+NAME = re.compile(r"\A[a-z0-9][a-z0-9.+-]*\Z")
+VERSION = re.compile(r"\A[0-9A-Za-z][0-9A-Za-z.+~-]*\Z")
+# Paths inside the repository: templates/<name>/<version>/<file>, nothing that climbs out.
+PATH = re.compile(r"\Atemplates/[a-z0-9][a-z0-9.+-]*/[0-9A-Za-z][0-9A-Za-z.+~-]*/[A-Za-z0-9][A-Za-z0-9._+~-]*\Z")
+
+
+@dataclass(frozen=True)
+class FileRef:
+    path: str
+    size: int
+    sha256: str
+    sha512: str = ""  # the manifest reference carries sha256 and size only
+    format: str = ""  # tar.zst | tar.xz for template files
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    version: str
+    arch: str
+    distribution: str
+    release: str
+    variant: str
+    description: str
+    created: str
+    input_hash: str
+    files: tuple[FileRef, ...]  # the template in each format, tar.zst first when present
+    manifest: FileRef
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.name, self.version, self.arch)
+
+    @property
+    def directory(self) -> str:
+        return f"templates/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class Index:
+    repo_id: str
+    version: int
+    generated: str
+    expires: str
+    templates: tuple[Entry, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level fields: kept, still signed
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = dict(self.extra)
+        doc.update({
+            "schema": SCHEMA, "repo_id": self.repo_id, "version": self.version,
+            "generated": self.generated, "expires": self.expires,
+            "templates": [_entry_doc(e) for e in sorted(self.templates, key=lambda e: e.key)],
+        })
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    def successor(self, templates: tuple[Entry, ...], expires_in: int, now: float | None = None) -> "Index":
+        """The next index: version + 1, fresh generated and expires stamps."""
+        now = time.time() if now is None else now
+        return Index(repo_id=self.repo_id, version=self.version + 1, generated=stamp(now),
+                     expires=stamp(now + expires_in), templates=templates, extra=self.extra)
+
+
+def stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(t)))
+
+
+def parse_stamp(value: str) -> int:
+    """Seconds since the epoch of a `YYYY-MM-DDTHH:MM:SSZ` stamp. Raises ValueError."""
+    import calendar
+
+    return calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _ref_doc(ref: FileRef) -> dict[str, Any]:
+    doc: dict[str, Any] = {"path": ref.path, "size": ref.size, "sha256": ref.sha256}
+    if ref.sha512:
+        doc["sha512"] = ref.sha512
+    if ref.format:
+        doc["format"] = ref.format
+    return doc
+
+
+def _entry_doc(e: Entry) -> dict[str, Any]:
+    primary = e.files[0]
+    return {
+        "name": e.name, "version": e.version, "arch": e.arch, "distribution": e.distribution,
+        "release": e.release, "variant": e.variant, "description": e.description, "created": e.created,
+        "input_hash": e.input_hash,
+        # The primary file's fields at the top level: what a simple client (or a person) reads first.
+        "path": primary.path, "size": primary.size, "sha256": primary.sha256, "sha512": primary.sha512,
+        "format": primary.format,
+        "files": [_ref_doc(f) for f in e.files], "manifest": _ref_doc(e.manifest),
+    }
+
+
+class _Bad(Exception):
+    pass
+
+
+def parse(data: bytes) -> Index:
+    """A strict parse of verified index bytes. Raises AuthenticityError("index schema", ...) naming the field
+    that is wrong: a signed index that does not parse is still not something to act on."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+        if not isinstance(doc, dict):
+            raise _Bad("top level is not an object")
+        if doc.get("schema") != SCHEMA:
+            raise _Bad(f"schema: found {doc.get('schema')!r}, expected {SCHEMA}")
+        templates = tuple(_entry(t, i) for i, t in enumerate(_get(doc, "templates", list)))
+        keys = [t.key for t in templates]
+        if len(set(keys)) != len(keys):
+            raise _Bad("templates: the same name/version/arch is listed twice")
+        version = _get(doc, "version", int)
+        if version < 1:
+            raise _Bad(f"version: found {version}, expected a positive integer")
+        for name in ("generated", "expires"):
+            parse_stamp(_get(doc, name, str))
+        known = {"schema", "repo_id", "version", "generated", "expires", "templates"}
+        return Index(repo_id=_get(doc, "repo_id", str), version=version, generated=doc["generated"],
+                     expires=doc["expires"], templates=templates,
+                     extra={k: v for k, v in doc.items() if k not in known})
+    except (_Bad, ValueError, UnicodeDecodeError) as exc:
+        raise AuthenticityError("index schema", str(exc)) from None
+
+
+def _get(doc: dict[str, Any], key: str, kind: type, where: str = "") -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _Bad(f"{where}{key}: found {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+def _ref(doc: Any, where: str, with_sha512: bool) -> FileRef:
+    if not isinstance(doc, dict):
+        raise _Bad(f"{where}: expected an object")
+    path, size, sha256 = _get(doc, "path", str, where + "."), _get(doc, "size", int, where + "."), \
+        _get(doc, "sha256", str, where + ".")
+    sha512 = _get(doc, "sha512", str, where + ".") if with_sha512 else doc.get("sha512", "")
+    if not PATH.match(path):
+        raise _Bad(f"{where}.path: found {path!r}, expected templates/<name>/<version>/<file>")
+    if size < 0 or not HEX64.match(sha256) or (with_sha512 and not HEX128.match(sha512)):
+        raise _Bad(f"{where}: malformed size or hash")
+    return FileRef(path=path, size=size, sha256=sha256, sha512=sha512, format=doc.get("format", ""))
+
+
+def _entry(doc: Any, i: int) -> Entry:
+    where = f"templates[{i}]"
+    if not isinstance(doc, dict):
+        raise _Bad(f"{where}: expected an object")
+    name, version = _get(doc, "name", str, where + "."), _get(doc, "version", str, where + ".")
+    if not NAME.match(name) or not VERSION.match(version):
+        raise _Bad(f"{where}: malformed name or version")
+    files = tuple(_ref(f, f"{where}.files[{j}]", True) for j, f in enumerate(_get(doc, "files", list, where + ".")))
+    if not files:
+        raise _Bad(f"{where}.files: empty")
+    entry = Entry(
+        name=name, version=version, arch=_get(doc, "arch", str, where + "."),
+        distribution=_get(doc, "distribution", str, where + "."), release=_get(doc, "release", str, where + "."),
+        variant=_get(doc, "variant", str, where + "."), description=_get(doc, "description", str, where + "."),
+        created=_get(doc, "created", str, where + "."), input_hash=_get(doc, "input_hash", str, where + "."),
+        files=files, manifest=_ref(_get(doc, "manifest", dict, where + "."), f"{where}.manifest", False),
+    )
+    for ref in (*files, entry.manifest):
+        if not ref.path.startswith(entry.directory + "/"):
+            raise _Bad(f"{where}: {ref.path} is outside {entry.directory}/")
+    return entry

@@ -1,0 +1,195 @@
+"""`tmplbuild repo init|verify|prune|resign`: create, audit and maintain a repository directory."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from tmplbuild.errors import AuthenticityError, UsageError
+from tmplbuild.repo import index as idx
+from tmplbuild.repo import store
+from tmplbuild.sign import Signer, Verifier, export_public
+
+
+def init(root: Path, signer: Signer, gnupghome: Path, repo_id: str, expires_in: int) -> idx.Index:
+    """A new, empty, signed repository (index version 1) with the signing key's public half in keys/.
+    Raises UsageError when root already holds a repository."""
+    if (root / store.INDEX).exists():
+        raise UsageError("repo init", f"{root} already holds a repository")
+    if not idx.NAME.match(repo_id):
+        raise UsageError("repo init", f"repo id {repo_id!r}: expected lowercase letters, digits and . + -")
+    (root / "keys").mkdir(parents=True, exist_ok=True)
+    store.write_durable(root / "keys" / f"{signer.fingerprint}.asc", export_public(signer.fingerprint, gnupghome,
+                                                                                armored=True))
+    now = time.time()
+    first = idx.Index(repo_id=repo_id, version=1, generated=idx.stamp(now), expires=idx.stamp(now + expires_in))
+    with store.locked(root):
+        keys = store.read_keys(root)
+        _sign_and_write(root, first, signer, keys)
+    return first
+
+
+def resign(root: Path, signer: Signer, expires_in: int) -> idx.Index:
+    """The same catalogue, version + 1, a fresh expiry: what CI runs when nothing changed."""
+    with store.locked(root):
+        keys = store.read_keys(root)
+        with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+            current, _ = store.load_index(root, verifier)
+        new = current.successor(current.templates, expires_in)
+        _sign_and_write(root, new, signer, keys)
+        return new
+
+
+def prune(root: Path, keep: int, signer: Signer, expires_in: int) -> tuple[idx.Index, list[idx.Entry]]:
+    """Keep the newest `keep` versions of each template and architecture. The new index is written before
+    any file is deleted, so no client is ever sent to a file that is gone."""
+    if keep < 1:
+        raise UsageError("repo prune", f"--keep {keep}: expected at least 1")
+    with store.locked(root):
+        keys = store.read_keys(root)
+        with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+            current, _ = store.load_index(root, verifier)
+        groups: dict[tuple[str, str], list[idx.Entry]] = {}
+        for e in current.templates:
+            groups.setdefault((e.name, e.arch), []).append(e)
+        kept: list[idx.Entry] = []
+        removed: list[idx.Entry] = []
+        for entries in groups.values():
+            entries.sort(key=lambda e: (e.created, e.version), reverse=True)
+            kept += entries[:keep]
+            removed += entries[keep:]
+        if not removed:
+            return current, []
+        new = current.successor(tuple(kept), expires_in)
+        _sign_and_write(root, new, signer, keys)
+        with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+            for directory in sorted({e.directory for e in removed}):
+                remaining = [e for e in kept if e.directory == directory]
+                if not remaining:
+                    shutil.rmtree(root / directory, ignore_errors=True)
+                    continue
+                for e in removed:
+                    if e.directory == directory:
+                        for ref in (*e.files, e.manifest):
+                            for p in (root / ref.path, root / (ref.path + ".asc")):
+                                p.unlink(missing_ok=True)
+                _write_sums(root / directory, remaining, signer, verifier)
+        for parent in {(root / e.directory).parent for e in removed}:
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+        return new, removed
+
+
+def _write_sums(directory: Path, entries: list[idx.Entry], signer: Signer, verifier: Verifier) -> None:
+    text = "".join(f"{h}  {n}\n" for n, h in sorted(
+        (Path(r.path).name, r.sha256) for e in entries for r in (*e.files, e.manifest))).encode()
+    sig = signer.sign(text, armored=False)
+    verifier.verify(text, sig)
+    for name, content in (("SHA256SUMS.gpg", sig), ("SHA256SUMS", text)):
+        tmp = directory / f".{name}.part"
+        store.write_durable(tmp, content)
+        os.replace(tmp, directory / name)
+
+
+def _sign_and_write(root: Path, index: idx.Index, signer: Signer, keys: store.RepoKeys) -> None:
+    data = index.to_bytes()
+    sig = signer.sign(data, armored=True)
+    with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+        verifier.verify(data, sig)  # sign, verify, then publish
+    store.write_index(root, data, sig)
+
+
+def audit(root: Path, public_keys: bytes, pinned: tuple[str, ...], now: float | None = None) -> list[str]:
+    """Every finding in the repository, one line each; empty when all is well. Checks the index signature
+    and schema, freshness, that every listed file exists with its signed size and hashes and a good .asc,
+    that each directory's SHA256SUMS pair verifies and agrees with the index, and that nothing unlisted is
+    served."""
+    findings: list[str] = []
+    now = time.time() if now is None else now
+    with Verifier(public_keys, pinned) as verifier:
+        try:
+            current, _ = store.load_index(root, verifier)
+        except (AuthenticityError, UsageError) as exc:
+            return [f"{store.INDEX}: {exc}"]
+        if idx.parse_stamp(current.expires) < now:
+            findings.append(f"{store.INDEX}: expired at {current.expires}")
+        allowed = {store.INDEX, store.INDEX_SIG} | {f"keys/{f}.asc" for f in store.read_keys(root).fingerprints}
+        by_dir: dict[str, list[idx.Entry]] = {}
+        for e in current.templates:
+            by_dir.setdefault(e.directory, []).append(e)
+            for ref in (*e.files, e.manifest):
+                allowed |= {ref.path, ref.path + ".asc"}
+                findings += _check_file(root, ref, verifier)
+        for directory, entries in by_dir.items():
+            allowed |= {f"{directory}/SHA256SUMS", f"{directory}/SHA256SUMS.gpg"}
+            findings += _check_sums(root, directory, entries, verifier)
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # dot-paths are never served
+            for name in sorted(filenames):
+                rel = os.path.relpath(os.path.join(dirpath, name), root)
+                if not name.startswith(".") and rel not in allowed:
+                    findings.append(f"{rel}: served but not listed in the index")
+    return findings
+
+
+def _check_file(root: Path, ref: idx.FileRef, verifier: Verifier) -> list[str]:
+    path = root / ref.path
+    if not path.is_file():
+        return [f"{ref.path}: listed in the index but missing"]
+    h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h256.update(chunk)
+            h512.update(chunk)
+            size += len(chunk)
+    out = []
+    if size != ref.size:
+        out.append(f"{ref.path}: size {size}, the index says {ref.size}")
+    elif h256.hexdigest() != ref.sha256 or (ref.sha512 and h512.hexdigest() != ref.sha512):
+        out.append(f"{ref.path}: sha256 {h256.hexdigest()}, the index says {ref.sha256}")
+    try:
+        verifier.verify_file(path, (root / (ref.path + ".asc")).read_bytes())
+    except FileNotFoundError:
+        out.append(f"{ref.path}.asc: missing")
+    except AuthenticityError as exc:
+        out.append(f"{ref.path}.asc: {exc}")
+    return out
+
+
+def _check_sums(root: Path, directory: str, entries: list[idx.Entry], verifier: Verifier) -> list[str]:
+    try:
+        text = (root / directory / "SHA256SUMS").read_bytes()
+        verifier.verify(text, (root / directory / "SHA256SUMS.gpg").read_bytes())
+    except FileNotFoundError as exc:
+        return [f"{directory}/{Path(exc.filename).name}: missing"]
+    except AuthenticityError as exc:
+        return [f"{directory}/SHA256SUMS.gpg: {exc}"]
+    listed = dict(reversed(line.split("  ", 1)) for line in text.decode().splitlines() if "  " in line)
+    expected = {Path(r.path).name: r.sha256 for e in entries for r in (*e.files, e.manifest)}
+    if listed != expected:
+        return [f"{directory}/SHA256SUMS: does not match the index"]
+    return []
+
+
+def fingerprints_in(key_data: bytes) -> list[str]:
+    """Primary key fingerprints in a public key file, read with gpg --show-keys in a throwaway home (no
+    keyring is touched). Raises UsageError when there are none."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tmplbuild-show-") as home:
+        proc = subprocess.run(["gpg", "--homedir", home, "--batch", "--with-colons", "--show-keys"],
+                              input=key_data, capture_output=True)
+    fprs, primary = [], False
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        fields = line.split(":")
+        if fields[0] in ("pub", "sub"):
+            primary = fields[0] == "pub"
+        elif fields[0] == "fpr" and primary:
+            fprs.append(fields[9])
+            primary = False
+    if not fprs:
+        raise UsageError("key", "no public key found in the key file")
+    return fprs

@@ -1,0 +1,194 @@
+"""`tmplbuild publish`: add built templates to a local repository directory.
+
+Order, under the repository lock: verify the current index with the repository's pinned keys; copy each file
+to a hidden temporary name while hashing it (it must match its build manifest); sign it; verify every new
+signature with the same verifier clients use; only then rename the files into place, then the directory's
+SHA256SUMS pair, then the new index (version + 1) last. A crash at any point leaves the previous index and
+everything it lists intact; what was added but not yet listed is harmless and replaced by the next publish."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmplbuild.errors import AuthenticityError, LocalIOError, UsageError
+from tmplbuild.repo import index as idx
+from tmplbuild.repo import store
+from tmplbuild.sign import Signer, Verifier
+
+CHUNK = 1 << 20
+FORMATS = ("tar.zst", "tar.xz")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A built template as the builder left it: its manifest and the files the manifest lists."""
+
+    manifest_path: Path
+    manifest_bytes: bytes
+    manifest: dict
+    files: tuple[tuple[str, Path, int, str, str], ...]  # (format, path, size, sha256, sha512)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.manifest["name"], self.manifest["version"], self.manifest["arch"])
+
+
+def load_artifact(path: Path) -> Artifact:
+    """A manifest path, or a template file next to its `<stem>.manifest.json`. Raises UsageError."""
+    stem = path.name
+    for suffix in (".manifest.json", *(f".{f}" for f in FORMATS)):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    manifest_path = path.with_name(f"{stem}.manifest.json")
+    try:
+        data = manifest_path.read_bytes()
+        manifest = json.loads(data)
+        name, version, arch = manifest["name"], manifest["version"], manifest["arch"]
+        files = tuple(
+            (a["format"], manifest_path.with_name(a["file"]), int(a["size"]), a["sha256"], a["sha512"])
+            for a in manifest["artifacts"])
+    except FileNotFoundError:
+        raise UsageError("artifact", f"{manifest_path}: no such manifest (publish takes what `tmplbuild build` "
+                                     f"wrote: the .tar.zst or its .manifest.json)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError("artifact", f"{manifest_path}: not a tmplbuild manifest ({exc})") from None
+    if not (idx.NAME.match(name) and idx.VERSION.match(version) and re.fullmatch(r"[a-z0-9]+", arch)):
+        raise UsageError("artifact", f"{manifest_path}: malformed name, version or arch")
+    for fmt, p, *_ in files:
+        if fmt not in FORMATS or p.name != f"{name}_{version}_{arch}.{fmt}":
+            raise UsageError("artifact", f"{manifest_path}: unexpected file {p.name}")
+    return Artifact(manifest_path, data, manifest, files)
+
+
+@dataclass
+class Published:
+    index: idx.Index
+    added: list[idx.Entry]
+    unchanged: list[tuple[str, str, str]]
+
+
+def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int) -> Published:
+    """Raises UsageError, AuthenticityError (current index, artifact hashes, a new signature that does not
+    verify), LocalIOError (lock, disk)."""
+    artifacts = [load_artifact(p) for p in paths]
+    with store.locked(root):
+        keys = store.read_keys(root)
+        if signer.fingerprint not in keys.fingerprints:
+            raise UsageError("key", f"{signer.fingerprint} is not one of the repository's keys "
+                                    f"({', '.join(keys.fingerprints)})")
+        with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+            current, _ = store.load_index(root, verifier)
+            listed = {e.key: e for e in current.templates}
+            added, unchanged = [], []
+            for art in artifacts:
+                old = listed.get(art.key)
+                if old is not None:
+                    if [(f.sha256, f.size) for f in old.files] == [(f[3], f[2]) for f in art.files]:
+                        unchanged.append(art.key)
+                        continue
+                    raise UsageError("publish", f"{'/'.join(art.key)} is already published with other content; "
+                                                f"build it with a new version")
+                added.append(_add(root, art, signer, verifier, [e for e in current.templates
+                                                                if e.directory == _directory(art)] + added))
+            new = current.successor(tuple(current.templates) + tuple(added), expires_in)
+            data = new.to_bytes()
+            sig = signer.sign(data, armored=True)
+            verifier.verify(data, sig)
+            _fault("before-index")
+            store.write_index(root, data, sig)
+            return Published(new, added, unchanged)
+
+
+def _directory(art: Artifact) -> str:
+    return f"templates/{art.manifest['name']}/{art.manifest['version']}"
+
+
+def _add(root: Path, art: Artifact, signer: Signer, verifier: Verifier, neighbours: list[idx.Entry]) -> idx.Entry:
+    """Write one template's files into its version directory and return its index entry."""
+    name, version, arch = art.key
+    rel_dir = _directory(art)
+    directory = root / rel_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest_name = f"{name}_{version}_{arch}.manifest.json"
+    staged: list[tuple[Path, Path]] = []  # (temporary, final)
+    try:
+        refs = []
+        for fmt, src, size, sha256, sha512 in art.files:
+            tmp = directory / f".{src.name}.part"
+            staged.append((tmp, directory / src.name))
+            got = _copy_hashing(src, tmp)
+            if got != (size, sha256, sha512):
+                raise AuthenticityError("artifact hash", f"{src}: size/sha256 {got[0]}/{got[1][:16]}… differ "
+                                                         f"from its manifest {size}/{sha256[:16]}…")
+            refs.append(idx.FileRef(f"{rel_dir}/{src.name}", size, sha256, sha512, fmt))
+        mtmp = directory / f".{manifest_name}.part"
+        staged.append((mtmp, directory / manifest_name))
+        store.write_durable(mtmp, art.manifest_bytes)
+        manifest_ref = idx.FileRef(f"{rel_dir}/{manifest_name}", len(art.manifest_bytes),
+                                   hashlib.sha256(art.manifest_bytes).hexdigest())
+        # A detached .asc per file (gpg --verify by hand), signed and then verified in parallel: gpg streams the
+        # large files, so two run at once on two cores.
+        targets = [(tmp, final) for tmp, final in staged]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            sigs = list(pool.map(lambda t: signer.sign_file(t[0], armored=True), targets))
+            list(pool.map(lambda ts: verifier.verify_file(ts[0][0], ts[1]), zip(targets, sigs)))
+        for (tmp, final), sig in zip(targets, sigs):
+            asc_tmp = directory / f".{final.name}.asc.part"
+            store.write_durable(asc_tmp, sig)
+            staged.append((asc_tmp, final.with_name(final.name + ".asc")))
+        # SHA256SUMS covers every template file and manifest of this version directory, all arches.
+        sums = {Path(r.path).name: r.sha256 for e in neighbours for r in (*e.files, e.manifest)}
+        sums.update({Path(r.path).name: r.sha256 for r in (*refs, manifest_ref)})
+        text = "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())).encode()
+        sums_sig = signer.sign(text, armored=False)
+        verifier.verify(text, sums_sig)
+        for fname, content in (("SHA256SUMS", text), ("SHA256SUMS.gpg", sums_sig)):
+            tmp = directory / f".{fname}.part"
+            store.write_durable(tmp, content)
+            staged.append((tmp, directory / fname))
+        _fault("before-files")
+        # Template files, manifests and their signatures first; then SHA256SUMS.gpg before SHA256SUMS, so a
+        # reader never pairs new sums with an old signature that would pass.
+        order = sorted(staged, key=lambda s: (s[1].name == "SHA256SUMS", s[1].name == "SHA256SUMS.gpg"))
+        for tmp, final in order:
+            os.replace(tmp, final)
+        store.fsync_dir(directory)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return idx.Entry(
+        name=name, version=version, arch=arch, distribution=art.manifest.get("distribution", ""),
+        release=art.manifest.get("release", ""), variant=art.manifest.get("variant", ""),
+        description=art.manifest.get("description", ""), created=art.manifest.get("created", ""),
+        input_hash=art.manifest.get("build", {}).get("input_hash", ""), files=tuple(refs), manifest=manifest_ref)
+
+
+def _copy_hashing(src: Path, dest: Path) -> tuple[int, str, str]:
+    h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
+    try:
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            while chunk := fin.read(CHUNK):
+                h256.update(chunk)
+                h512.update(chunk)
+                fout.write(chunk)
+                size += len(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except FileNotFoundError:
+        raise UsageError("artifact", f"{src}: missing (listed in its manifest)") from None
+    except OSError as exc:
+        raise LocalIOError("write", f"{dest}: {exc.strerror}") from None
+    return size, h256.hexdigest(), h512.hexdigest()
+
+
+def _fault(point: str) -> None:
+    """A deliberate crash point for the crash-safety tests (TMPLBUILD_FAULT=<point>): the process dies as a
+    SIGKILL would leave it, with no clean-up."""
+    if os.environ.get("TMPLBUILD_FAULT") == point:
+        os._exit(137)

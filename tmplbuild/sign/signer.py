@@ -1,0 +1,95 @@
+"""Detached signatures with one pinned secret key from a dedicated GNUPGHOME."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+import gnupg
+
+from tmplbuild.errors import LocalIOError, UsageError
+from tmplbuild.sign.keys import (UNATTENDED, KeyRecord, kill_agents, list_key_records, normalise_fingerprint,
+                                 open_gpg, status_lines)
+
+_SHA512 = "10"  # OpenPGP hash algorithm id, as SIG_CREATED reports it
+_REFUSED_VALIDITY = {"e": "expired", "r": "revoked", "d": "disabled", "i": "invalid"}
+
+
+class Signer:
+    """Signs with the key `fingerprint` (its primary fingerprint) from `gnupghome`.
+
+    gpg may start a gpg-agent in `gnupghome`; `close()` (or leaving a `with` block) stops it."""
+
+    def __init__(self, gnupghome: Path, fingerprint: str) -> None:
+        """Raises UsageError if the fingerprint is malformed, `gnupghome` is not a directory, or it holds no
+        usable secret key with that primary fingerprint (missing, expired, revoked, or unable to sign)."""
+        self.fingerprint = normalise_fingerprint(fingerprint)
+        self.gnupghome = gnupghome
+        self._gpg: gnupg.GPG = open_gpg(gnupghome, UNATTENDED)
+        self._signing_keys = self._usable_signing_keys()
+
+    def _usable_signing_keys(self) -> frozenset[str]:
+        fpr = self.fingerprint
+        block = [r for r in list_key_records(self._gpg, secret=True, fingerprint=fpr) if r.primary == fpr]
+        if not block:
+            raise UsageError("key", f"no secret key {fpr} in {self.gnupghome}")
+        primary = block[0]
+        if primary.validity in _REFUSED_VALIDITY:
+            raise UsageError("key", f"key {fpr} is {_REFUSED_VALIDITY[primary.validity]}")
+        if "S" not in primary.caps:
+            raise UsageError("key", f"key {fpr} has no usable signing (sub)key")
+        usable = frozenset(r.fingerprint for r in block if _can_sign(r))
+        if not usable:
+            raise UsageError("key", f"key {fpr}: no signing (sub)key has its secret part in {self.gnupghome}")
+        return usable
+
+    def sign(self, data: bytes, *, armored: bool) -> bytes:
+        """A detached SHA-512 signature over `data`: armored (`.asc`) or binary (`.gpg`).
+        Raises UsageError if gpg does not sign (e.g. the key has a passphrase or expired since __init__)."""
+        return self._check(self._gpg.sign(data, **self._sign_args(armored)))
+
+    def sign_file(self, path: Path, *, armored: bool) -> bytes:
+        """Like `sign`, over a file's content, streamed to gpg (templates are too big to hold in memory).
+        Raises LocalIOError if the file cannot be read, UsageError if gpg does not sign."""
+        try:
+            stream = open(path, "rb")
+        except OSError as exc:
+            raise LocalIOError("sign", f"cannot read {path}: {exc.strerror}") from None
+        # Our own file object, closed only after gpg exited: python-gnupg closes a path it opened itself while
+        # its copying thread may still be reading it.
+        with stream:
+            return self._check(self._gpg.sign_file(stream, **self._sign_args(armored)))
+
+    def _sign_args(self, armored: bool) -> dict[str, object]:
+        # --local-user rather than python-gnupg's --default-key: -u wins over any default-key in a gpg.conf.
+        return {"keyid": None, "detach": True, "clearsign": False, "binary": not armored,
+                "extra_args": ["--local-user", self.fingerprint, "--digest-algo", "SHA512"]}
+
+    def _check(self, result: gnupg.Sign) -> bytes:
+        created = [s for s in status_lines(result.stderr) if s[0] == "SIG_CREATED"]
+        # SIG_CREATED <type> <pk-algo> <hash-algo> <class> <timestamp> <key-fpr>
+        if len(created) != 1 or len(created[0]) < 7 or not result.data:
+            raise UsageError("sign", f"gpg made no signature with {self.fingerprint}: {_last_error(result.stderr)}")
+        kind, hash_algo, key = created[0][1], created[0][3], created[0][6].upper()
+        if kind != "D" or hash_algo != _SHA512 or key not in self._signing_keys:
+            raise UsageError("sign", f"gpg made an unexpected signature (type {kind}, hash {hash_algo}, key {key})")
+        return bytes(result.data)
+
+    def close(self) -> None:
+        """Stop the gpg-agent gpg started in the home. Raises nothing."""
+        kill_agents(self.gnupghome)
+
+    def __enter__(self) -> Signer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _can_sign(record: KeyRecord) -> bool:
+    return "s" in record.caps and record.validity not in _REFUSED_VALIDITY and record.token != "#"
+
+
+def _last_error(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.startswith("gpg: ")]
+    return lines[-1][:300] if lines else "no message from gpg"

@@ -1,0 +1,184 @@
+"""THE verifier: the one check clients and publishers both trust. Bytes in, verified result out.
+
+Keys come only from the caller (key files plus pinned primary fingerprints) and are imported into a private,
+throwaway GNUPGHOME; nothing is fetched, and `~/.gnupg` / `$GNUPGHOME` are never read. Decisions are taken
+from gpg's status lines, not from its exit code or python-gnupg's `valid`: a key that expired or was revoked
+still yields GOODSIG and exit 0.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import tempfile
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import NoReturn
+
+import gnupg
+
+from tmplbuild.errors import AuthenticityError, LocalIOError, UsageError
+from tmplbuild.sign.keys import (kill_agents, list_key_records, normalise_fingerprint, open_gpg, packet_kinds,
+                                 split_key_material, status_lines)
+
+# Pinning is the trust decision, so gpg's web-of-trust must not add one: "--trust-model always" keeps "key not
+# certified" warnings out of it. No key is ever fetched to check a signature by an unknown key.
+_GPG_OPTIONS = ["--trust-model", "always", "--no-auto-key-retrieve"]
+_PUBLIC_PACKETS = {"public key", "public sub key", "user ID", "attribute", "signature", "trust"}
+_DIGESTS = {"8": "SHA256", "9": "SHA384", "10": "SHA512", "11": "SHA224"}
+_WEAK_DIGESTS = {"1": "MD5", "2": "SHA1", "3": "RIPEMD160"}  # collisions can be bought: refused
+_DOCUMENT_CLASSES = {"00", "01"}  # binary and text document signatures; not key certifications
+
+
+@dataclass(frozen=True)
+class Verified:
+    fingerprint: str  # primary key fpr
+    signer: str  # fpr of the (sub)key that signed
+    created: int  # signature timestamp
+
+
+class Verifier:
+    """Checks detached signatures against pinned primary keys. Use as a context manager or call `close()`."""
+
+    def __init__(self, public_keys: bytes, pinned: Iterable[str]) -> None:
+        """`public_keys`: one or more public key files (armored or binary), concatenated. `pinned`: accepted
+        primary fingerprints. Raises UsageError for a malformed or missing pinned fingerprint, for key material
+        holding a secret key or anything but public keys, or if gpg cannot read it."""
+        self.pinned = tuple(dict.fromkeys(normalise_fingerprint(p, "pinned fingerprint") for p in pinned))
+        if not self.pinned:
+            raise UsageError("pinned fingerprint", "none given: a verifier must pin at least one key")
+        self._home = Path(tempfile.mkdtemp(prefix="tmplbuild-verify-"))  # mode 0700
+        self._cleanup = weakref.finalize(self, _remove_home, self._home)
+        try:
+            self._gpg: gnupg.GPG = open_gpg(self._home, _GPG_OPTIONS)
+            self._import(public_keys)
+        except BaseException:
+            self.close()
+            raise
+
+    def _import(self, material: bytes) -> None:
+        # Parsed before importing, so a secret key never reaches disk or a gpg-agent, even a throwaway one.
+        kinds = packet_kinds(material, self._home)
+        if any(kind.startswith("secret") for kind in kinds):
+            raise UsageError("keys", "the key material contains a secret key: give public keys only")
+        if kinds - _PUBLIC_PACKETS:
+            raise UsageError("keys", f"the key material holds {', '.join(sorted(kinds - _PUBLIC_PACKETS))} "
+                                     "packets: give public key files only")
+        for part in split_key_material(material):
+            if int(self._gpg.import_keys(part).sec_read or 0):
+                raise UsageError("keys", "the key material contains a secret key: give public keys only")
+        found = sorted(r.fingerprint for r in list_key_records(self._gpg) if r.is_primary)
+        for fpr in self.pinned:
+            if fpr not in found:
+                raise UsageError("keys", f"pinned fingerprint {fpr} is not among the supplied public keys "
+                                         f"(found: {', '.join(found) or 'none'})")
+
+    def verify(self, data: bytes, signature: bytes) -> Verified:
+        """Check `signature` (detached, armored or binary) over `data`. Raises AuthenticityError("signature",
+        ...) naming what was found against what was expected."""
+        # gpg takes the detached signature as a file: it goes into our private home, nowhere else.
+        fd, sig_path = tempfile.mkstemp(dir=self._home, suffix=".sig")
+        try:
+            with os.fdopen(fd, "wb") as sig:
+                sig.write(signature)
+            return self._judge(self._gpg.verify_data(sig_path, data).stderr)
+        finally:
+            os.unlink(sig_path)
+
+    def verify_file(self, path: Path, signature: bytes) -> Verified:
+        """Like `verify`, over a file's content, which gpg reads itself (templates are too big for memory).
+        Raises LocalIOError if `path` is not a readable regular file, AuthenticityError as `verify`."""
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise LocalIOError("verify", f"{path} is not a regular file")
+        except OSError as exc:
+            raise LocalIOError("verify", f"cannot read {path}: {exc.strerror}") from None
+        # Absolute, so a name starting with "-" can never read as an option.
+        result = self._gpg.verify_file(io.BytesIO(signature), data_filename=os.path.abspath(path))
+        return self._judge(result.stderr)
+
+    def _judge(self, stderr: str) -> Verified:
+        status = status_lines(stderr)
+        seen = {s[0]: s for s in status}
+        count = sum(1 for s in status if s[0] == "NEWSIG")
+        if count == 0:
+            _refuse("no signature found")
+        if count > 1:
+            _refuse(f"{count} signatures, expected exactly 1")
+        if "PLAINTEXT" in seen:
+            _refuse("not a detached signature: it carries signed data of its own")
+        if "BADSIG" in seen:
+            _refuse("bad signature (data changed since it was signed)")
+        if "ERRSIG" in seen:
+            err = seen["ERRSIG"]  # ERRSIG <keyid> <pkalgo> <hashalgo> <class> <time> <rc> [<fpr>]
+            who = err[7] if len(err) > 7 and err[7] != "-" else err[1]
+            if "NO_PUBKEY" in seen:
+                _refuse(f"signed by unknown key {who}, which is not pinned (pinned: {self._pins()})")
+            _refuse(f"cannot check the signature by {who} (gpg error code {err[6] if len(err) > 6 else '?'})")
+        valid = seen.get("VALIDSIG", [])
+        # VALIDSIG <fpr> <date> <ts> <expire> <version> <reserved> <pkalgo> <hashalgo> <class> <primary-fpr>
+        if len(valid) < 11:
+            _refuse(f"no valid signature (gpg reported: {' '.join(sorted(seen)) or 'nothing'})")
+        signer, primary, digest, sig_class = valid[1].upper(), valid[10].upper(), valid[8], valid[9]
+        if primary not in self.pinned:
+            _refuse(f"signed by {primary}, which is not pinned (pinned: {self._pins()})")
+        if "REVKEYSIG" in seen:
+            _refuse(f"key {signer} is revoked")
+        if "EXPKEYSIG" in seen:
+            _refuse(f"key {signer} is expired")
+        if "EXPSIG" in seen:
+            _refuse(f"the signature by {signer} is expired")
+        if "GOODSIG" not in seen or not signer.endswith(seen["GOODSIG"][1].upper()):
+            _refuse(f"no good signature by {signer}")
+        if digest not in _DIGESTS:
+            name = _WEAK_DIGESTS.get(digest, f"number {digest}")
+            _refuse(f"signature by {signer} uses digest {name}, expected one of {', '.join(_DIGESTS.values())}")
+        if sig_class not in _DOCUMENT_CLASSES:
+            _refuse(f"signature by {signer} has class {sig_class}, not a document signature")
+        if not valid[3].isdigit():
+            _refuse(f"unreadable signature time {valid[3]!r}")
+        self._check_keyring(primary, signer)
+        return Verified(fingerprint=primary, signer=signer, created=int(valid[3]))
+
+    def _check_keyring(self, primary: str, signer: str) -> None:
+        # The status lines judge the key when gpg looked at it; the keyring also catches a key revoked or
+        # expired after signing, whatever gpg thought of the signature itself.
+        listed = list_key_records(self._gpg, fingerprint=primary)
+        records = {r.fingerprint: r for r in listed if r.primary == primary}
+        for fpr in dict.fromkeys([primary, signer]):
+            record = records.get(fpr)
+            if record is None:
+                _refuse(f"key {fpr} is not part of pinned key {primary}")
+            if record.validity == "r":
+                _refuse(f"key {fpr} is revoked")
+            if record.validity == "e":
+                _refuse(f"key {fpr} is expired")
+        if "s" not in records[signer].caps:
+            _refuse(f"key {signer} is not a signing key")
+
+    def _pins(self) -> str:
+        return ", ".join(self.pinned)
+
+    def close(self) -> None:
+        """Stop gpg's agent for the private home and remove the home. Raises nothing; safe to call twice."""
+        self._cleanup()
+
+    def __enter__(self) -> Verifier:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _refuse(message: str) -> NoReturn:
+    raise AuthenticityError("signature", message)
+
+
+def _remove_home(home: Path) -> None:
+    kill_agents(home)
+    shutil.rmtree(home, ignore_errors=True)
