@@ -115,7 +115,7 @@ def test_sign_verify_round_trip(key: tuple[Path, str], armored: bool) -> None:
         assert signer.fingerprint == fpr
         signature = signer.sign(DATA, armored=armored)
     assert signature.startswith(b"-----BEGIN PGP SIGNATURE-----") == armored
-    assert b"digest algo 10" in gpg(home, "--list-packets", input=signature).stdout  # SHA512
+    assert b"digest algo 8" in gpg(home, "--list-packets", input=signature).stdout  # SHA256
     spaced = " ".join(fpr[i:i + 4] for i in range(0, 40, 4)).lower()
     with Verifier(export_public(fpr, home, armored=not armored), [spaced]) as verifier:
         verified = verifier.verify(DATA, signature)

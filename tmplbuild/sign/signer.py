@@ -10,7 +10,9 @@ from tmplbuild.errors import LocalIOError, UsageError
 from tmplbuild.sign.keys import (UNATTENDED, KeyRecord, kill_agents, list_key_records, normalise_fingerprint,
                                  open_gpg, status_lines)
 
-_SHA512 = "10"  # OpenPGP hash algorithm id, as SIG_CREATED reports it
+# SHA256 (OpenPGP hash id 8, as SIG_CREATED reports it): what gpg picks for ed25519 anyway, and with the
+# CPU's SHA extensions about twice as fast as SHA512 over a 60 MB template (bench/publish.py).
+_DIGEST_ID, _DIGEST = "8", "SHA256"
 _REFUSED_VALIDITY = {"e": "expired", "r": "revoked", "d": "disabled", "i": "invalid"}
 
 
@@ -62,7 +64,7 @@ class Signer:
     def _sign_args(self, armored: bool) -> dict[str, object]:
         # --local-user rather than python-gnupg's --default-key: -u wins over any default-key in a gpg.conf.
         return {"keyid": None, "detach": True, "clearsign": False, "binary": not armored,
-                "extra_args": ["--local-user", self.fingerprint, "--digest-algo", "SHA512"]}
+                "extra_args": ["--local-user", self.fingerprint, "--digest-algo", _DIGEST]}
 
     def _check(self, result: gnupg.Sign) -> bytes:
         created = [s for s in status_lines(result.stderr) if s[0] == "SIG_CREATED"]
@@ -70,7 +72,7 @@ class Signer:
         if len(created) != 1 or len(created[0]) < 7 or not result.data:
             raise UsageError("sign", f"gpg made no signature with {self.fingerprint}: {_last_error(result.stderr)}")
         kind, hash_algo, key = created[0][1], created[0][3], created[0][6].upper()
-        if kind != "D" or hash_algo != _SHA512 or key not in self._signing_keys:
+        if kind != "D" or hash_algo != _DIGEST_ID or key not in self._signing_keys:
             raise UsageError("sign", f"gpg made an unexpected signature (type {kind}, hash {hash_algo}, key {key})")
         return bytes(result.data)
 

@@ -27,7 +27,9 @@ from tmplbuild.sign.keys import (kill_agents, list_key_records, normalise_finger
 
 # Pinning is the trust decision, so gpg's web-of-trust must not add one: "--trust-model always" keeps "key not
 # certified" warnings out of it. No key is ever fetched to check a signature by an unknown key.
-_GPG_OPTIONS = ["--trust-model", "always", "--no-auto-key-retrieve"]
+# --no-autostart: verification needs public keys only, so no gpg-agent is started (none can be left behind
+# by a verifier that never got to close()).
+_GPG_OPTIONS = ["--trust-model", "always", "--no-auto-key-retrieve", "--no-autostart"]
 _PUBLIC_PACKETS = {"public key", "public sub key", "user ID", "attribute", "signature", "trust"}
 _DIGESTS = {"8": "SHA256", "9": "SHA384", "10": "SHA512", "11": "SHA224"}
 _WEAK_DIGESTS = {"1": "MD5", "2": "SHA1", "3": "RIPEMD160"}  # collisions can be bought: refused
