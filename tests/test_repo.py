@@ -339,3 +339,14 @@ def test_systemd_pull_imports_a_published_tar_xz_and_refuses_a_tampered_one(tmp_
     finally:
         server.terminate()
         server.wait()
+
+
+def test_one_publish_of_two_templates_keeps_each_directory_sums_to_its_own_files(tmp_path, repo, key):
+    a = make_artifact(tmp_path / "a", name="alpha")
+    b = make_artifact(tmp_path / "b", name="beta")
+    c = make_artifact(tmp_path / "c", name="alpha", arch="arm64", payload="arm\n")
+    assert publish(repo, key, a, b, c).returncode == 0
+    alpha = (repo / "templates/alpha/12-20261120/SHA256SUMS").read_text()
+    assert "beta" not in alpha and "alpha_12-20261120_amd64.tar.zst" in alpha and "alpha_12-20261120_arm64" in alpha
+    assert "alpha" not in (repo / "templates/beta/12-20261120/SHA256SUMS").read_text()
+    assert tmplbuild("repo", "verify", str(repo)).returncode == 0

@@ -113,11 +113,33 @@ def cmd_key_export(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from tmplbuild.repo.publish import publish
+    paths = [Path(a) for a in args.artifacts]
+    if args.to:
+        from tmplbuild.repo.remote import publish_remote, read_token
+        from tmplbuild.sign import export_public
 
-    repo = Path(args.repo)
-    signer, _ = _signer(args, [repo, Path.cwd()])
-    result = publish(repo, [Path(a) for a in args.artifacts], signer, parse_duration(args.expires_in))
+        if not args.token_file:
+            raise UsageError("publish", "--to needs --token-file")
+        signer, home = _signer(args, [Path.cwd()])
+        # Pinned: the signing key itself, plus any --repo-key the maintainer trusts; never keys from the server.
+        keys = export_public(signer.fingerprint, home, armored=False)
+        pinned = [signer.fingerprint]
+        for key_file in args.repo_key or []:
+            from tmplbuild.repo.manage import fingerprints_in
+
+            data = Path(key_file).read_bytes()
+            keys += data
+            pinned += fingerprints_in(data)
+        result = publish_remote(args.to, paths, signer, keys, tuple(pinned), read_token(Path(args.token_file)),
+                                parse_duration(args.expires_in))
+    else:
+        from tmplbuild.repo.publish import publish
+
+        if not args.repo:
+            raise UsageError("publish", "give --repo DIR, or --to URL --token-file FILE")
+        repo = Path(args.repo)
+        signer, _ = _signer(args, [repo, Path.cwd()])
+        result = publish(repo, paths, signer, parse_duration(args.expires_in))
     for e in result.added:
         print(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.files)}")
     for key in result.unchanged:
@@ -225,7 +247,12 @@ def parser() -> argparse.ArgumentParser:
 
     pb = sub.add_parser("publish", help="add built templates to a signed repository")
     pb.add_argument("artifacts", nargs="+", help="a built .tar.zst or its .manifest.json")
-    pb.add_argument("--repo", required=True, help="repository directory")
+    where = pb.add_mutually_exclusive_group(required=True)
+    where.add_argument("--repo", help="local repository directory")
+    where.add_argument("--to", metavar="URL", help="repository server (tmplbuild serve) to upload to")
+    pb.add_argument("--token-file", help="with --to: file holding the upload token")
+    pb.add_argument("--repo-key", action="append", metavar="FILE",
+                    help="with --to: another maintainer's public key to accept on the server's current index")
     _signing_args(pb)
     pb.set_defaults(func=cmd_publish)
 

@@ -13,6 +13,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from tmplbuild.errors import AuthenticityError, LocalIOError, UsageError
@@ -84,18 +85,8 @@ def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int) -> P
                                     f"({', '.join(keys.fingerprints)})")
         with Verifier(keys.public_keys, keys.fingerprints) as verifier:
             current, _ = store.load_index(root, verifier)
-            listed = {e.key: e for e in current.templates}
-            added, unchanged = [], []
-            for art in artifacts:
-                old = listed.get(art.key)
-                if old is not None:
-                    if [(f.sha256, f.size) for f in old.files] == [(f[3], f[2]) for f in art.files]:
-                        unchanged.append(art.key)
-                        continue
-                    raise UsageError("publish", f"{'/'.join(art.key)} is already published with other content; "
-                                                f"build it with a new version")
-                added.append(_add(root, art, signer, verifier, [e for e in current.templates
-                                                                if e.directory == _directory(art)] + added))
+            added, unchanged = stage_additions(
+                current, artifacts, lambda art, neighbours: _add(root, art, signer, verifier, neighbours))
             new = current.successor(tuple(current.templates) + tuple(added), expires_in)
             data = new.to_bytes()
             sig = signer.sign(data, armored=True)
@@ -103,6 +94,28 @@ def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int) -> P
             _fault("before-index")
             store.write_index(root, data, sig)
             return Published(new, added, unchanged)
+
+
+def stage_additions(current: idx.Index, artifacts: list[Artifact],
+                    add: Callable[[Artifact, list[idx.Entry]], idx.Entry]) -> tuple[list[idx.Entry], list]:
+    """The entries to add to `current`: an artifact already listed with the same content is skipped
+    (unchanged), one listed with other content is refused (a version is immutable once published). `add`
+    writes an artifact's files given the entries that share its version directory (for SHA256SUMS). Raises
+    UsageError."""
+    listed = {e.key: e for e in current.templates}
+    added: list[idx.Entry] = []
+    unchanged = []
+    for art in artifacts:
+        old = listed.get(art.key)
+        if old is not None:
+            if [(f.sha256, f.size) for f in old.files] == [(f[3], f[2]) for f in art.files]:
+                unchanged.append(art.key)
+                continue
+            raise UsageError("publish", f"{'/'.join(art.key)} is already published with other content; "
+                                        f"build it with a new version")
+        neighbours = [e for e in (*current.templates, *added) if e.directory == _directory(art)]
+        added.append(add(art, neighbours))
+    return added, unchanged
 
 
 def _directory(art: Artifact) -> str:
