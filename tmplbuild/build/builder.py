@@ -5,6 +5,7 @@ compress. Each step prints its duration. Nothing reaches the output directory un
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -265,7 +266,7 @@ def _bootstrap(root: Path, work: Path, mirror: str, recipe: Recipe, arch: str, s
             info = tarfile.TarInfo(f"debootstrap/{name}")
             info.size = len(data)
             info.mode = 0o644
-            tar.addfile(info, _BytesReader(data))
+            tar.addfile(info, io.BytesIO(data))
     argv = debootstrap_argv(suite=recipe.suite, target=root, mirror=mirror, arch=arch,
                             variant=recipe.bootstrap.variant, components=recipe.bootstrap.components,
                             plan_tarball=tarball)
@@ -339,17 +340,6 @@ def _add_repositories(root: Path, recipe: Recipe, env: dict[str, str], log: Path
         chroot.chroot_run(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", "--", *wanted],
                           "apt-get install", env, log)
     chroot.chroot_run(root, ["apt-get", "clean"], "apt-get clean", env, log)
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        chunk = self._data[self._pos:end]
-        self._pos += len(chunk)
-        return chunk
 
 
 class _plain_dir:

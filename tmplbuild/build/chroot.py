@@ -114,11 +114,5 @@ def chroot_run(root: Path, argv: list[str], check: str, env: Mapping[str, str], 
     run(["chroot", root, *argv], check=check, env=env, log=log)
 
 
-def environment(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {"TMPDIR": "/tmp"}
-    env.update(extra)
-    return env
-
-
 def is_root() -> bool:
     return os.geteuid() == 0

@@ -159,7 +159,7 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
                 raise BuildError("compress", f"xz exited {proc.returncode}: {err.decode().strip()}")
         for f in files:
             f.close()
-        artifacts = [Artifact(dest, fmt, *_hashes(dest)) for fmt, dest in outputs]
+        artifacts = [Artifact(dest, fmt, *hash_file(dest)) for fmt, dest in outputs]
     except BaseException as exc:
         for proc in procs:
             proc.kill()
@@ -174,16 +174,12 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
     return entries, content, artifacts
 
 
-def _hashes(path: Path) -> tuple[int, str, str]:
-    sha256, sha512, size = hash_file(path)
-    return size, sha256, sha512
-
-
-def hash_file(path: Path) -> tuple[str, str, int]:
+def hash_file(path: Path) -> tuple[int, str, str]:
+    """(size, sha256, sha512) of a file, in one pass."""
     h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h256.update(chunk)
             h512.update(chunk)
             size += len(chunk)
-    return h256.hexdigest(), h512.hexdigest(), size
+    return size, h256.hexdigest(), h512.hexdigest()
