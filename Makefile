@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # debootstrap + keyring: builds; gnupg: gpgv and the test keys; zstd/xz: unpacking in tests; openssh-client:
-# ssh-keygen in the key-scan tests; python3-venv: the virtual environment on Debian's own python3.
-APT_PACKAGES := debootstrap debian-archive-keyring gnupg zstd xz-utils openssh-client python3-venv ca-certificates
+# ssh-keygen in the key-scan tests; python3-venv: the virtual environment on Debian's own python3;
+# systemd-container: systemd-pull, which the tests use to show systemd can verify what we publish.
+APT_PACKAGES := debootstrap debian-archive-keyring gnupg zstd xz-utils openssh-client python3-venv ca-certificates \
+	systemd-container
 
 .PHONY: all system-deps venv test test-fast demo bench clean
 
