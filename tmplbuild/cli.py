@@ -281,6 +281,10 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="parse and validate recipes without building")
     c.add_argument("recipes", nargs="+")
     c.set_defaults(func=cmd_recipe_check)
+
+    from tmplbuild.client.commands import register as register_client
+
+    register_client(sub)  # remote, list, fetch, verify: the node admin's verbs
     return p
 
 

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""What `tmplbuild fetch` costs over the bare minimum, on 127.0.0.1.
+
+In one run, a ~200 MB template (random bytes, like a compressed one) is published in a fresh signed repository
+served by nginx (sendfile; `python -m http.server` when nginx is missing), then the median of --repeat runs of:
+  by hand:   curl -s -o FILE URL && sha256sum FILE
+  tmplbuild: tmplbuild fetch NAME --url URL --key K --fingerprint F --dest D   (the whole command, Python
+             start-up included: index + signature download and verification, every check, the capped .part
+             download with sha256 AND sha512 computed while it arrives, fsync, rename, state update)
+The destination file is removed before every run (otherwise fetch finds it "already present and verified").
+For scale it also times curl alone: coreutils' sha256sum may not use the CPU's SHA extensions while Python's
+hashlib (OpenSSL) does, which can make the pair slower than the download it checks.
+Goal: tmplbuild within 1.1x of the pair."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tmplbuild.sign import export_public, generate_key  # noqa: E402
+from tmplbuild.sign.keys import kill_agents  # noqa: E402
+
+# Until cli.py registers the client verbs, run cli.main with them added (what `python -m tmplbuild` does once
+# they are wired in).
+RUNNER = """
+import argparse, sys
+import tmplbuild.cli as cli
+from tmplbuild.client.commands import register
+_parser = cli.parser
+def parser():
+    p = _parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    if "fetch" not in sub.choices:
+        register(sub)
+    return p
+cli.parser = parser
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    types {{ }}
+    default_type application/octet-stream;
+    client_body_temp_path {work}/nginx-tmp;
+    proxy_temp_path {work}/nginx-tmp;
+    fastcgi_temp_path {work}/nginx-tmp;
+    uwsgi_temp_path {work}/nginx-tmp;
+    scgi_temp_path {work}/nginx-tmp;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location ~ /\\. {{ deny all; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(port: int) -> None:
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"server on port {port} did not start")
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.monotonic()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                   env={**os.environ, **(env or {})})
+    return time.monotonic() - start
+
+
+def artifact(out: Path, version: str, size: int) -> Path:
+    name = f"bench_{version}_amd64"
+    tarball = out / f"{name}.tar.zst"
+    h256, h512 = hashlib.sha256(), hashlib.sha512()
+    with open(tarball, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            f.write(chunk)
+            h256.update(chunk)
+            h512.update(chunk)
+            left -= len(chunk)
+    manifest = {"schema": 1, "name": "bench", "version": version, "arch": "amd64", "distribution": "debian",
+                "release": "12", "variant": "bench", "description": "fetch benchmark",
+                "created": "2026-11-23T00:00:00Z", "build": {"input_hash": "sha256:" + "0" * 64}, "packages": [],
+                "artifacts": [{"file": tarball.name, "format": "tar.zst", "size": size, "sha256": h256.hexdigest(),
+                               "sha512": h512.hexdigest()}]}
+    path = out / f"{name}.manifest.json"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def client_command() -> list[str]:
+    from tmplbuild import cli
+
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [sys.executable, "-m", "tmplbuild"] if "fetch" in sub.choices else [sys.executable, "-c", RUNNER]
+
+
+def serve(root: Path, work: Path, port: int, use: str) -> tuple[subprocess.Popen, str]:
+    if use == "nginx" and shutil.which("nginx"):
+        (work / "nginx-tmp").mkdir()
+        conf = work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(work=work, port=port, root=root))
+        proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        return proc, "nginx (sendfile)"
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
+                             str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, "python -m http.server"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--server", choices=("nginx", "http.server"), default="nginx")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tmplbuild-bench-fetch-", dir="/var/tmp"))
+    os.chmod(work, 0o755)
+    home = work / "gnupg"
+    server = None
+    try:
+        fpr = generate_key("Bench <bench@example.invalid>", home, expire="1d")
+        key = work / "pub.asc"
+        key.write_bytes(export_public(fpr, home, armored=True))
+        repo = work / "repo"
+        subprocess.run([sys.executable, "-m", "tmplbuild", "repo", "init", str(repo), "--key", fpr, "--gnupghome",
+                        str(home)], check=True, cwd=ROOT, capture_output=True)
+        (work / "out").mkdir()
+        manifest = artifact(work / "out", "12-20261123", args.size_mb << 20)
+        subprocess.run([sys.executable, "-m", "tmplbuild", "publish", str(manifest), "--repo", str(repo), "--key", fpr,
+                        "--gnupghome", str(home)], check=True, cwd=ROOT, capture_output=True)
+        shutil.rmtree(work / "out")
+        port = free_port()
+        server, server_name = serve(repo, work, port, args.server)
+        wait_for(port)
+        base = f"http://127.0.0.1:{port}"
+        name = "bench_12-20261123_amd64.tar.zst"
+        url = f"{base}/templates/bench/12-20261123/{name}"
+        dest = work / "dest"
+        dest.mkdir()
+        env = {"TMPLBUILD_STATE_DIR": str(work / "state"), "TMPLBUILD_CONFIG_DIR": str(work / "config"),
+               "TMPLBUILD_SYSTEM_CONFIG_DIR": str(work / "etc"), "NO_PROXY": "*"}
+        fetch = [*client_command(), "fetch", "bench", "--arch", "amd64", "--dest", str(dest), "--url", base,
+                 "--key", str(key), "--fingerprint", fpr]
+        by_hand_file = work / "curl.out"
+
+        def by_hand() -> float:
+            by_hand_file.unlink(missing_ok=True)
+            return timed(["curl", "-s", "-o", str(by_hand_file), url]) + timed(["sha256sum", str(by_hand_file)])
+
+        def ours() -> float:
+            (dest / name).unlink(missing_ok=True)
+            return timed(fetch, env)
+
+        def curl_only() -> float:
+            by_hand_file.unlink(missing_ok=True)
+            return timed(["curl", "-s", "-o", str(by_hand_file), url])
+
+        by_hand(), ours()  # warm-up: page cache, gpg, Python's bytecode cache
+        hand, mine, transfer = [], [], []
+        for _ in range(args.repeat):
+            hand.append(by_hand())
+            mine.append(ours())
+            transfer.append(curl_only())
+        already = timed(fetch, env)  # the file is there now: index check + hashing only
+        h, m = statistics.median(hand), statistics.median(mine)
+        print(f"template: {args.size_mb} MiB of random bytes, served by {server_name} on 127.0.0.1, "
+              f"median of {args.repeat}")
+        print("| step | seconds | ratio |\n|---|---|---|")
+        print(f"| curl -s -o FILE URL && sha256sum FILE | {h:.2f} | 1.00x |")
+        print(f"| tmplbuild fetch (whole command, verification included) | {m:.2f} | {m / h:.2f}x |")
+        c = statistics.median(transfer)
+        print(f"| for scale: curl -s -o FILE URL alone (no hash) | {c:.2f} | {c / h:.2f}x |")
+        print(f"| tmplbuild fetch, file already present (index check + sha256/sha512 of the file) | {already:.2f} | "
+              f"{already / h:.2f}x |")
+        print(f"goal <= 1.1x: {'PASS' if m / h <= 1.1 else 'MISS'}")
+        print(f"raw: curl+sha256sum {', '.join(f'{t:.3f}' for t in hand)}; "
+              f"tmplbuild {', '.join(f'{t:.3f}' for t in mine)}")
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+        kill_agents(home)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

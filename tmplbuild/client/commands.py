@@ -1,0 +1,388 @@
+"""The node admin's verbs: `remote`, `list`, `fetch`, `verify`.
+
+`register(subparsers)` adds them to the main parser; each sets `func` (args -> exit code) and raises the typed
+errors, which tmplbuild.cli.main turns into exit codes and one-line messages. There is no option that turns a
+check off and no unsigned fallback: a mirror whose answer fails any check is skipped, and when every mirror
+failed, the run fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from tmplbuild.client import config, state, trust
+from tmplbuild.errors import AuthenticityError, FreshnessError, TransportError, UsageError
+
+DEFAULT_DEST = "/var/lib/vz/template/cache"  # Proxmox VE's template cache: what pct and pveam read
+ARCH = re.compile(r"\A[a-z0-9][a-z0-9-]*\Z")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a run gets its index from and what must have signed it."""
+
+    label: str  # "remote NAME" or the URL, for messages and the state file
+    urls: tuple[str, ...]
+    keys: bytes
+    fingerprints: tuple[str, ...]
+    repo_id: str | None
+    state_key: str
+
+
+def _read_key(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError("key", f"cannot read {path}: {exc.strerror}") from None
+
+
+def _source(args: argparse.Namespace) -> Source:
+    """The remote named by --remote (or the only one configured), or a one-off --url/--key/--fingerprint."""
+    if args.url:
+        if args.remote:
+            raise UsageError("remote", "give --remote NAME, or --url URL --key FILE --fingerprint FPR, not both")
+        if not args.key or not args.fingerprint:
+            raise UsageError("url", "--url needs --key FILE and --fingerprint FPR: keys are pinned, never fetched")
+        urls = config.check_urls(args.url)
+        return Source(label=urls[0], urls=urls, keys=_read_key(args.key), fingerprints=tuple(args.fingerprint),
+                      repo_id=config.check_repo_id(args.repo_id) if args.repo_id else None,
+                      state_key=state.key_for_urls(urls))
+    if args.key or args.fingerprint or args.repo_id:
+        raise UsageError("url", "--key, --fingerprint and --repo-id go with --url URL (a configured remote has "
+                                "its own)")
+    remote = config.get(args.remote)
+    return Source(label=f"remote {remote.name}", urls=remote.urls, keys=remote.key_material(),
+                  fingerprints=remote.fingerprints, repo_id=remote.repo_id,
+                  state_key=state.key_for_remote(remote.name))
+
+
+class _Run:
+    """One run against one source: the pinned verifier, the HTTP session, and the bar for rollback, which
+    starts at the state's last index and rises with every index verified in this run (a later mirror may
+    not answer with an older index than an earlier one did)."""
+
+    def __init__(self, source: Source) -> None:
+        from tmplbuild.client.download import Transport
+        from tmplbuild.sign.verify import Verifier
+
+        self.source = source
+        self.last = state.load(source.state_key)
+        self.verifier = Verifier(source.keys, source.fingerprints)
+        self.transport = Transport()
+        self.warnings: list[str] = []
+
+    def close(self) -> None:
+        self.transport.close()
+        self.verifier.close()
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def index(self, base: str) -> trust.TrustedIndex:
+        """Fetch and check (1-6) one mirror's index. A pair that does not verify is fetched once more before
+        the mirror counts as failed: the two files cannot be swapped in one step, so a reader racing the
+        publisher's renames can see a new index with the old signature (or the reverse) for a moment."""
+        for attempt in (1, 2):
+            data = self.transport.get_bytes(f"{base}/index.json", trust.INDEX_CAP, "index.json")
+            sig = self.transport.get_bytes(f"{base}/index.json.asc", trust.SIGNATURE_CAP, "index.json.asc")
+            try:
+                trusted = trust.check_index(data, sig, self.verifier, pinned_repo_id=self.source.repo_id,
+                                            last=self.last)
+                break
+            except AuthenticityError as exc:
+                if exc.check != "signature":
+                    raise
+                if attempt == 2:
+                    raise AuthenticityError("signature", f"{base}/index.json: {exc.message}") from None
+        if self.last is None or self.last.repo_id != trusted.index.repo_id or trusted.index.version > self.last.version:
+            self.last = trusted.seen
+        return trusted
+
+    def over_mirrors(self, attempt: Callable[[str], T]) -> T:
+        """`attempt(base_url)` on each mirror in order until one passes every check. When all fail, raise the
+        most severe failure: an authenticity failure (3) over a freshness failure (4) over "not found" (2) over
+        a transport failure (5), the last one among equals. A mirror that is down must not hide that another
+        one served a forged or replayed index. Local failures (7) stop at once: another mirror cannot help."""
+        worst: Exception | None = None
+        failed_at = ""
+        for base in self.source.urls:
+            try:
+                result = attempt(base)
+            except (AuthenticityError, FreshnessError, UsageError, TransportError) as exc:
+                self.warnings.append(f"tmplbuild: warning: mirror {base} skipped: {exc}")
+                if worst is None or _severity(exc) >= _severity(worst):
+                    worst, failed_at = exc, base
+                continue
+            for line in self.warnings:
+                print(line, file=sys.stderr)
+            return result
+        assert worst is not None
+        if len(self.source.urls) > 1:
+            raise type(worst)(worst.check, f"{worst.message} (mirror {failed_at}; all {len(self.source.urls)} "
+                                           "mirrors failed)")
+        raise worst
+
+
+def _severity(exc: Exception) -> int:
+    kinds = (TransportError, UsageError, FreshnessError, AuthenticityError)  # least to most severe
+    return max(rank for rank, kind in enumerate(kinds) if isinstance(exc, kind))
+
+
+def _url(base: str, path: str) -> str:
+    return f"{base}/{urllib.parse.quote(path, safe='/')}"
+
+
+# -- remote ------------------------------------------------------------------------------------------------------
+
+def cmd_remote_add(args: argparse.Namespace) -> int:
+    remote, path = config.add(args.name, args.urls, Path(args.key), args.fingerprint, args.repo_id, args.system)
+    print(f"added remote {remote.name} to {path}: {len(remote.urls)} URL(s), key {remote.key}, pinned "
+          f"{', '.join(remote.fingerprints)}" + (f", repo id {remote.repo_id}" if remote.repo_id else ""))
+    return 0
+
+
+def cmd_remote_remove(args: argparse.Namespace) -> int:
+    path = config.remove(config.check_name(args.name), args.system)
+    print(f"removed remote {args.name} from {path}")
+    return 0
+
+
+def cmd_remote_list(args: argparse.Namespace) -> int:
+    remotes = config.load_all()
+    if not remotes:
+        print("no remotes configured", file=sys.stderr)
+        return 0
+    rows = [("NAME", "URLS", "FINGERPRINTS", "REPO ID", "LAST INDEX", "CONFIG")]
+    for name in sorted(remotes):
+        r = remotes[name]
+        seen = state.load(state.key_for_remote(name))
+        repo_id = r.repo_id or (f"{seen.repo_id} (learned)" if seen else "(first use)")
+        rows.append((name, " ".join(r.urls), " ".join(r.fingerprints), repo_id,
+                     str(seen.version) if seen else "-", str(r.origin)))
+    _table(rows)
+    return 0
+
+
+# -- list --------------------------------------------------------------------------------------------------------
+
+def _entry_json(e) -> dict:
+    return {
+        "name": e.name, "version": e.version, "arch": e.arch, "distribution": e.distribution,
+        "release": e.release, "variant": e.variant, "description": e.description, "created": e.created,
+        "path": e.files[0].path, "size": e.files[0].size, "sha256": e.files[0].sha256, "sha512": e.files[0].sha512,
+        "files": [{"format": f.format, "path": f.path, "size": f.size, "sha256": f.sha256, "sha512": f.sha512}
+                  for f in e.files],
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    source = _source(args)
+    with _Run(source) as run:
+        trusted = run.over_mirrors(run.index)
+    state.record(source.state_key, trusted.seen, source.label)
+    index = trusted.index
+    entries = sorted(index.templates, key=lambda e: (e.name, e.arch, trust.created_time(e), e.version))
+    if args.json:
+        print(json.dumps({"remote": source.label, "repo_id": index.repo_id, "index_version": index.version,
+                          "generated": index.generated, "expires": index.expires, "signer": trusted.signer,
+                          "templates": [_entry_json(e) for e in entries]}, indent=2))
+        return 0
+    if not entries:
+        print(f"no templates in {source.label} (index version {index.version})", file=sys.stderr)
+        return 0
+    rows = [("NAME", "VERSION", "ARCH", "SIZE", "CREATED")]
+    rows += [(e.name, e.version, e.arch, _size(e.files[0].size), e.created) for e in entries]
+    _table(rows)
+    return 0
+
+
+# -- fetch -------------------------------------------------------------------------------------------------------
+
+def host_arch() -> str:
+    from tmplbuild.run import run
+
+    try:
+        arch = run(["dpkg", "--print-architecture"], check="arch", capture=True, error=UsageError).stdout
+    except UsageError:
+        arch = b""
+    arch_text = arch.decode(errors="replace").strip()
+    if not ARCH.match(arch_text):
+        raise UsageError("arch", "cannot tell the host architecture (dpkg --print-architecture): give --arch")
+    return arch_text
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from tmplbuild.client.download import Progress, install
+    from tmplbuild.errors import LocalIOError
+    from tmplbuild.repo import index as idx
+
+    if not idx.NAME.match(args.name):
+        raise UsageError("template", f"found {args.name!r}, expected a template name (lowercase letters, digits, "
+                                     "+ - .)")
+    if args.version is not None and not idx.VERSION.match(args.version):
+        raise UsageError("version", f"found {args.version!r}, expected letters, digits and + - . ~")
+    arch = args.arch or host_arch()
+    if not ARCH.match(arch):
+        raise UsageError("arch", f"found {arch!r}, expected a Debian architecture name such as amd64")
+    source = _source(args)
+    dest = Path(args.dest)
+    if not dest.is_dir():
+        raise LocalIOError("destination", f"{dest}: no such directory (create it, or give --dest DIR)")
+
+    def attempt(base: str):
+        trusted = run.index(base)
+        chosen = trust.select(trusted.index, args.name, version=args.version, arch=arch, fmt=args.format)
+        status = install(run.transport, _url(base, chosen.ref.path), chosen.ref, dest, chosen.filename,
+                         Progress(chosen.filename, chosen.ref.size))
+        return trusted, chosen, status
+
+    with _Run(source) as run:
+        trusted, chosen, status = run.over_mirrors(attempt)
+    state.record(source.state_key, trusted.seen, source.label)
+    e, ref = chosen.entry, chosen.ref
+    what = "already present and verified" if status == "present" else "fetched and verified"
+    print(f"{dest / chosen.filename}: {what} ({e.name} {e.version} {e.arch}, {ref.size} bytes, sha256 {ref.sha256}, "
+          f"index version {trusted.index.version} of {source.label})")
+    return 0
+
+
+# -- verify ------------------------------------------------------------------------------------------------------
+
+def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
+    if args.key or args.fingerprint:
+        if not args.key or not args.fingerprint:
+            raise UsageError("key", "give both --key FILE and --fingerprint FPR")
+        return _read_key(args.key), tuple(args.fingerprint)
+    if args.remote:
+        r = config.get(args.remote)
+        return r.key_material(), r.fingerprints
+    remotes = config.load_all()
+    if not remotes:
+        raise UsageError("key", "no key to check the signature with: give --remote NAME or --key FILE "
+                                "--fingerprint FPR")
+    # Any configured remote's pinned key may have signed a template the admin has on disk.
+    return (b"".join(r.key_material() for r in remotes.values()),
+            tuple(dict.fromkeys(f for r in remotes.values() for f in r.fingerprints)))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tmplbuild.client.download import hash_file
+    from tmplbuild.sign.verify import Verifier
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageError("verify", f"{path}: no such file")
+    asc = path.with_name(path.name + ".asc")
+    online = bool(args.remote or args.url)
+    done: list[str] = []
+    if asc.is_file():
+        with open(asc, "rb") as f:
+            signature = f.read(trust.SIGNATURE_CAP + 1)
+        if len(signature) > trust.SIGNATURE_CAP:
+            raise AuthenticityError("signature", f"{asc}: more than {trust.SIGNATURE_CAP} bytes, expected a "
+                                                 "detached signature")
+        keys, pins = _offline_keys(args)
+        with Verifier(keys, pins) as verifier:
+            verified = verifier.verify_file(path, signature)
+        done.append(f"signature {asc.name} by {verified.fingerprint}")
+    if online:
+        source = _source(args)
+        size, sha256, sha512 = hash_file(path)
+
+        def attempt(base: str):
+            trusted = run.index(base)
+            chosen = trust.find_file(trusted.index, path.name)
+            if chosen is None:
+                raise AuthenticityError("verify", f"{path.name}: not in the index (version {trusted.index.version})"
+                                                  f", expected a file the index lists")
+            trust.check_file(chosen.ref, size, sha256, sha512, path.name)
+            return trusted
+
+        with _Run(source) as run:
+            trusted = run.over_mirrors(attempt)
+        state.record(source.state_key, trusted.seen, source.label)
+        done.append(f"size, sha256 and sha512 as in index version {trusted.index.version} of {source.label}")
+    if not done:
+        raise UsageError("verify", f"nothing to check {path} against: no {asc.name} next to it, and no --remote NAME "
+                                   "or --url URL")
+    print(f"{path}: ok ({'; '.join(done)})")
+    return 0
+
+
+# -- argparse ----------------------------------------------------------------------------------------------------
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("repository (a configured remote, or a one-off URL with its pinned key)")
+    g.add_argument("--remote", metavar="NAME", help="configured remote (default: the only one configured)")
+    g.add_argument("--url", action="append", metavar="URL", help="one-off repository URL (repeat: mirrors, in order)")
+    g.add_argument("--key", metavar="FILE", help="with --url: the pinned public key file")
+    g.add_argument("--fingerprint", action="append", metavar="FPR",
+                   help="with --url: pinned primary key fingerprint (repeatable)")
+    g.add_argument("--repo-id", metavar="ID", help="with --url: pinned repository id (else pinned on first use)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `remote`, `list`, `fetch` and `verify` to tmplbuild's main subparsers."""
+    r = subparsers.add_parser("remote", help="configure repositories to fetch from, with their pinned keys")
+    rs = r.add_subparsers(dest="remote_verb", required=True)
+    ra = rs.add_parser("add", help="add a remote: mirror URLs, the pinned key file and fingerprint(s)")
+    ra.add_argument("name")
+    ra.add_argument("urls", nargs="+", metavar="URL", help="repository URL; more URLs are mirrors, tried in order")
+    ra.add_argument("--key", required=True, metavar="FILE", help="public key file obtained out of band (copied "
+                                                                 "into the config directory)")
+    ra.add_argument("--fingerprint", action="append", required=True, metavar="FPR",
+                    help="primary key fingerprint to pin (repeatable); must be in --key")
+    ra.add_argument("--repo-id", metavar="ID", help="repository id to pin (default: pinned on first use)")
+    ra.add_argument("--system", action="store_true", help="write /etc/tmplbuild/remotes.toml instead of the "
+                                                          "user's ~/.config/tmplbuild/remotes.toml")
+    ra.set_defaults(func=cmd_remote_add)
+    rr = rs.add_parser("remove", help="remove a remote")
+    rr.add_argument("name")
+    rr.add_argument("--system", action="store_true")
+    rr.set_defaults(func=cmd_remote_remove)
+    rl = rs.add_parser("list", help="show configured remotes")
+    rl.set_defaults(func=cmd_remote_list)
+
+    ls = subparsers.add_parser("list", help="list the templates of a repository (after verifying its index)")
+    _source_args(ls)
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)
+
+    f = subparsers.add_parser("fetch", help="download and verify a template into the template cache")
+    f.add_argument("name", help="template name, e.g. debian-12-minimal")
+    f.add_argument("--version", help="template version (default: the newest by creation time)")
+    f.add_argument("--arch", help="architecture (default: the host's, from dpkg --print-architecture)")
+    f.add_argument("--dest", default=DEFAULT_DEST, help=f"destination directory (default: {DEFAULT_DEST})")
+    f.add_argument("--format", choices=trust.FORMATS, help="file format (default: the entry's primary, tar.zst)")
+    _source_args(f)
+    f.set_defaults(func=cmd_fetch)
+
+    v = subparsers.add_parser("verify", help="verify a local template: its .asc, and/or against a remote's index")
+    v.add_argument("file")
+    _source_args(v)
+    v.set_defaults(func=cmd_verify)

@@ -1,0 +1,170 @@
+"""The client's trust decisions, pure: bytes and the remembered state in, verified objects out. No I/O here
+beyond the Verifier's own gpg run; downloading, state and files belong to the callers.
+
+The order is DESIGN.md's "Client checks, in this order", and each check raises its own typed error:
+  1 size caps (index 16 MiB, signature 64 KiB)                        TransportError    5
+  2 the signature over the exact index bytes (Verifier)               AuthenticityError 3
+  3 schema (index.parse)                                              AuthenticityError 3
+  4 repo_id equals the pinned one (config, else first use)            AuthenticityError 3
+  5 not expired, not generated more than 5 minutes in the future      FreshnessError    4
+  6 version not below the last seen; same version, same bytes         FreshnessError    4
+  7 the signed entry is what was asked for                            UsageError 2 (absent) / AuthenticityError 3
+  9 size, sha256 and sha512 of the downloaded file                    AuthenticityError 3
+(8, the capped download, and 10, the rename, are tmplbuild.client.download's.)
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from tmplbuild.errors import AuthenticityError, FreshnessError, TransportError, UsageError
+from tmplbuild.repo import index as idx
+
+INDEX_CAP = 16 << 20
+SIGNATURE_CAP = 64 << 10
+MAX_CLOCK_SKEW = 300  # seconds an index's `generated` may be ahead of our clock
+FORMATS = ("tar.zst", "tar.xz")
+
+
+class SignatureChecker(Protocol):
+    def verify(self, data: bytes, signature: bytes): ...  # tmplbuild.sign.verify.Verifier
+
+
+@dataclass(frozen=True)
+class Seen:
+    """The last index a remote's client accepted (kept in tmplbuild.client.state)."""
+
+    repo_id: str
+    version: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TrustedIndex:
+    index: idx.Index
+    sha256: str  # of the exact bytes that were verified
+    signer: str  # primary fingerprint of the key that signed them
+
+    @property
+    def seen(self) -> Seen:
+        return Seen(self.index.repo_id, self.index.version, self.sha256)
+
+
+@dataclass(frozen=True)
+class Selected:
+    entry: idx.Entry
+    ref: idx.FileRef
+
+    @property
+    def filename(self) -> str:
+        return self.ref.path.rsplit("/", 1)[1]
+
+
+def check_cap(what: str, size: int, cap: int) -> None:
+    """Check 1. Raises TransportError("download size") when `size` exceeds `cap`."""
+    if size > cap:
+        raise TransportError("download size", f"{what}: more than {cap} bytes, expected at most {cap}")
+
+
+def stamp(t: float) -> str:
+    return idx.stamp(t)
+
+
+def check_index(data: bytes, signature: bytes, verifier: SignatureChecker, *, pinned_repo_id: str | None,
+                last: Seen | None, now: float | None = None) -> TrustedIndex:
+    """Checks 1 to 6 on one answer of one mirror. `pinned_repo_id`: the admin's pin (config), if any; else the
+    repo_id recorded in `last` is the pin; with neither, this is first use and any repo_id is accepted (the
+    caller records it only once the whole run passed). Raises TransportError, AuthenticityError,
+    FreshnessError as listed in the module docstring."""
+    now = time.time() if now is None else now
+    check_cap("index.json", len(data), INDEX_CAP)
+    check_cap("index.json.asc", len(signature), SIGNATURE_CAP)
+    verified = verifier.verify(data, signature)
+    index = idx.parse(data)
+    expected = pinned_repo_id or (last.repo_id if last else None)
+    if expected is not None and index.repo_id != expected:
+        raise AuthenticityError("repo id", f"found {index.repo_id!r}, expected {expected!r} (pinned)")
+    generated, expires = idx.parse_stamp(index.generated), idx.parse_stamp(index.expires)
+    if now >= expires:
+        raise FreshnessError("index expired", f"expired at {index.expires}, now {stamp(now)}")
+    if generated > now + MAX_CLOCK_SKEW:
+        raise FreshnessError("index from the future", f"generated {index.generated}, now {stamp(now)} (more than "
+                                                      f"{MAX_CLOCK_SKEW // 60} minutes ahead: check the clock)")
+    digest = hashlib.sha256(data).hexdigest()
+    if last is not None and last.repo_id == index.repo_id:
+        if index.version < last.version:
+            raise FreshnessError("rollback", f"index version {index.version}, expected at least {last.version} "
+                                             "(the last one seen)")
+        if index.version == last.version and digest != last.sha256:
+            raise FreshnessError("rollback", f"index version {index.version} has sha256 {digest}, expected "
+                                             f"{last.sha256} (the index seen before under the same version)")
+    return TrustedIndex(index=index, sha256=digest, signer=verified.fingerprint)
+
+
+def file_name(name: str, version: str, arch: str, fmt: str) -> str:
+    """What pct and pveam expect: <name>_<version>_<arch>.<format>."""
+    return f"{name}_{version}_{arch}.{fmt}"
+
+
+def created_time(entry: idx.Entry) -> int:
+    try:
+        return idx.parse_stamp(entry.created)
+    except ValueError:
+        raise AuthenticityError("index schema", f"{entry.name} {entry.version} {entry.arch}: created "
+                                                f"{entry.created!r}, expected YYYY-MM-DDTHH:MM:SSZ") from None
+
+
+def check_entry(entry: idx.Entry, ref: idx.FileRef) -> Selected:
+    """The file an entry points at must be named after the entry, in its directory, in a known format.
+    Raises AuthenticityError("entry")."""
+    if ref.format not in FORMATS:
+        raise AuthenticityError("entry", f"{entry.name} {entry.version} {entry.arch}: format {ref.format!r}, "
+                                         f"expected one of {', '.join(FORMATS)}")
+    expected = file_name(entry.name, entry.version, entry.arch, ref.format)
+    if ref.path != f"{entry.directory}/{expected}":
+        raise AuthenticityError("entry", f"file {ref.path}, expected {entry.directory}/{expected}")
+    if not ref.sha512:
+        raise AuthenticityError("entry", f"{ref.path}: no sha512 in the index")
+    return Selected(entry, ref)
+
+
+def select(index: idx.Index, name: str, *, version: str | None, arch: str, fmt: str | None) -> Selected:
+    """Check 7: the entry asked for, the newest by `created` (then version) unless `version` is given, and its
+    file in `fmt` (default: the entry's primary file). Raises UsageError("template") when there is none,
+    AuthenticityError("entry") when the signed entry does not match what was asked for."""
+    candidates = [e for e in index.templates if e.name == name and e.arch == arch
+                  and (version is None or e.version == version)]
+    if fmt is not None:
+        candidates = [e for e in candidates if any(f.format == fmt for f in e.files)]
+    if not candidates:
+        available = sorted({e.version for e in index.templates if e.name == name and e.arch == arch})
+        hint = f" (versions for {arch}: {', '.join(available)})" if available else ""
+        asked = " ".join([name, version or "(any version)", arch] + ([fmt] if fmt else []))
+        raise UsageError("template", f"no template {asked} in the index{hint}")
+    entry = max(candidates, key=lambda e: (created_time(e), e.version))
+    ref = next(f for f in entry.files if f.format == fmt) if fmt else entry.files[0]
+    if (entry.name, entry.arch) != (name, arch) or (version is not None and entry.version != version):
+        raise AuthenticityError("entry", f"{entry.name} {entry.version} {entry.arch}, expected {name} "
+                                         f"{version or '(any version)'} {arch}")
+    return check_entry(entry, ref)
+
+
+def find_file(index: idx.Index, filename: str) -> Selected | None:
+    """The entry file whose name is `filename` (for `verify FILE`), checked like `select`'s; None if absent."""
+    for entry in index.templates:
+        for ref in entry.files:
+            if ref.path.rsplit("/", 1)[1] == filename:
+                return check_entry(entry, ref)
+    return None
+
+
+def check_file(ref: idx.FileRef, size: int, sha256: str, sha512: str, what: str) -> None:
+    """Check 9. Raises AuthenticityError naming the first of size, sha256, sha512 that differs."""
+    if size != ref.size:
+        raise AuthenticityError("size", f"{what}: {size} bytes, expected {ref.size} (signed)")
+    if sha256 != ref.sha256:
+        raise AuthenticityError("sha256", f"{what}: found {sha256}, expected {ref.sha256} (signed)")
+    if sha512 != ref.sha512:
+        raise AuthenticityError("sha512", f"{what}: found {sha512}, expected {ref.sha512} (signed)")
