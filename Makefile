@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := debootstrap debian-archive-keyring gnupg zstd xz-utils openssh-client python3-venv ca-certificates \
 	systemd-container
 
-.PHONY: all system-deps venv test test-fast demo bench clean
+.PHONY: all system-deps venv test test-fast demo bench bench-serve bench-fetch bench-publish clean
 
 all: test
 
@@ -39,6 +39,18 @@ demo: system-deps venv
 bench: system-deps venv
 	@command -v mmdebstrap >/dev/null || (apt-get update -q && apt-get install -y -q mmdebstrap)
 	$(PY) bench/build.py
+
+bench-serve: system-deps venv
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v curl >/dev/null || \
+		(apt-get update -q && apt-get install -y -q nginx wrk curl)
+	$(PY) bench/serve.py
+
+bench-fetch: system-deps venv
+	@command -v nginx >/dev/null && command -v curl >/dev/null || (apt-get update -q && apt-get install -y -q nginx curl)
+	$(PY) bench/fetch.py
+
+bench-publish: system-deps venv
+	$(PY) bench/publish.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

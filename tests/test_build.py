@@ -250,3 +250,34 @@ def test_template_has_the_newest_version_from_updates_and_security(minimal, cach
     tree = unpack(only(cold, "*.tar.zst"), tmp_path / "tree")
     suites = [ln.split()[2] for ln in (tree / "etc/apt/sources.list").read_text().splitlines()]
     assert suites == ["bookworm", "bookworm-updates", "bookworm-security"]
+
+
+def test_round_trip_build_publish_serve_fetch(minimal, tmp_path):
+    """The main job end to end with the real template: build (fixture), sign, publish, serve on 127.0.0.1,
+    fetch into a template cache with the pinned key, byte for byte."""
+    from tests.test_server import Server
+
+    cold, _, _, _ = minimal
+    home = tmp_path / "gnupg"
+    fpr = tmplbuild("key", "generate", "--name", "rt <rt@example.invalid>", "--gnupghome", str(home), "--out",
+                    str(tmp_path / "pub.asc")).stdout.strip()
+    repo = tmp_path / "repo"
+    assert tmplbuild("repo", "init", str(repo), "--key", fpr, "--gnupghome", str(home)).returncode == 0
+    tarball = only(cold, "*.tar.zst")
+    assert tmplbuild("publish", str(tarball), "--repo", str(repo), "--key", fpr, "--gnupghome",
+                     str(home)).returncode == 0
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+    server = Server(repo, tmp_path / "logs")
+    try:
+        cache_dir = tmp_path / "template-cache"
+        cache_dir.mkdir()
+        proc = subprocess.run(
+            [sys.executable, "-m", "tmplbuild", "fetch", "debian-12-minimal", "--dest", str(cache_dir), "--url",
+             server.base, "--key", str(tmp_path / "pub.asc"), "--fingerprint", fpr],
+            cwd=ROOT, capture_output=True, text=True,
+            env={**__import__("os").environ, "TMPLBUILD_STATE_DIR": str(tmp_path / "state"),
+                 "TMPLBUILD_CONFIG_DIR": str(tmp_path / "config")})
+        assert proc.returncode == 0, proc.stderr
+        assert (cache_dir / tarball.name).read_bytes() == tarball.read_bytes()
+    finally:
+        server.stop()

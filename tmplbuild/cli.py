@@ -210,6 +210,14 @@ def _signing_args(p: argparse.ArgumentParser, expires: bool = True) -> None:
         p.add_argument("--expires-in", default="30d", help="index lifetime (default 30d)")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tmplbuild.serve import parse_size, serve
+
+    serve(Path(args.repo), args.host, args.port, args.workers,
+          Path(args.token_file) if args.token_file else None, parse_size(args.max_upload))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tmplbuild", description="Build, sign, publish and fetch OS templates.")
     p.add_argument("--version", action="version", version=f"tmplbuild {__version__}")
@@ -281,6 +289,15 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="parse and validate recipes without building")
     c.add_argument("recipes", nargs="+")
     c.set_defaults(func=cmd_recipe_check)
+
+    sv = sub.add_parser("serve", help="serve a repository over HTTP (gunicorn), with authenticated uploads")
+    sv.add_argument("repo", help="repository directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    sv.add_argument("--workers", type=int, default=2, help="worker processes, 16 threads each (default 2)")
+    sv.add_argument("--token-file", help="file holding the upload token; without it uploads are disabled")
+    sv.add_argument("--max-upload", default="2G", help="largest upload body accepted (default 2G; K/M/G/T)")
+    sv.set_defaults(func=cmd_serve)
 
     from tmplbuild.client.commands import register as register_client
 

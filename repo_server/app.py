@@ -1,0 +1,271 @@
+"""The Flask application: downloads, the HTML page, the JSON API, health, and authenticated uploads.
+
+Configuration (flaskr style): defaults, then the `config` mapping, then environment variables
+TMPLBUILD_SERVER_REPO, TMPLBUILD_SERVER_TOKEN_FILE and TMPLBUILD_SERVER_MAX_UPLOAD.
+
+    REPO        the repository directory (required)
+    TOKEN       upload token (str or bytes), or None: uploads disabled
+    TOKEN_FILE  file holding the upload token (first line); overrides TOKEN
+    MAX_UPLOAD  largest accepted upload body in bytes (default 2 GiB)
+    UPLOAD_IDLE_TIMEOUT  seconds an upload may stall before it is dropped (default 60; gunicorn only)
+
+Everything per application lives in `app.extensions["tmplbuild"]` (a ServerState); nothing at module level."""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request, send_from_directory
+from werkzeug.exceptions import ClientDisconnected, HTTPException
+
+from tmplbuild.errors import TmplbuildError, UsageError
+from tmplbuild.repo import store
+
+from repo_server import safety, upload
+from repo_server.verified import IndexCache, IndexUnavailable, Snapshot
+
+GiB = 1 << 30
+DEFAULTS: dict[str, Any] = {"REPO": None, "TOKEN": None, "TOKEN_FILE": None, "MAX_UPLOAD": 2 * GiB,
+                            "UPLOAD_IDLE_TIMEOUT": 60.0}
+ENV_PREFIX = "TMPLBUILD_SERVER_"
+ENV_KEYS = ("REPO", "TOKEN_FILE", "MAX_UPLOAD")
+TOKEN_RE = re.compile(rb"\A[\x21-\x7e]{16,4096}\Z")  # visible ASCII: it travels in an HTTP header
+
+CONTENT_TYPES = (  # by suffix; send_file's guesses would call a .tar.zst "application/x-tar" + an encoding
+    (".json", "application/json"),
+    (".asc", "text/plain"),
+    (".gpg", "application/pgp-signature"),
+    (".zst", "application/zstd"),
+    (".xz", "application/x-xz"),
+)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    root: Path  # as configured (shown to people)
+    root_real: str  # os.path.realpath(root): what every served path must stay inside
+    token: bytes | None
+    max_upload: int
+    idle_timeout: float
+    index: IndexCache
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """The application. Raises UsageError (no or bad repository, bad token or limit: exit 2) and
+    UnsafeContentError (private key material inside the repository: exit 6)."""
+    app = Flask(__name__, static_folder=None)
+    app.url_map.merge_slashes = False  # "//etc/passwd" is a 404 here, not a redirect to somewhere else
+    app.config.from_mapping(DEFAULTS)
+    if config is not None:
+        app.config.from_mapping(config)
+    for key in ENV_KEYS:
+        if os.environ.get(ENV_PREFIX + key):
+            app.config[key] = os.environ[ENV_PREFIX + key]
+    if app.logger.level == logging.NOTSET:
+        app.logger.setLevel(logging.INFO)  # publish lines are INFO
+
+    root = _repo(app.config["REPO"])
+    token = _token(app.config["TOKEN"], app.config["TOKEN_FILE"], app.logger)
+    max_upload = _positive_int(app.config["MAX_UPLOAD"], "MAX_UPLOAD")
+    app.config["MAX_CONTENT_LENGTH"] = max_upload  # werkzeug's own cap on the request stream, as a second fence
+
+    # A crash mid-upload leaves REPO/.upload-*: swept before the scan (an upload in it is never served).
+    safety.sweep_uploads(root, app.logger)
+    safety.refuse_private_keys(root)
+
+    state = ServerState(root=root, root_real=os.path.realpath(root), token=token, max_upload=max_upload,
+                        idle_timeout=float(app.config["UPLOAD_IDLE_TIMEOUT"]), index=IndexCache(root))
+    app.extensions["tmplbuild"] = state
+    if token is None:
+        app.logger.warning("uploads disabled: no token configured")
+    try:
+        state.index.get()
+    except IndexUnavailable as exc:
+        app.logger.warning("%s; the page and the API answer 503 until it verifies", exc)
+    app.register_blueprint(bp)
+    return app
+
+
+def _repo(value: Any) -> Path:
+    if not value:
+        raise UsageError("server config", "REPO is not set: give the repository directory")
+    root = Path(value)
+    if not root.is_dir():
+        raise UsageError("repository", f"{root}: no such directory")
+    store.read_keys(root)  # UsageError: no keys/<FPR>.asc
+    if not (root / store.INDEX).is_file():
+        raise UsageError("repository", f"{root}: no {store.INDEX}; run `tmplbuild repo init` first")
+    return root
+
+
+def _token(value: Any, token_file: Any, log: logging.Logger) -> bytes | None:
+    if token_file:
+        path = Path(token_file)
+        try:
+            raw = path.read_bytes()
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise UsageError("token file", f"{path}: {exc.strerror}") from None
+        if mode & 0o077:
+            log.warning("token file %s is readable by group or others (mode %o); chmod 600 it", path, mode & 0o777)
+        lines = raw.splitlines()
+        value = lines[0].strip() if lines else b""
+        where = str(path)
+    else:
+        where = "TOKEN"
+    if value is None:
+        return None
+    token = value.encode() if isinstance(value, str) else bytes(value)
+    token = token.strip()
+    if not TOKEN_RE.match(token):
+        raise UsageError("token", f"{where}: expected at least 16 visible ASCII characters (e.g. the output of "
+                                  f"`openssl rand -hex 32`)")
+    return token
+
+
+def _positive_int(value: Any, name: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UsageError("server config", f"{name}: found {value!r}, expected a number of bytes") from None
+    if number <= 0:
+        raise UsageError("server config", f"{name}: found {number}, expected a positive number of bytes")
+    return number
+
+
+def state() -> ServerState:
+    return current_app.extensions["tmplbuild"]
+
+
+bp = Blueprint("repo", __name__)
+
+
+def _json_error(status: int, message: str, **extra: Any) -> Response:
+    response = jsonify({"error": message, **extra})
+    response.status_code = status
+    return response
+
+
+@bp.app_errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response | HTTPException:
+    if request.path.startswith("/api/") or request.path == "/healthz":
+        return _json_error(exc.code or 500, exc.description or exc.name)
+    return exc
+
+
+def _snapshot_or_503() -> Snapshot | Response:
+    try:
+        return state().index.get()
+    except IndexUnavailable as exc:
+        return _json_error(503, str(exc))
+
+
+@bp.get("/")
+def page() -> Response | str:
+    snap = _snapshot_or_503()
+    if isinstance(snap, Response):
+        return Response(f"503 Service Unavailable: {snap.get_json()['error']}\n", status=503,
+                        mimetype="text/plain")
+    try:
+        fingerprints = store.read_keys(state().root).fingerprints
+    except TmplbuildError:
+        fingerprints = ()
+    base = request.url_root.rstrip("/")
+    return render_template("index.html", snap=snap, index=snap.index, base=base,
+                           fingerprints=fingerprints, human=human_size,
+                           templates=sorted(snap.index.templates, key=lambda e: (e.name, e.version, e.arch)))
+
+
+@bp.get("/api/v1/templates")
+def api_templates() -> Response:
+    snap = _snapshot_or_503()
+    if isinstance(snap, Response):
+        return snap
+    doc = snap.doc
+    return jsonify({"repo_id": doc["repo_id"], "version": doc["version"], "generated": doc["generated"],
+                    "expires": doc["expires"], "templates": doc["templates"]})
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    snap = _snapshot_or_503()
+    if isinstance(snap, Response):
+        return snap
+    return jsonify({"status": "ok", "index_version": snap.index.version})
+
+
+@bp.post("/api/v1/publish")
+def publish() -> Response:
+    st = state()
+    if st.token is None:
+        return _json_error(403, "uploads are disabled on this server")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Constant-time comparison; the header is never logged (gunicorn's access log format does not include it).
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1", "replace"), st.token):
+        response = _json_error(401, "missing or wrong upload token")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="tmplbuild"'
+        return response
+    if request.mimetype != "application/x-tar":
+        return _json_error(415, f"Content-Type {request.mimetype or 'missing'}, expected application/x-tar")
+    length = request.content_length
+    if length is None:
+        return _json_error(411, "Content-Length is required")
+    if length > st.max_upload:  # before a single byte of the body is read
+        return _json_error(413, f"upload of {length} bytes is larger than the server's limit of "
+                                f"{st.max_upload} bytes")
+    sock = request.environ.get("gunicorn.socket")
+    previous = sock.gettimeout() if isinstance(sock, socket.socket) else None
+    try:
+        if isinstance(sock, socket.socket):
+            sock.settimeout(st.idle_timeout)  # a stalled upload must not hold a worker thread forever
+        result = upload.receive(st.root, st.index, request.stream, min(length, st.max_upload), current_app.logger)
+    except upload.Refused as exc:
+        current_app.logger.warning("publish refused (%d): %s", exc.status, exc.message)
+        return _json_error(exc.status, exc.message, **exc.extra)
+    except (TimeoutError, ClientDisconnected):  # werkzeug reports a read timeout as a disconnect
+        return _json_error(400, f"the body ended or stalled (more than {st.idle_timeout:g} s without data) "
+                                f"before Content-Length bytes arrived")
+    finally:
+        if isinstance(sock, socket.socket):
+            try:
+                sock.settimeout(previous)
+            except OSError:
+                pass
+    return jsonify(result)
+
+
+@bp.get("/<path:subpath>")
+def download(subpath: str) -> Response:
+    st = state()
+    rel = safety.resolve_download(st.root_real, subpath)
+    if rel is None:
+        return Response("404 Not Found\n", status=404, mimetype="text/plain")
+    # Streamed by the WSGI server's file wrapper (gunicorn: sendfile); ETag, Last-Modified, 304 and 206 Range
+    # handling come from werkzeug's conditional responses.
+    return send_from_directory(st.root_real, rel, conditional=True, mimetype=content_type(rel))
+
+
+def content_type(rel: str) -> str:
+    name = rel.rsplit("/", 1)[-1]
+    if name == "SHA256SUMS":
+        return "text/plain"
+    for suffix, mimetype in CONTENT_TYPES:
+        if name.endswith(suffix):
+            return mimetype
+    return "application/octet-stream"
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,449 @@
+"""POST /api/v1/publish: receive a publisher's upload, check it the way a client would, then put it in place.
+
+The body is an uncompressed tar of regular files with repository-relative paths: index.json, index.json.asc and
+files under templates/<name>/<version>/. It is streamed, member by member, into REPO/.upload-<random>/ (a
+dot-directory: never served, swept at start-up if a crash left it), hashing each file as it is written.
+
+Why a token is not enough: the bearer token only lets someone *send* an upload. What gets published is decided
+by the signatures: the new index must be signed by one of the repository's pinned keys (keys/<FPR>.asc, the
+keys clients pin), every new file must match the hashes in that signed index and carry a good signature of
+its own. So a stolen token alone cannot publish anything a client accepts: without the private signing key
+(which never comes near this server) the upload is refused with 422.
+
+Nothing is moved into the served tree before every check has passed, and the index pair is swapped in last
+through store.write_index (journaled), under the repository lock: a server killed at any point leaves the
+previous index and everything it lists intact."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import stat
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tmplbuild.errors import AuthenticityError, LocalIOError, TmplbuildError
+from tmplbuild.repo import index as idx
+from tmplbuild.repo import store
+from tmplbuild.sign import Verifier
+
+from repo_server import safety
+from repo_server.verified import IndexCache, IndexUnavailable
+
+CHUNK = 1 << 20
+TAR_BUFSIZE = 64 << 10  # how much tarfile asks of the request stream at a time (gunicorn waits for all of it)
+MAX_MEMBERS = 10_000
+MAX_SMALL_FILE = 64 << 20  # index.json, signatures, SHA256SUMS: read into memory, so capped
+FUTURE_SKEW = 300  # seconds a new index's `generated` may lie ahead of the server's clock
+SUMS, SUMS_SIG = "SHA256SUMS", "SHA256SUMS.gpg"
+SUMS_LINE = re.compile(r"\A([0-9a-f]{64})  ([A-Za-z0-9][A-Za-z0-9._+~-]*)\Z")
+
+
+class Refused(Exception):
+    """An upload answered with an HTTP error: status, one-line message, extra JSON fields."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, **self.extra}
+
+
+@dataclass
+class Received:
+    """One extracted file: where it is in the temporary directory and what it hashed to."""
+
+    path: Path
+    size: int
+    sha256: str
+    sha512: str
+
+
+@dataclass
+class Upload:
+    tmp: Path
+    files: dict[str, Received] = field(default_factory=dict)  # repository-relative path -> file
+
+    def read(self, rel: str) -> bytes:
+        return self.files[rel].path.read_bytes()
+
+
+class CappedReader:
+    """A file-like reader that refuses to deliver more than `cap` bytes in total: the body is capped while it
+    is read, whatever Content-Length said."""
+
+    def __init__(self, stream: BinaryIO, cap: int) -> None:
+        self.stream = stream
+        self.cap = cap
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(CHUNK if n is None or n < 0 else n)
+        self.count += len(data)
+        if self.count > self.cap:
+            raise Refused(413, f"upload larger than the server's limit of {self.cap} bytes")
+        return data
+
+
+def member_path(member: tarfile.TarInfo) -> str:
+    """The repository path a tar member may be written to. Raises Refused(400)."""
+    name = member.name
+    if not (member.isreg() and not member.issparse()):
+        kind = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symlink", tarfile.LNKTYPE: "a hard link",
+                tarfile.CHRTYPE: "a device", tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a fifo"}.get(
+                    member.type, "not a regular file")
+        raise Refused(400, f"tar member {name!r} is {kind}: the upload holds regular files only")
+    if not name or name.startswith("/") or "\\" in name or "\0" in name:
+        raise Refused(400, f"tar member {name!r}: absolute or malformed path")
+    if any(p in ("", ".", "..") or p.startswith(".") for p in name.split("/")):
+        raise Refused(400, f"tar member {name!r}: empty, '.', '..' or dot component")
+    if name not in (store.INDEX, store.INDEX_SIG) and not idx.PATH.match(name):
+        raise Refused(400, f"tar member {name!r}: expected index.json, index.json.asc or "
+                           f"templates/<name>/<version>/<file>")
+    return name
+
+
+class _StrictInfo(tarfile.TarInfo):
+    """Notes where the archive ended: tarfile's reader takes a truncated or garbled header after the first
+    member for the end of the archive, which would make a cut-off upload look complete."""
+
+    @classmethod
+    def fromtarfile(cls, tar):  # type: ignore[override]
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # a block of zeros: the real end-of-archive marker
+            tar.tmpl_clean_end = True
+            raise
+
+
+def extract(stream: BinaryIO, cap: int, tmp: Path) -> Upload:
+    """Stream the tar into `tmp`, checking every member first and hashing every file as it is written.
+    Raises Refused (400 malformed, 413 too large)."""
+    upload = Upload(tmp)
+    reader = CappedReader(stream, cap)
+    try:
+        with tarfile.open(fileobj=reader, mode="r|", bufsize=TAR_BUFSIZE,  # type: ignore[call-overload]
+                          tarinfo=_StrictInfo) as tar:
+            tar.tmpl_clean_end = False
+            for count, member in enumerate(tar, 1):
+                if count > MAX_MEMBERS:
+                    raise Refused(400, f"more than {MAX_MEMBERS} tar members")
+                rel = member_path(member)
+                if rel in upload.files:
+                    raise Refused(400, f"tar member {rel!r} appears twice")
+                src = tar.extractfile(member)
+                assert src is not None  # a regular file
+                upload.files[rel] = _write(src, tmp / rel, member.size, rel)
+            if not tar.tmpl_clean_end:
+                raise Refused(400, "the tar archive is truncated or corrupt (no end-of-archive marker after "
+                                   f"{len(upload.files)} members)")
+    except tarfile.TarError as exc:
+        raise Refused(400, f"not a readable tar archive: {exc}") from None
+    except EOFError:
+        raise Refused(400, "the tar archive is truncated") from None
+    if not upload.files:
+        raise Refused(400, "empty upload")
+    return upload
+
+
+def _write(src: BinaryIO, dest: Path, expected: int, rel: str) -> Received:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
+    with open(dest, "xb") as out:
+        while chunk := src.read(CHUNK):
+            h256.update(chunk)
+            h512.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())  # written durably now, so the renames later need no second pass
+    if size != expected:
+        raise Refused(400, f"tar member {rel!r} is truncated: {size} of {expected} bytes")
+    return Received(dest, size, h256.hexdigest(), h512.hexdigest())
+
+
+def receive(root: Path, cache: IndexCache, stream: BinaryIO, cap: int, log) -> dict[str, Any]:
+    """The whole upload: extract into REPO/.upload-<random>/, check, move into place, swap the index. Returns
+    the 200 body {"version", "added"}. Raises Refused. Always removes the temporary directory."""
+    tmp = root / f"{safety.UPLOAD_PREFIX}{secrets.token_hex(8)}"
+    tmp.mkdir(mode=0o700)
+    fd = safety.lock_dir(tmp)  # marks it as in use: a sweep by another process leaves it alone
+    try:
+        upload = extract(stream, cap, tmp)
+        return _check_and_publish(root, cache, upload, log)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise Refused(507, f"the server's disk is full: {exc.strerror}") from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def _check_and_publish(root: Path, cache: IndexCache, upload: Upload, log) -> dict[str, Any]:
+    for name in (store.INDEX, store.INDEX_SIG):
+        if name not in upload.files:
+            raise Refused(400, f"the upload has no {name}: every upload carries the new signed index pair")
+    small = [rel for rel in upload.files if not _is_data(rel)]
+    for rel in small:
+        if upload.files[rel].size > MAX_SMALL_FILE:
+            raise Refused(422, f"{rel}: {upload.files[rel].size} bytes, more than {MAX_SMALL_FILE} for an "
+                               f"index, signature or SHA256SUMS file")
+    data, sig = upload.read(store.INDEX), upload.read(store.INDEX_SIG)
+    try:
+        keys = store.read_keys(root)
+    except TmplbuildError as exc:
+        raise Refused(503, f"the repository has no pinned keys: {exc}") from None
+    with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+        # 1. The new index: signed by a pinned key over these exact bytes, then schema, then repo_id.
+        try:
+            verifier.verify(data, sig)
+        except AuthenticityError as exc:
+            raise Refused(422, f"index.json.asc: {exc}") from None
+        try:
+            new = idx.parse(data)
+        except AuthenticityError as exc:
+            raise Refused(422, f"index.json: {exc}") from None
+        try:
+            current = cache.get().index
+        except IndexUnavailable as exc:
+            raise Refused(503, f"the current index is unusable, so no upload can be checked against it: {exc}")
+        if new.repo_id != current.repo_id:
+            raise Refused(422, f"index.json: repo_id {new.repo_id!r}, expected {current.repo_id!r}")
+
+        # Nothing that looks like a private key is let into the served tree, signed or not.
+        keys_found = safety.private_key_findings(upload.tmp)
+        if keys_found:
+            raise Refused(422, f"{keys_found[0]}: private key material; the server serves public keys only")
+
+        # 2. The slow checks that depend only on the upload and the new signed index (hashing was done while
+        # extracting; gpg reads each uploaded file once more for its .asc) run before the lock, so a 2 GiB
+        # upload does not hold up other publishers. Their verdicts are reported in protocol order below.
+        listed = {ref.path: ref for e in new.templates for ref in (*e.files, e.manifest)}
+        problems = _upload_checks(upload, new, listed, verifier)
+
+        try:
+            with store.locked(root):
+                # 3. Under the lock: the version against the index as it is now (not the cached one).
+                try:
+                    locked_current, _ = store.load_index(root, verifier)
+                except TmplbuildError as exc:
+                    raise Refused(503, f"the current index does not verify: {exc}") from None
+                if new.repo_id != locked_current.repo_id:
+                    raise Refused(422, f"index.json: repo_id {new.repo_id!r}, expected "
+                                       f"{locked_current.repo_id!r}")
+                if new.version != locked_current.version + 1:
+                    raise Refused(409, f"index.json: version {new.version}, expected "
+                                       f"{locked_current.version + 1} (current + 1): fetch the current index, "
+                                       f"add to it and sign again", current_version=locked_current.version)
+                now = time.time()  # what every client would refuse next
+                if idx.parse_stamp(new.expires) <= now:
+                    raise Refused(422, f"index.json: expired at {new.expires}")
+                if idx.parse_stamp(new.generated) > now + FUTURE_SKEW:
+                    raise Refused(422, f"index.json: generated {new.generated}, in the future")
+                # 4. Every listed file, uploaded or already served, with its signed size and hashes; then the
+                # per-file signatures; then the SHA256SUMS pairs.
+                old = {ref.path: ref for e in locked_current.templates for ref in (*e.files, e.manifest)}
+                _check_listed(root, upload, listed, old, problems.get("files"))
+                _check_unuploaded_signatures(root, upload, listed, verifier, problems.get("signatures"))
+                if problems.get("sums"):
+                    raise Refused(422, problems["sums"])
+                # 5. Only now does anything reach the served tree.
+                added = _move_into_place(root, upload, old)
+                store.write_index(root, data, sig)
+        except LocalIOError as exc:
+            raise Refused(503, str(exc)) from None
+    log.info("publish: index version %d in place (%d files added)", new.version, len(added))
+    return {"version": new.version, "added": added}
+
+
+def _is_data(rel: str) -> bool:
+    """A template file or manifest (as opposed to the index pair, a .asc or the SHA256SUMS pair)."""
+    name = rel.rsplit("/", 1)[-1]
+    return rel.startswith("templates/") and not name.endswith(".asc") and name not in (SUMS, SUMS_SIG)
+
+
+def _matches(got: Received, ref: idx.FileRef) -> str | None:
+    if got.size != ref.size:
+        return f"{ref.path}: size {got.size}, the signed index says {ref.size}"
+    if got.sha256 != ref.sha256:
+        return f"{ref.path}: sha256 {got.sha256}, the signed index says {ref.sha256}"
+    if ref.sha512 and got.sha512 != ref.sha512:
+        return f"{ref.path}: sha512 {got.sha512}, the signed index says {ref.sha512}"
+    return None
+
+
+def _upload_checks(upload: Upload, new: idx.Index, listed: dict[str, idx.FileRef],
+                   verifier: Verifier) -> dict[str, str]:
+    """The first problem of each kind ("files", "signatures", "sums") among what the upload carries."""
+    problems: dict[str, str] = {}
+
+    def note(kind: str, message: str) -> None:
+        problems.setdefault(kind, message)
+
+    data_dirs = set()
+    for rel, got in sorted(upload.files.items()):
+        if not _is_data(rel):
+            continue
+        data_dirs.add(rel.rsplit("/", 1)[0])
+        ref = listed.get(rel)
+        if ref is None:
+            note("files", f"{rel}: uploaded but not listed in the new index")
+            continue
+        mismatch = _matches(got, ref)
+        if mismatch:
+            note("files", mismatch)
+            continue
+        asc = upload.files.get(rel + ".asc")
+        if asc is None:
+            note("signatures", f"{rel}.asc: missing from the upload (every uploaded file needs its signature)")
+            continue
+        try:
+            verifier.verify_file(got.path, asc.path.read_bytes())
+        except AuthenticityError as exc:
+            note("signatures", f"{rel}.asc: {exc}")
+    for rel in sorted(upload.files):
+        name = rel.rsplit("/", 1)[-1]
+        if name.endswith(".asc") and rel != store.INDEX_SIG and rel[:-4] not in listed:
+            note("signatures", f"{rel}: a signature for a file the new index does not list")
+    for directory in sorted(data_dirs | {rel.rsplit("/", 1)[0] for rel in upload.files
+                                         if rel.rsplit("/", 1)[-1] in (SUMS, SUMS_SIG)}):
+        message = _check_sums(upload, directory, new, verifier, required=directory in data_dirs)
+        if message:
+            note("sums", message)
+    return problems
+
+
+def _check_sums(upload: Upload, directory: str, new: idx.Index, verifier: Verifier, required: bool) -> str | None:
+    sums, sums_sig = upload.files.get(f"{directory}/{SUMS}"), upload.files.get(f"{directory}/{SUMS_SIG}")
+    if sums is None or sums_sig is None:
+        missing = SUMS if sums is None else SUMS_SIG
+        why = "files of this directory are uploaded" if required else f"it comes with its pair"
+        return f"{directory}/{missing}: missing from the upload ({why})"
+    text = sums.path.read_bytes()
+    try:
+        verifier.verify(text, sums_sig.path.read_bytes())
+    except AuthenticityError as exc:
+        return f"{directory}/{SUMS_SIG}: {exc}"
+    expected = {ref.path.rsplit("/", 1)[-1]: ref.sha256 for e in new.templates if e.directory == directory
+                for ref in (*e.files, e.manifest)}
+    found: dict[str, str] = {}
+    try:
+        lines = text.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return f"{directory}/{SUMS}: not UTF-8 text"
+    for line in lines:
+        m = SUMS_LINE.match(line)
+        if not m or m.group(2) in found:
+            return f"{directory}/{SUMS}: malformed or repeated line {line[:100]!r}"
+        found[m.group(2)] = m.group(1)
+    if found != expected:
+        differ = sorted(set(found.items()) ^ set(expected.items()))
+        return f"{directory}/{SUMS}: does not match the new index (first difference: {differ[0][1]})"
+    return None
+
+
+def _served_file(root: Path, rel: str) -> Path | None:
+    """The served regular file at `rel`, or None (missing, or a symlink leaving the repository)."""
+    found = safety.resolve_download(os.path.realpath(root), rel)
+    return None if found is None else Path(os.path.realpath(root)) / found
+
+
+def _hash_file(path: Path) -> Received:
+    h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h256.update(chunk)
+            h512.update(chunk)
+            size += len(chunk)
+    return Received(path, size, h256.hexdigest(), h512.hexdigest())
+
+
+def _check_listed(root: Path, upload: Upload, listed: dict[str, idx.FileRef], old: dict[str, idx.FileRef],
+                  upload_problem: str | None) -> None:
+    """Every file the new index lists exists, in the upload or in the repository, with its signed size and
+    hashes; and no upload replaces a file the current index lists with different content."""
+    for path, ref in sorted(listed.items()):
+        if path in upload.files:
+            previous = old.get(path)
+            if previous is not None and (previous.size, previous.sha256) != (ref.size, ref.sha256):
+                raise Refused(422, f"{path}: already published with other content; publish a new version "
+                                   f"instead of replacing a file clients may hold")
+            continue
+        served = _served_file(root, path)
+        if served is None:
+            raise Refused(422, f"{path}: listed in the new index but neither uploaded nor in the repository")
+        if old.get(path) == ref:
+            # Listed with the same size and hashes by the current, verified index, whose upload checked them:
+            # size only here, so a publish does not re-read every template already served.
+            size = served.stat().st_size
+            if size != ref.size:
+                raise Refused(422, f"{path}: size {size} in the repository, the signed index says {ref.size}")
+            continue
+        mismatch = _matches(_hash_file(served), ref)
+        if mismatch:
+            raise Refused(422, mismatch + " (the file in the repository)")
+    if upload_problem:
+        raise Refused(422, upload_problem)
+
+
+def _check_unuploaded_signatures(root: Path, upload: Upload, listed: dict[str, idx.FileRef],
+                                 verifier: Verifier, upload_problem: str | None) -> None:
+    """A .asc uploaded for a listed file that is not itself in the upload is checked against the served file."""
+    if upload_problem:
+        raise Refused(422, upload_problem)
+    for rel, asc in sorted(upload.files.items()):
+        target = rel[:-4]
+        if rel.endswith(".asc") and rel != store.INDEX_SIG and target in listed and target not in upload.files:
+            served = _served_file(root, target)
+            if served is None:
+                raise Refused(422, f"{rel}: signs {target}, which is missing")
+            try:
+                verifier.verify_file(served, asc.path.read_bytes())
+            except AuthenticityError as exc:
+                raise Refused(422, f"{rel}: {exc}") from None
+
+
+def _move_into_place(root: Path, upload: Upload, old: dict[str, idx.FileRef]) -> list[str]:
+    """os.replace each uploaded file to its final path: template files, manifests and their .asc first, then
+    SHA256SUMS.gpg before SHA256SUMS (a reader never pairs new sums with an old signature that passes). A file
+    already served with identical content is left untouched. Returns the paths put in place."""
+    def order(rel: str) -> tuple[int, str]:
+        name = rel.rsplit("/", 1)[-1]
+        return (2 if name == SUMS else 1 if name == SUMS_SIG else 0, rel)
+
+    moved, dirs = [], set()
+    for rel in sorted((r for r in upload.files if r not in (store.INDEX, store.INDEX_SIG)), key=order):
+        got, dest = upload.files[rel], root / rel
+        if _is_data(rel) and rel in old and (old[rel].size, old[rel].sha256) == (got.size, got.sha256):
+            continue  # already published, byte for byte (checked against the signed index)
+        if not _is_data(rel) and _same_small_file(dest, got.path):
+            continue
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(got.path, 0o644)
+            os.replace(got.path, dest)
+        except OSError as exc:
+            raise LocalIOError("write", f"{dest}: {exc.strerror}") from None
+        moved.append(rel)
+        dirs.update(p for p in dest.parents if p == root or root in p.parents)  # new directories too
+    for d in sorted(dirs, reverse=True):
+        store.fsync_dir(d)
+    return moved
+
+
+def _same_small_file(dest: Path, new: Path) -> bool:
+    try:
+        st = os.lstat(dest)
+        return stat.S_ISREG(st.st_mode) and st.st_size == new.stat().st_size and dest.read_bytes() == new.read_bytes()
+    except OSError:
+        return False
