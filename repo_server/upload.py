@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tmplbuild.files import hash_file
 from tmplbuild.errors import AuthenticityError, LocalIOError, TmplbuildError
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import store
@@ -327,7 +328,7 @@ def _check_sums(upload: Upload, directory: str, new: idx.Index, verifier: Verifi
     sums, sums_sig = upload.files.get(f"{directory}/{SUMS}"), upload.files.get(f"{directory}/{SUMS_SIG}")
     if sums is None or sums_sig is None:
         missing = SUMS if sums is None else SUMS_SIG
-        why = "files of this directory are uploaded" if required else f"it comes with its pair"
+        why = "files of this directory are uploaded" if required else "it comes with its pair"
         return f"{directory}/{missing}: missing from the upload ({why})"
     text = sums.path.read_bytes()
     try:
@@ -359,13 +360,7 @@ def _served_file(root: Path, rel: str) -> Path | None:
 
 
 def _hash_file(path: Path) -> Received:
-    h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h256.update(chunk)
-            h512.update(chunk)
-            size += len(chunk)
-    return Received(path, size, h256.hexdigest(), h512.hexdigest())
+    return Received(path, *hash_file(path))
 
 
 def _check_listed(root: Path, upload: Upload, listed: dict[str, idx.FileRef], old: dict[str, idx.FileRef],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, can_build, gpg
+from tests.conftest import ROOT, can_build
 from tmplbuild.build.normalize import find_private_keys
 
 pytestmark = [pytest.mark.build, pytest.mark.skipif(can_build() is not None, reason=str(can_build()))]

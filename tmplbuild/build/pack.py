@@ -5,7 +5,6 @@ written as integers (tarfile adds a pax header per file for a float mtime), nume
 group names would come from the build host), hard links kept as links, file capabilities kept."""
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import subprocess
@@ -17,6 +16,7 @@ from typing import BinaryIO
 import zstandard
 
 from tmplbuild.errors import BuildError, LocalIOError
+from tmplbuild.files import hash_file
 from tmplbuild.recipe.model import Compression
 
 CHUNK = 1 << 20
@@ -172,14 +172,3 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
             raise LocalIOError("compress", f"{exc.filename or outputs[0][1]}: {exc.strerror}") from None
         raise
     return entries, content, artifacts
-
-
-def hash_file(path: Path) -> tuple[int, str, str]:
-    """(size, sha256, sha512) of a file, in one pass."""
-    h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h256.update(chunk)
-            h512.update(chunk)
-            size += len(chunk)
-    return size, h256.hexdigest(), h512.hexdigest()

@@ -9,7 +9,6 @@ is never overwritten with an older one (the read-compare-write happens under a l
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from tmplbuild.client.config import write_atomic
 from tmplbuild.client.trust import Seen
+from tmplbuild.files import exclusive_lock
 from tmplbuild.errors import LocalIOError
 
 _KEY = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,80}\Z")
@@ -78,16 +78,8 @@ def _locked(directory: Path) -> Iterator[None]:
     except OSError as exc:
         raise LocalIOError("state", f"{directory}: {exc.strerror}") from None
     try:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LocalIOError("lock", f"{directory / '.lock'}: held by another tmplbuild run") from None
-                time.sleep(0.05)
-        yield
+        with exclusive_lock(fd, LOCK_TIMEOUT, "lock", f"{directory / '.lock'}: held by another tmplbuild run"):
+            yield
     finally:
         os.close(fd)
 

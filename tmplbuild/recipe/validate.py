@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
-from tmplbuild.recipe.locate import Val, join_field, quote, type_name
+from tmplbuild.recipe.locate import Val, join_field, quote
 
 # All anchored with \A...\Z: `$` would accept a trailing newline, which would split a sources.list line.
 NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9.+-]*\Z")  # no "_": it separates name, version and arch in file names

@@ -1,13 +1,13 @@
 """`tmplbuild repo init|verify|prune|resign`: create, audit and maintain a repository directory."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 from pathlib import Path
 
 from tmplbuild.errors import AuthenticityError, UsageError
+from tmplbuild.files import hash_file
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import store
 from tmplbuild.sign import Signer, Verifier, export_public
@@ -138,17 +138,12 @@ def _check_file(root: Path, ref: idx.FileRef, verifier: Verifier) -> list[str]:
     path = root / ref.path
     if not path.is_file():
         return [f"{ref.path}: listed in the index but missing"]
-    h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h256.update(chunk)
-            h512.update(chunk)
-            size += len(chunk)
+    size, sha256, sha512 = hash_file(path)
     out = []
     if size != ref.size:
         out.append(f"{ref.path}: size {size}, the index says {ref.size}")
-    elif h256.hexdigest() != ref.sha256 or (ref.sha512 and h512.hexdigest() != ref.sha512):
-        out.append(f"{ref.path}: sha256 {h256.hexdigest()}, the index says {ref.sha256}")
+    elif sha256 != ref.sha256 or (ref.sha512 and sha512 != ref.sha512):
+        out.append(f"{ref.path}: sha256 {sha256}, the index says {ref.sha256}")
     try:
         verifier.verify_file(path, (root / (ref.path + ".asc")).read_bytes())
     except FileNotFoundError:

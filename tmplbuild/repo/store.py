@@ -6,16 +6,15 @@ an interrupted swap (roll forward) or discards a pending pair that was never com
 served, so .pending, .staging-* and .lock are invisible to clients."""
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tmplbuild.files import exclusive_lock
 from tmplbuild.errors import LocalIOError, UsageError
 from tmplbuild.repo import index as idx
 
@@ -48,17 +47,9 @@ def locked(root: Path, timeout: float = 120.0) -> Iterator[None]:
     except OSError as exc:
         raise LocalIOError("lock", f"{root / '.lock'}: {exc.strerror}") from None
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LocalIOError("lock", f"{root}: another publisher holds the lock") from None
-                time.sleep(0.1)
-        recover(root)
-        yield
+        with exclusive_lock(fd, timeout, "lock", f"{root}: another publisher holds the lock"):
+            recover(root)
+            yield
     finally:
         os.close(fd)
 

@@ -1,0 +1,43 @@
+"""Small file helpers shared by the builder, the repository, the server and the client."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tmplbuild.errors import LocalIOError
+
+CHUNK = 1 << 20
+
+
+def hash_file(path: Path) -> tuple[int, str, str]:
+    """(size, sha256, sha512) of a file, in one pass."""
+    h256, h512, size = hashlib.sha256(), hashlib.sha512(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h256.update(chunk)
+            h512.update(chunk)
+            size += len(chunk)
+    return size, h256.hexdigest(), h512.hexdigest()
+
+
+@contextmanager
+def exclusive_lock(fd: int, timeout: float, check: str, held: str) -> Iterator[None]:
+    """flock(LOCK_EX) on an open fd, waiting up to `timeout` seconds. Raises LocalIOError(check, held) (exit 7)
+    when another process keeps it. The caller owns (and closes) the fd."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise LocalIOError(check, held) from None
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
