@@ -202,6 +202,33 @@ def cmd_repo_resign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from tmplbuild.rebuild import LocalRepo, RebuildOptions, RemoteRepo, rebuild
+
+    expires_in = parse_duration(args.expires_in)
+    if args.to:
+        from tmplbuild.repo.remote import read_token
+        from tmplbuild.sign import export_public
+
+        if not args.token_file:
+            raise UsageError("rebuild", "--to needs --token-file")
+        signer, home = _signer(args, [Path.cwd()])
+        repo = RemoteRepo(args.to, signer, export_public(signer.fingerprint, home, armored=False),
+                          read_token(Path(args.token_file)), expires_in)
+    else:
+        signer, _ = _signer(args, [Path(args.repo), Path.cwd()])
+        repo = LocalRepo(Path(args.repo), signer, expires_in)
+    report = rebuild(repo, RebuildOptions(
+        recipes_dir=Path(args.recipes), host_arch=host_arch(),
+        cache_dir=Path(args.cache_dir or default_cache_dir()), out_dir=Path(args.out) if args.out else None,
+        mirror=args.mirror, security_mirror=args.security_mirror, keep=args.keep))
+    sys.stdout.write(report.json() if args.json else report.markdown())
+    for row in report.rows:
+        if row.result == "failed":
+            print(f"tmplbuild: rebuild {row.template} {row.arch}: {row.details}", file=sys.stderr)
+    return report.exit_code
+
+
 def _signing_args(p: argparse.ArgumentParser, expires: bool = True) -> None:
     p.add_argument("--key", required=True, metavar="FINGERPRINT", help="signing key")
     p.add_argument("--gnupghome", help="the signing key's own GNUPGHOME (default: $TMPLBUILD_GNUPGHOME or "
@@ -285,6 +312,21 @@ def parser() -> argparse.ArgumentParser:
     rr.add_argument("dir")
     _signing_args(rr)
     rr.set_defaults(func=cmd_repo_resign)
+
+    rb = sub.add_parser("rebuild", help="rebuild every recipe whose inputs changed and publish what differs")
+    rb.add_argument("--recipes", default="recipes", metavar="DIR", help="recipe directory (default ./recipes)")
+    rwhere = rb.add_mutually_exclusive_group(required=True)
+    rwhere.add_argument("--repo", metavar="DIR", help="local repository directory")
+    rwhere.add_argument("--to", metavar="URL", help="repository server (tmplbuild serve) to upload to")
+    rb.add_argument("--token-file", help="with --to: file holding the upload token")
+    rb.add_argument("--keep", type=int, metavar="N", help="then prune to the newest N versions (local only)")
+    rb.add_argument("--cache-dir", help="shared package cache (default as for build)")
+    rb.add_argument("--out", metavar="DIR", help="where builds go (default: a temporary directory)")
+    rb.add_argument("--mirror", help="Debian mirror URL (default as for build)")
+    rb.add_argument("--security-mirror", help="Debian security mirror URL (default as for build)")
+    rb.add_argument("--json", action="store_true", help="the summary as JSON instead of a Markdown table")
+    _signing_args(rb)
+    rb.set_defaults(func=cmd_rebuild)
 
     c = sub.add_parser("check", help="parse and validate recipes without building")
     c.add_argument("recipes", nargs="+")

@@ -40,6 +40,7 @@ class BuildOptions:
     force: bool = False
     use_tmpfs: bool = True
     zstd_level: int = pack.ZSTD_LEVEL
+    version: str | None = None  # overrides default_version (tmplbuild rebuild: `<default>.N`)
 
 
 @dataclass
@@ -62,12 +63,39 @@ def default_version(recipe: Recipe, epoch: int) -> str:
 
 def input_hash(recipe: Recipe, arch: str, releases: list[archive.ReleaseInfo]) -> str:
     """What the template is made from: the resolved recipe (with its parents, scripts, files and keys), the
-    architecture, the identity of the signed archive state, and the builder's version."""
+    architecture, the builder's version, and the archive state as the signed sha256 of each Packages index the
+    build reads. Not the InRelease bytes: a security suite is re-signed daily (Valid-Until) without one package
+    changing, and that must not count as a new input (the weekly rebuild skips on an equal input hash)."""
     h = hashlib.sha256()
-    for part in (recipe.canonical, arch.encode(), __version__.encode(),
-                 *(r.inrelease_sha256.encode() for r in releases)):
+    indices = [r.files.get(f"{c}/binary-{arch}/Packages", (r.inrelease_sha256, 0))[0].encode()
+               for r in releases for c in recipe.bootstrap.components]
+    for part in (recipe.canonical, arch.encode(), __version__.encode(), *indices):
         h.update(len(part).to_bytes(8, "big") + part)
     return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PlannedInputs:
+    """What a build of (recipe, opts) would be made from, known before building."""
+
+    input_hash: str
+    epoch: int
+    version: str  # opts.version, else the default version
+    suites: list[SuiteSource]
+
+
+def plan_inputs(recipe: Recipe, opts: BuildOptions, fetcher: archive.Fetcher | None = None,
+                mirror: str | None = None) -> PlannedInputs:
+    """Resolve the mirror, fetch and verify the suites' InRelease, and derive the input hash, the epoch and the
+    version, without building. build() uses this too, so the two never disagree. Raises UsageError,
+    AuthenticityError, TransportError."""
+    fetcher = fetcher or archive.Fetcher()
+    mirror = mirror or resolve_mirror(opts.mirror, recipe.bootstrap.mirror)
+    suites = _fetch_suites(fetcher, recipe, mirror, opts)
+    releases = [s.release for s in suites]
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or max(r.epoch for r in releases))
+    return PlannedInputs(input_hash=input_hash(recipe, opts.arch, releases), epoch=epoch,
+                         version=opts.version or default_version(recipe, epoch), suites=suites)
 
 
 def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
@@ -90,10 +118,8 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
     fetcher = archive.Fetcher()
 
     with step("archive", timings):
-        suites = _fetch_suites(fetcher, recipe, mirror, opts)
-        releases = [s.release for s in suites]
-        epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or max(r.epoch for r in releases))
-        version = default_version(recipe, epoch)
+        planned = plan_inputs(recipe, opts, fetcher, mirror)
+        suites, epoch, version = planned.suites, planned.epoch, planned.version
         stem = artifact_stem(recipe, version, opts.arch)
     finals = [opts.out_dir / f"{stem}.{fmt.value}" for fmt in recipe.formats]
     manifest_path = opts.out_dir / f"{stem}.manifest.json"
@@ -155,7 +181,7 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
         "variant": recipe.variant, "description": recipe.description,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)), "source_date_epoch": epoch,
         "build": {
-            "input_hash": input_hash(recipe, opts.arch, releases),
+            "input_hash": planned.input_hash,
             "recipe_sha256": hashlib.sha256(recipe.canonical).hexdigest(),
             "extends": list(recipe.extends),
             "archive": [{"suite": x.suite, "codename": x.release.codename, "date": x.release.date,

@@ -1,0 +1,277 @@
+"""`tmplbuild rebuild`: the weekly job. Pure parts (changelog, version choice, the "unchanged" rule), the runs
+that need no build (re-signing, a broken recipe, an architecture this host cannot build, re-signing over
+--to), and then one sequence of real rebuilds against the configured mirror: publish both, nothing to do, one
+recipe changed, one recipe broken."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, can_build
+from tmplbuild.rebuild import changelog, changelog_summary, newest, pick_version, same_content
+from tmplbuild.repo import index as idx
+
+MINIMAL = (ROOT / "recipes/debian-12-minimal.toml").read_text()
+build_only = [pytest.mark.build, pytest.mark.skipif(can_build() is not None, reason=str(can_build()))]
+
+
+def tmplbuild(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tmplbuild", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def make_key(base: Path) -> tuple[Path, str]:
+    home = base / "gnupg"
+    proc = tmplbuild("key", "generate", "--name", "Test Templates <t@example.invalid>", "--gnupghome", str(home),
+                     "--out", str(base / "pub.asc"))
+    assert proc.returncode == 0, proc.stderr
+    return home, proc.stdout.strip()
+
+
+def kill_agents(home: Path) -> None:
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+
+
+def init_repo(root: Path, key) -> Path:
+    home, fpr = key
+    proc = tmplbuild("repo", "init", str(root), "--key", fpr, "--gnupghome", str(home), "--id", "test-repo")
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def index_of(root: Path) -> dict:
+    return json.loads((root / "index.json").read_text())
+
+
+def write_recipes(d: Path, minimal_extra: list[str] = (), extra: list[str] = ("less",)) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    text = MINIMAL.replace('name = "debian-12-minimal"', 'name = "rb-minimal"')
+    if minimal_extra:
+        text = text.replace('"ca-certificates"]', '"ca-certificates", ' + ", ".join(f'"{p}"' for p in minimal_extra) + "]")
+    (d / "rb-minimal.toml").write_text(text)
+    (d / "rb-extra.toml").write_text(
+        'extends = "rb-minimal"\n\n[template]\nname = "rb-extra"\nvariant = "extra"\n'
+        'description = "rb-minimal and a little more"\n\n[packages]\n'
+        f'include = [{", ".join(f"{chr(34)}{p}{chr(34)}" for p in extra)}]\n')
+
+
+def rebuild(recipes: Path, repo: Path, key, cache: Path | None = None, *extra: str):
+    home, fpr = key
+    args = ["rebuild", "--recipes", str(recipes), "--repo", str(repo), "--key", fpr, "--gnupghome", str(home),
+            *extra]
+    if cache is not None:
+        args += ["--cache-dir", str(cache)]
+    return tmplbuild(*args)
+
+
+def rows(proc) -> dict[str, list[str]]:
+    """The Markdown summary: template -> [arch, result, version, details]."""
+    out = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 5 and cells[0] not in ("template", "---"):
+            out[cells[0]] = cells[1:]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- pure
+
+
+def test_changelog_added_removed_upgraded_downgraded():
+    old = [{"name": "a", "version": "1.0-1"}, {"name": "b", "version": "2.0"}, {"name": "c", "version": "1:1.0"},
+           {"name": "d", "version": "1.0~rc1"}, {"name": "gone", "version": "3"}]
+    new = [{"name": "a", "version": "1.0-1"}, {"name": "b", "version": "2.0+deb12u1"},
+           {"name": "c", "version": "9.9"}, {"name": "d", "version": "1.0"}, {"name": "new", "version": "0.1-2"}]
+    log = changelog(old, new, "12-20261101")
+    assert log == {
+        "previous_version": "12-20261101",
+        "added": [{"name": "new", "version": "0.1-2"}],
+        "removed": [{"name": "gone", "version": "3"}],
+        "upgraded": [{"name": "b", "from": "2.0", "to": "2.0+deb12u1"}, {"name": "d", "from": "1.0~rc1", "to": "1.0"}],
+        "downgraded": [{"name": "c", "from": "1:1.0", "to": "9.9"}],  # the epoch wins
+    }
+    assert changelog_summary(log) == "+1 -1 ↑2 ↓1 since 12-20261101"
+    first = changelog(None, new, None)
+    assert first["previous_version"] is None and len(first["added"]) == 5
+    assert changelog_summary(first) == "+5 -0 ↑0 ↓0 (first version)"
+
+
+def test_pick_version_and_newest():
+    assert pick_version("12-20261122", set()) == "12-20261122"
+    assert pick_version("12-20261122", {"12-20261122"}) == "12-20261122.2"
+    assert pick_version("12-20261122", {"12-20261122", "12-20261122.2", "12-20261122.3"}) == "12-20261122.4"
+    ref = idx.FileRef("templates/x/1/x_1_amd64.manifest.json", 1, "0" * 64)
+
+    def entry(version, created):
+        return idx.Entry("x", version, "amd64", "debian", "12", "", "", created, "", (), ref)
+
+    es = [entry("12-20261122", "2026-11-22T00:00:00Z"), entry("12-20261122.10", "2026-11-22T00:00:00Z"),
+          entry("12-20261122.9", "2026-11-22T00:00:00Z"), entry("12-20261101", "2026-11-01T00:00:00Z")]
+    assert newest(es).version == "12-20261122.10"
+    assert newest([]) is None
+
+
+def test_unchanged_rule_ignores_the_archive_bytes_but_not_packages_or_recipe():
+    base = {"build": {"recipe_sha256": "r", "tmplbuild": "0.1", "archive": [{"inrelease_sha256": "a"}]},
+            "packages": [{"name": "a", "version": "1", "arch": "amd64"}]}
+    resigned = {**base, "build": {**base["build"], "archive": [{"inrelease_sha256": "b"}]}}
+    assert same_content(resigned, base)
+    assert not same_content({**base, "packages": [{"name": "a", "version": "2", "arch": "amd64"}]}, base)
+    assert not same_content({**base, "build": {**base["build"], "recipe_sha256": "s"}}, base)
+
+
+# ---------------------------------------------------------------------------------------------- no build
+
+
+def test_nothing_to_build_resigns_and_reports_failures_and_foreign_arches(tmp_path):
+    key = make_key(tmp_path)
+    try:
+        repo = init_repo(tmp_path / "repo", key)
+        recipes = tmp_path / "recipes"
+        write_recipes(recipes, extra=["Bad_Name"])
+        # rb-minimal for an architecture this host does not build: no network, no build.
+        text = (recipes / "rb-minimal.toml").read_text().replace('["amd64"]', '["s390x"]')
+        (recipes / "rb-minimal.toml").write_text(text)
+        before = index_of(repo)
+        proc = rebuild(recipes, repo, key, tmp_path / "cache")
+        assert proc.returncode == 2, proc.stderr
+        table = rows(proc)
+        assert table["rb-minimal"][:2] == ["s390x", "skipped"]
+        assert "cannot build s390x here" in table["rb-minimal"][3]
+        assert table["rb-extra"][1] == "failed" and "Bad_Name" in table["rb-extra"][3]
+        assert "tmplbuild: rebuild rb-extra" in proc.stderr
+        after = index_of(repo)
+        assert after["version"] == before["version"] + 1 and after["expires"] >= before["expires"]
+        assert after["templates"] == []
+        assert tmplbuild("repo", "verify", str(repo)).returncode == 0
+        js = rebuild(recipes, repo, key, tmp_path / "cache", "--json")
+        data = json.loads(js.stdout)
+        assert js.returncode == 2 and data["exit_code"] == 2 and data["index_version"] == after["version"] + 1
+        assert {r["template"]: r["result"] for r in data["results"]} == {"rb-minimal": "skipped", "rb-extra": "failed"}
+    finally:
+        kill_agents(key[0])
+
+
+def test_nothing_to_build_over_to_uploads_a_resigned_index(tmp_path):
+    from tests.test_server import Server
+
+    key = make_key(tmp_path)
+    server = None
+    try:
+        repo = init_repo(tmp_path / "repo", key)
+        token = tmp_path / "token"
+        token.write_text("tok-" + secrets.token_hex(16) + "\n")
+        token.chmod(0o600)
+        server = Server(repo, tmp_path / "logs", "--token-file", str(token))
+        (tmp_path / "recipes").mkdir()
+        home, fpr = key
+        before = index_of(repo)
+        proc = tmplbuild("rebuild", "--recipes", str(tmp_path / "recipes"), "--to", server.base, "--token-file",
+                         str(token), "--key", fpr, "--gnupghome", str(home), "--keep", "2")
+        assert proc.returncode == 2, proc.stdout + proc.stderr  # prune over --to: a usage error
+        assert "prune" in proc.stdout and "not supported over --to" in proc.stdout
+        after = index_of(repo)
+        assert after["version"] == before["version"] + 1  # the index-only upload was accepted
+        assert tmplbuild("repo", "verify", str(repo)).returncode == 0
+        proc = tmplbuild("rebuild", "--recipes", str(tmp_path / "recipes"), "--to", server.base, "--token-file",
+                         str(token), "--key", fpr, "--gnupghome", str(home))
+        assert proc.returncode == 0, proc.stderr
+        assert index_of(repo)["version"] == before["version"] + 2
+    finally:
+        if server is not None:
+            server.stop()
+        kill_agents(key[0])
+
+
+# ---------------------------------------------------------------------------------------------- real builds
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rebuild")
+    key = make_key(base)
+    repo = init_repo(base / "repo", key)
+    recipes = base / "recipes"
+    write_recipes(recipes)
+    yield {"base": base, "key": key, "repo": repo, "recipes": recipes, "cache": base / "cache"}
+    kill_agents(key[0])
+
+
+def entries(repo: Path, name: str) -> list[dict]:
+    return [e for e in index_of(repo)["templates"] if e["name"] == name]
+
+
+@pytest.mark.build
+@pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
+def test_1_first_rebuild_publishes_both(world):
+    proc = rebuild(world["recipes"], world["repo"], world["key"], world["cache"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    table = rows(proc)
+    assert table["rb-minimal"][1] == "published" and table["rb-extra"][1] == "published"
+    assert "(first version)" in table["rb-extra"][3]
+    for name in ("rb-minimal", "rb-extra"):
+        (e,) = entries(world["repo"], name)
+        manifest = json.loads((world["repo"] / e["manifest"]["path"]).read_text())
+        assert manifest["changelog"]["previous_version"] is None
+        assert {p["name"] for p in manifest["changelog"]["added"]} == {p["name"] for p in manifest["packages"]}
+    assert any(p["name"] == "less" for p in json.loads(
+        (world["repo"] / entries(world["repo"], "rb-extra")[0]["manifest"]["path"]).read_text())["packages"])
+    assert tmplbuild("repo", "verify", str(world["repo"])).returncode == 0
+
+
+@pytest.mark.build
+@pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
+def test_2_second_rebuild_builds_nothing_and_resigns(world):
+    before = index_of(world["repo"])
+    proc = rebuild(world["recipes"], world["repo"], world["key"], world["cache"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    table = rows(proc)
+    for name in ("rb-minimal", "rb-extra"):
+        assert table[name][1] == "skipped" and table[name][3] == "inputs unchanged", table
+    assert "==> bootstrap" not in proc.stderr
+    after = index_of(world["repo"])
+    assert after["templates"] == before["templates"]
+    assert after["version"] == before["version"] + 1
+    assert after["expires"] > before["expires"] or after["generated"] > before["generated"]
+    assert tmplbuild("repo", "verify", str(world["repo"])).returncode == 0
+
+
+@pytest.mark.build
+@pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
+def test_3_a_changed_recipe_gets_a_new_version_with_a_changelog(world):
+    write_recipes(world["recipes"], extra=["less", "bzip2"])
+    (old,) = entries(world["repo"], "rb-extra")
+    proc = rebuild(world["recipes"], world["repo"], world["key"], world["cache"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    table = rows(proc)
+    assert table["rb-minimal"][1] == "skipped"
+    assert table["rb-extra"][1:3] == ["published", old["version"] + ".2"]
+    assert len(entries(world["repo"], "rb-minimal")) == 1
+    new = next(e for e in entries(world["repo"], "rb-extra") if e["version"] == old["version"] + ".2")
+    manifest = json.loads((world["repo"] / new["manifest"]["path"]).read_text())
+    log = manifest["changelog"]
+    assert log["previous_version"] == old["version"]
+    versions = {p["name"]: p["version"] for p in manifest["packages"]}
+    assert {"name": "bzip2", "version": versions["bzip2"]} in log["added"]
+    assert log["removed"] == [] and log["upgraded"] == [] and log["downgraded"] == []
+    assert table["rb-extra"][3].startswith(f"+{len(log['added'])} -0 ↑0 ↓0")
+    assert tmplbuild("repo", "verify", str(world["repo"])).returncode == 0
+
+
+@pytest.mark.build
+@pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
+def test_4_a_broken_recipe_does_not_stop_the_others(world):
+    write_recipes(world["recipes"], minimal_extra=["bzip2"], extra=["less", "Not_A_Package"])
+    (old,) = entries(world["repo"], "rb-minimal")
+    proc = rebuild(world["recipes"], world["repo"], world["key"], world["cache"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
+    table = rows(proc)
+    assert table["rb-extra"][1] == "failed" and "Not_A_Package" in table["rb-extra"][3]
+    assert table["rb-minimal"][1:3] == ["published", old["version"] + ".2"]
+    assert len(entries(world["repo"], "rb-minimal")) == 2
+    assert tmplbuild("repo", "verify", str(world["repo"])).returncode == 0
