@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import hashlib
 import time
 from collections.abc import Iterator
@@ -41,3 +42,12 @@ def exclusive_lock(fd: int, timeout: float, check: str, held: str) -> Iterator[N
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """fsync a file, or a directory (so that a rename into it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

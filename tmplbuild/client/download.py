@@ -26,6 +26,7 @@ import urllib3
 from tmplbuild import __version__
 from tmplbuild.client import trust
 from tmplbuild.errors import AuthenticityError, LocalIOError, TransportError
+from tmplbuild.files import fsync_path
 from tmplbuild.repo.index import FileRef
 
 TIMEOUT = (10, 30)  # connect, read (between two bytes): seconds
@@ -239,14 +240,6 @@ class Progress:
             self._shown = False
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def present(path: Path, ref: FileRef) -> bool:
     """True if `path` is a regular file with the signed size, sha256 and sha512 (then nothing to download)."""
     try:
@@ -410,7 +403,7 @@ def install(transport: Transport, url: str, ref: FileRef, dest: Path, filename: 
             raise
         try:
             os.replace(part, final)
-            _fsync_dir(dest)
+            fsync_path(dest, directory=True)
         except OSError as exc:
             part.unlink(missing_ok=True)
             raise LocalIOError("install", f"cannot rename {part} to {final}: {exc.strerror}") from None

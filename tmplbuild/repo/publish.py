@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tmplbuild.errors import AuthenticityError, LocalIOError, UsageError
+from tmplbuild.files import fsync_path
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import store
 from tmplbuild.sign import Signer, Verifier
@@ -172,7 +173,7 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier: Verifier, neighbou
             staged.append((tmp, directory / fname))
         _fault("before-files")
         for tmp, _ in staged:
-            _fsync(tmp)  # deferred from the copy: the kernel wrote back while gpg was signing
+            fsync_path(tmp)  # deferred from the copy: the kernel wrote back while gpg was signing
         # Template files, manifests and their signatures first; then SHA256SUMS.gpg before SHA256SUMS, so a
         # reader never pairs new sums with an old signature that would pass.
         order = sorted(staged, key=lambda s: (s[1].name == "SHA256SUMS", s[1].name == "SHA256SUMS.gpg"))
@@ -193,7 +194,8 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier: Verifier, neighbou
 def _copy_hashing(src: Path, dest: Path) -> tuple[int, str]:
     """Put src's content at dest and return (size, sha256) of what dest holds. On the same filesystem dest is a
     hard link: the builder only ever replaces its outputs (a new inode), so the published bytes cannot change
-    under the repository, and a 60 MB write is saved. Otherwise a copy. Not fsynced here: see _fsync."""
+    under the repository, and a 60 MB write is saved. Otherwise a copy. Not fsynced here: _add does that later,
+    after signing, so the write-back overlaps gpg's work."""
     dest.unlink(missing_ok=True)
     try:
         os.link(src, dest)
@@ -213,14 +215,6 @@ def _copy_hashing(src: Path, dest: Path) -> tuple[int, str]:
     except OSError as exc:
         raise LocalIOError("write", f"{dest}: {exc.strerror}") from None
     return size, h256.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fault(point: str) -> None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmplbuild.files import exclusive_lock
+from tmplbuild.files import exclusive_lock, fsync_path
 from tmplbuild.errors import LocalIOError, UsageError
 from tmplbuild.repo import index as idx
 
@@ -98,11 +98,7 @@ def write_durable(path: Path, data: bytes) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path, directory=True)
 
 
 def load_index(root: Path, verifier) -> tuple[idx.Index, bytes]:
