@@ -51,3 +51,28 @@ def fsync_path(path: Path, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = False, check: str = "write") -> None:
+    """Replace `path` with `data` so that a reader sees the old content or the new, never a part: a hidden
+    temporary file in the same directory, then os.replace. `durable` also fsyncs the file before the rename and
+    the directory after it (configuration and state that must survive a crash; caches need not). Raises
+    LocalIOError(check, ...)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if durable:
+            fsync_path(path.parent, directory=True)
+    except OSError as exc:
+        raise LocalIOError(check, f"{path}: {exc.strerror}") from None

@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 
 from tmplbuild.errors import AuthenticityError, LocalIOError, TransportError
+from tmplbuild.files import atomic_write
 from tmplbuild.run import run
 
 INRELEASE_CAP = 16 << 20
@@ -293,20 +294,9 @@ def fetch_packages(fetcher: Fetcher, mirror: str, release: ReleaseInfo, suite: s
             data = decompress(data)
         if hashlib.sha256(data).hexdigest() != sha or len(data) != size:
             raise AuthenticityError("archive index", f"{rel}: sha256 differs from the signed Release")
-        _atomic_write(dest, data)
+        atomic_write(dest, data, check="package cache")
         return dest
     raise AuthenticityError("archive index", f"{suite}: Release lists no usable {rel}")
-
-
-def _atomic_write(dest: Path, data: bytes) -> None:
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except OSError as exc:
-        raise LocalIOError("package cache", f"{dest}: {exc.strerror}") from None
 
 
 def resolve(names: list[str], packages: dict[str, Package], exclude_dependency: frozenset[str]) -> list[str]:

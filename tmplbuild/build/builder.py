@@ -21,6 +21,7 @@ from tmplbuild.build.manifest import installed_packages
 from tmplbuild.build.mirror import resolve_mirror
 from tmplbuild.build.plan import BootstrapPlan, debootstrap_argv, lists_name, make_plan, missing_packages
 from tmplbuild.errors import AuthenticityError, BuildError, LocalIOError, UsageError
+from tmplbuild.files import atomic_write
 from tmplbuild.log import say, step
 from tmplbuild.recipe.model import Recipe, Stage
 from tmplbuild.run import run
@@ -257,7 +258,7 @@ def _resolve(fetcher: archive.Fetcher, recipe: Recipe, opts: BuildOptions, suite
     trimmed = b"".join(
         archive.select_stanzas(path.read_bytes(), {p.name for p in plan.debs if p.origin == f"{suite}/{component}"})
         for (suite, component), path in indices.items())
-    _write_bytes(trimmed_file, trimmed)
+    atomic_write(trimmed_file, trimmed)
     _write_json(plan_file, {"required": plan.required, "base": plan.base,
                             "debs": [{**d.__dict__, "depends": list(d.depends)} for d in plan.debs]})
     upgraded = sum(1 for p in plan.debs if not p.origin.startswith(f"{recipe.suite}/"))
@@ -393,18 +394,5 @@ def _keep_log(log: Path, dest: Path) -> None:
         pass
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomically: a reader sees the old file or the new one, never a part."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise LocalIOError("write", f"{path}: {exc.strerror}") from None
-
-
 def _write_json(path: Path, data: object) -> None:
-    _write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from tmplbuild.files import atomic_write
 from tmplbuild.errors import LocalIOError, UsageError
 from tmplbuild.recipe.validate import url_problem
 from tmplbuild.sign.keys import normalise_fingerprint
@@ -197,25 +198,8 @@ def dumps(remotes: dict[str, Remote], directory: Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """tmp file in the same directory + fsync + os.replace + fsync of the directory. Raises LocalIOError."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as exc:
-        raise LocalIOError("write", f"{path}: {exc.strerror}") from None
+    """Configuration must survive a crash whole: a durable atomic write. Raises LocalIOError."""
+    atomic_write(path, data, mode=mode, durable=True)
 
 
 def add(name: str, urls: list[str], key_file: Path, fingerprints: list[str], repo_id: str | None,
