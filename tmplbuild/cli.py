@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 from tmplbuild import __version__
 from tmplbuild.errors import ExitCode, TmplbuildError, UsageError
+from tmplbuild.run import host_arch
 
 
 def default_cache_dir() -> Path:
@@ -19,14 +19,6 @@ def default_cache_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/cache/tmplbuild")
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tmplbuild"
-
-
-def host_arch() -> str | None:
-    try:
-        return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def find_recipe(arg: str) -> Path:

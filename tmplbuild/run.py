@@ -89,6 +89,16 @@ def run(
     return proc
 
 
+def host_arch() -> str | None:
+    """The host's Debian architecture (dpkg --print-architecture), or None when dpkg cannot tell."""
+    try:
+        out = run(["dpkg", "--print-architecture"], check="arch", capture=True).stdout
+    except TmplbuildError:
+        return None
+    arch = out.decode(errors="replace").strip()
+    return arch or None
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)

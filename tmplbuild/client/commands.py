@@ -224,16 +224,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 # -- fetch -------------------------------------------------------------------------------------------------------
 
 def host_arch() -> str:
-    from tmplbuild.run import run
+    from tmplbuild import run
 
-    try:
-        arch = run(["dpkg", "--print-architecture"], check="arch", capture=True, error=UsageError).stdout
-    except UsageError:
-        arch = b""
-    arch_text = arch.decode(errors="replace").strip()
-    if not ARCH.match(arch_text):
+    arch = run.host_arch() or ""
+    if not ARCH.match(arch):
         raise UsageError("arch", "cannot tell the host architecture (dpkg --print-architecture): give --arch")
-    return arch_text
+    return arch
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
