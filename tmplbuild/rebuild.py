@@ -176,11 +176,9 @@ class RemoteRepo:
         self.session = requests.Session()
 
     def _verified_index(self, verifier) -> idx.Index:
-        from tmplbuild.repo.remote import _get
+        from tmplbuild.repo.remote import fetch_verified_index
 
-        data = _get(self.session, f"{self.base}/index.json")
-        verifier.verify(data, _get(self.session, f"{self.base}/index.json.asc"))
-        return idx.parse(data)
+        return fetch_verified_index(self.session, self.base, verifier)
 
     def index(self) -> idx.Index:
         from tmplbuild.sign import Verifier
@@ -189,9 +187,9 @@ class RemoteRepo:
             return self._verified_index(verifier)
 
     def manifest(self, entry: idx.Entry) -> dict:
-        from tmplbuild.repo.remote import _get
+        from tmplbuild.repo.remote import get_capped
 
-        return _checked_manifest(entry, _get(self.session, f"{self.base}/{entry.manifest.path}"))
+        return _checked_manifest(entry, get_capped(self.session, f"{self.base}/{entry.manifest.path}"))
 
     def publish(self, paths: list[Path]):
         from tmplbuild.repo.remote import publish_remote

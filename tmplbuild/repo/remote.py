@@ -34,7 +34,15 @@ def read_token(path: Path) -> str:
     return token
 
 
-def _get(session: requests.Session, url: str) -> bytes:
+def fetch_verified_index(session: requests.Session, base: str, verifier: Verifier) -> idx.Index:
+    """A server's current index, after its signature over the exact bytes verified with pinned keys. Raises
+    TransportError, AuthenticityError."""
+    data = get_capped(session, f"{base}/index.json")
+    verifier.verify(data, get_capped(session, f"{base}/index.json.asc"))
+    return idx.parse(data)
+
+
+def get_capped(session: requests.Session, url: str) -> bytes:
     try:
         with session.get(url, timeout=TIMEOUT, stream=True, allow_redirects=False) as resp:
             if resp.status_code != 200:
@@ -58,9 +66,7 @@ def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: byt
     session = requests.Session()
     with Verifier(pinned_keys, pinned) as verifier:
         for attempt in range(1, RETRIES + 1):
-            data = _get(session, f"{base}/index.json")
-            verifier.verify(data, _get(session, f"{base}/index.json.asc"))
-            current = idx.parse(data)
+            current = fetch_verified_index(session, base, verifier)
             staging = Path(tempfile.mkdtemp(prefix="tmplbuild-upload-"))
             try:
                 added, unchanged = stage_additions(
