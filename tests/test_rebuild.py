@@ -5,7 +5,6 @@ recipe changed, one recipe broken."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, can_build
+from tests.test_repo import index_of
+from tests.test_server import init_repo, kill_agents, make_key
 from tmplbuild.rebuild import changelog, changelog_summary, newest, pick_version, same_content
 from tmplbuild.repo import index as idx
 
@@ -23,29 +24,6 @@ build_only = [pytest.mark.build, pytest.mark.skipif(can_build() is not None, rea
 
 def tmplbuild(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tmplbuild", *args], cwd=ROOT, capture_output=True, text=True)
-
-
-def make_key(base: Path) -> tuple[Path, str]:
-    home = base / "gnupg"
-    proc = tmplbuild("key", "generate", "--name", "Test Templates <t@example.invalid>", "--gnupghome", str(home),
-                     "--out", str(base / "pub.asc"))
-    assert proc.returncode == 0, proc.stderr
-    return home, proc.stdout.strip()
-
-
-def kill_agents(home: Path) -> None:
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
-
-
-def init_repo(root: Path, key) -> Path:
-    home, fpr = key
-    proc = tmplbuild("repo", "init", str(root), "--key", fpr, "--gnupghome", str(home), "--id", "test-repo")
-    assert proc.returncode == 0, proc.stderr
-    return root
-
-
-def index_of(root: Path) -> dict:
-    return json.loads((root / "index.json").read_text())
 
 
 def write_recipes(d: Path, minimal_extra: list[str] = (), extra: list[str] = ("less",)) -> None:
