@@ -229,6 +229,28 @@ def _signing_args(p: argparse.ArgumentParser, expires: bool = True) -> None:
         p.add_argument("--expires-in", default="30d", help="index lifetime (default 30d)")
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    import json
+
+    from tmplbuild.boot.runner import TestOptions, render, resolve_managers, test_artifact
+    from tmplbuild.errors import TemplateTestError
+
+    managers, explicit = resolve_managers(args.manager)
+    if args.timeout <= 0 or args.dhcp_grace < 0:
+        raise UsageError("--timeout", "expected a positive number of seconds")
+    opts = TestOptions(managers=managers, explicit=explicit, timeout=args.timeout, grace=args.dhcp_grace,
+                       apt_mirror=args.apt_mirror, workdir=Path(args.work_dir) if args.work_dir else None)
+    report = test_artifact(Path(args.artifact), opts)
+    print(json.dumps(report.as_dict(), indent=2, sort_keys=True) if args.json else render(report), flush=True)
+    if report.failed:
+        failed = [f"{m.manager}: {', '.join(c.name for c in m.checks if c.status == 'fail')}" for m in report.failed]
+        raise TemplateTestError("template test", f"{Path(args.artifact).name} failed {'; '.join(failed)}")
+    if report.status != "pass":
+        raise TemplateTestError("template test", "no container manager could be tested here: "
+                                + "; ".join(f"{m.manager}: {m.reason}" for m in report.managers))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tmplbuild.serve import parse_size, serve
 
@@ -323,6 +345,22 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="parse and validate recipes without building")
     c.add_argument("recipes", nargs="+")
     c.set_defaults(func=cmd_recipe_check)
+
+    t = sub.add_parser("test", help="boot a template in throwaway containers and check that it works")
+    t.add_argument("artifact", help="a template: .tar.zst, .tar.xz (built or fetched)")
+    t.add_argument("--manager", action="append", metavar="NAME",
+                   help="nspawn, lxc, lxc-unprivileged, proxmox or all (default; repeatable or comma-separated). "
+                        "Managers missing here are skipped under `all` and an error when named")
+    t.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds per manager for boot, checks and shutdown of its two containers (default 60)")
+    t.add_argument("--dhcp-grace", type=float, default=20.0,
+                   help="seconds to wait for a DHCP lease once boot has finished (default 20)")
+    t.add_argument("--apt-mirror", metavar="named|URL",
+                   help="check apt-get update: `named` relays to the mirror the template's sources name, a URL "
+                        "(file:///DIR, http://127.0.0.1:PORT) serves a local mirror fixture; default: apt skipped")
+    t.add_argument("--work-dir", help="where the throwaway containers live (default /var/tmp)")
+    t.add_argument("--json", action="store_true", help="print the report as JSON")
+    t.set_defaults(func=cmd_test)
 
     sv = sub.add_parser("serve", help="serve a repository over HTTP (gunicorn), with authenticated uploads")
     sv.add_argument("repo", help="repository directory")

@@ -17,6 +17,7 @@ class ExitCode(enum.IntEnum):
     TRANSPORT = 5
     UNSAFE_ARCHIVE = 6
     LOCAL_IO = 7
+    TEMPLATE_TEST = 8
 
 
 class TmplbuildError(Exception):
@@ -82,3 +83,14 @@ class BuildError(TmplbuildError):
     the recipe or its scripts are at fault, which DESIGN.md files under 'recipe error' (exit 2)."""
 
     exit_code = ExitCode.USAGE
+
+
+class TemplateTestError(TmplbuildError):
+    """`tmplbuild test`: the template booted in a container manager and a check failed (exit 8). Not 3: the
+    template is authentic and intact, it just does not work as a container; not 2: the command was right."""
+
+    exit_code = ExitCode.TEMPLATE_TEST
+
+
+class EnvironmentUnfitError(UsageError):
+    """This host cannot run what was asked (a container manager missing, not root): exit 2."""

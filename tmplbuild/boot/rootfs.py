@@ -1,0 +1,84 @@
+"""Unpacking a template for a throwaway container, the way the hosts do, and reading what it ships."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmplbuild.build.mirror import parse_deb822, parse_one_line
+from tmplbuild.errors import UsageError
+from tmplbuild.run import run
+
+# pct's own extraction flags (PVE::LXC::Create::restore_archive): numeric owners, capabilities kept.
+TAR_FLAGS = ["--numeric-owner", "-p", "--xattrs", "--xattrs-include=security.capability",
+             "--warning=no-xattr-write", "--warning=no-unknown-keyword"]
+
+
+def decompressor(artifact: Path) -> str:
+    name = artifact.name
+    if name.endswith(".tar.zst"):
+        return "--zstd"
+    if name.endswith(".tar.xz"):
+        return "--xz"
+    if name.endswith(".tar.gz"):
+        return "--gzip"
+    raise UsageError("artifact", f"{artifact}: found {name!r}, expected a .tar.zst, .tar.xz or .tar.gz template")
+
+
+def unpack(artifact: Path, dest: Path, *, uid_offset: int = 0, log: Path | None = None) -> None:
+    """Unpack `artifact` into the new directory `dest`. With `uid_offset`, owners are shifted into an
+    unprivileged container's range by extracting inside a user namespace mapped there (newuidmap decides whether
+    root may use that range, as it does for LXC itself), so set-id bits and capabilities come out right."""
+    dest.mkdir(mode=0o755)
+    argv = ["tar", decompressor(artifact), "-x", "-f", str(artifact), "-C", str(dest), *TAR_FLAGS]
+    if uid_offset:
+        os.chown(dest, uid_offset, uid_offset)
+        argv = ["unshare", "--user", f"--map-users={uid_offset},0,65536", f"--map-groups={uid_offset},0,65536",
+                "--setuid", "0", "--setgid", "0", *argv]
+    run(argv, check="unpack", log=log, error=UsageError)
+
+
+@dataclass(frozen=True)
+class TemplateFacts:
+    """What the checks need to know about the template itself, read from one unpacked copy."""
+
+    machine_id: str
+    has_sshd: bool
+    sources: list[tuple[str, list[str]]]
+    os_release: dict[str, str]
+
+
+def read_facts(rootfs: Path) -> TemplateFacts:
+    rootfs = rootfs.resolve()
+    machine_id = _read(rootfs / "etc/machine-id").strip()
+    sources: list[tuple[str, list[str]]] = []
+    apt = rootfs / "etc/apt"
+    sources += list(parse_one_line(_read(apt / "sources.list")))
+    listd = apt / "sources.list.d"
+    if listd.is_dir() and Path(os.path.realpath(listd)) == listd:
+        for path in sorted(listd.iterdir()):
+            if path.name.endswith(".list"):
+                sources += list(parse_one_line(_read(path)))
+            elif path.name.endswith(".sources"):
+                sources += list(parse_deb822(_read(path)))
+    os_release = {}
+    for line in _read(rootfs / "usr/lib/os-release").splitlines():
+        m = re.fullmatch(r'([A-Z_]+)="?(.*?)"?', line.strip())
+        if m:
+            os_release[m.group(1)] = m.group(2)
+    sshd = rootfs / "usr/sbin/sshd"
+    return TemplateFacts(machine_id=machine_id, has_sshd=sshd.is_file() and not sshd.is_symlink(),
+                         sources=sources, os_release=os_release)
+
+
+def _read(path: Path) -> str:
+    # A template is untrusted input here: never follow its symlinks out of the tree.
+    # `path` is absolute under the resolved rootfs: any symlink on the way makes realpath differ.
+    real = Path(os.path.realpath(path))
+    if real != path or not real.is_file():
+        return ""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

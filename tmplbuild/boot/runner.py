@@ -1,0 +1,257 @@
+"""`tmplbuild test`: boot a template in throwaway containers under each manager, run the checks, clean up.
+
+Everything it creates (a work directory, a network namespace with its links and dnsmasq, the relay, containers
+and their mounts and processes) is registered for removal the moment it exists, and removed on success,
+failure, Ctrl-C and SIGTERM alike."""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tmplbuild.boot import checks
+from tmplbuild.boot.checks import FAIL, PASS, SKIP, Check
+from tmplbuild.boot.managers import MANAGERS, Container, Manager
+from tmplbuild.boot.netns import TestNetwork
+from tmplbuild.boot.relay import Plan, Relay, plan_routes
+from tmplbuild.boot.rootfs import TemplateFacts, decompressor, read_facts, unpack
+from tmplbuild.errors import EnvironmentUnfitError, UsageError
+from tmplbuild.log import say
+
+ALL = ("nspawn", "lxc", "lxc-unprivileged", "proxmox")
+FACT_PATHS = ["etc/machine-id", "etc/apt", "usr/lib/os-release", "usr/sbin/sshd"]
+
+
+@dataclass
+class TestOptions:
+    managers: list[str]                   # names from ALL; "all" expanded by the caller (see resolve_managers)
+    explicit: bool = False                # the user named them: unavailable is an error, not a skip
+    timeout: float = 60.0                 # per manager: boot, checks and shutdown of its two containers
+    grace: float = 20.0                   # how long to wait for a DHCP lease after boot finished
+    apt_mirror: str | None = None         # None (apt check skipped), "named", or a mirror fixture URL
+    apt_timeout: float = 120.0
+    workdir: Path | None = None           # parent of the throwaway work directory (default /var/tmp)
+
+
+@dataclass
+class ManagerReport:
+    manager: str
+    version: str = ""
+    status: str = SKIP
+    reason: str = ""
+    containers: list[str] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"manager": self.manager, "version": self.version, "status": self.status, "reason": self.reason,
+                "containers": self.containers, "seconds": round(self.seconds, 1),
+                "checks": [c.as_dict() for c in self.checks]}
+
+
+@dataclass
+class Report:
+    artifact: str
+    template: dict[str, str]
+    managers: list[ManagerReport]
+    seconds: float
+
+    @property
+    def failed(self) -> list[ManagerReport]:
+        return [m for m in self.managers if m.status == FAIL]
+
+    @property
+    def status(self) -> str:
+        if self.failed:
+            return FAIL
+        return PASS if any(m.status == PASS for m in self.managers) else SKIP
+
+    def as_dict(self) -> dict[str, object]:
+        return {"artifact": self.artifact, "template": self.template, "status": self.status,
+                "seconds": round(self.seconds, 1), "managers": [m.as_dict() for m in self.managers]}
+
+
+def resolve_managers(names: list[str]) -> tuple[list[str], bool]:
+    """--manager values (repeatable, comma lists, `all`) → (ordered names, whether the user named them)."""
+    wanted: list[str] = []
+    for value in names or ["all"]:
+        for name in value.split(","):
+            name = name.strip()
+            if name == "all":
+                wanted += [n for n in ALL if n not in wanted]
+            elif name in MANAGERS:
+                if name not in wanted:
+                    wanted.append(name)
+            else:
+                raise UsageError("--manager", f"found {name!r}, expected one of {', '.join(ALL)} or all")
+    explicit = bool(names) and all("all" not in v.split(",") for v in names)
+    return wanted, explicit
+
+
+def test_artifact(artifact: Path, opts: TestOptions) -> Report:
+    """Boot `artifact` under each manager in opts and run every check. Raises UsageError (bad artifact or
+    options) and EnvironmentUnfitError (not root, a named manager missing); failed checks are in the report."""
+    if os.geteuid() != 0:
+        raise EnvironmentUnfitError("test", "booting containers needs root (systemd-nspawn, lxc-start, network namespaces)")
+    if not artifact.is_file():
+        raise UsageError("artifact", f"{artifact}: no such file")
+    decompressor(artifact)
+    for tool in ("nsenter", "unshare", "ip", "dnsmasq"):
+        if not shutil.which(tool):
+            pkg = {"dnsmasq": "dnsmasq-base", "ip": "iproute2"}.get(tool, "util-linux")
+            raise EnvironmentUnfitError("test", f"{tool} is not installed (apt-get install {pkg})")
+    start = time.monotonic()
+    reports: list[ManagerReport] = []
+    runnable: list[type[Manager]] = []
+    for name in opts.managers:
+        cls = MANAGERS[name]
+        why = cls.available()
+        if why and opts.explicit:
+            raise EnvironmentUnfitError(f"test {name}", why)
+        if why:
+            reports.append(ManagerReport(manager=name, status=SKIP, reason=why))
+        else:
+            runnable.append(cls)
+    parent = opts.workdir or Path("/var/tmp")
+    with contextlib.ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="tmplbuild-test.", dir=parent))
+        workdir.chmod(0o711)  # an unprivileged container's root (uid 100000 here) must reach its rootfs
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        facts = _facts(artifact, workdir)
+        template = {"file": artifact.name, **{k: v for k, v in facts.os_release.items() if k in ("PRETTY_NAME", "VERSION_ID")}}
+        net = TestNetwork.create(workdir)
+        stack.callback(net.close)
+        plan: Plan | None = None
+        if opts.apt_mirror:
+            plan = plan_routes(facts.sources)
+            relay = Relay(net.name, plan, opts.apt_mirror, workdir / "relay.log")
+            stack.callback(relay.close)
+        net.start_dnsmasq(plan.hosts if plan else [])
+        tag = secrets.token_hex(3)
+        for cls in runnable:
+            report = ManagerReport(manager=cls.name, version=cls.version())
+            reports.append(report)
+            say(f"==> {cls.name} ({report.version})")
+            mgr = cls(net, workdir)
+            _run_manager(mgr, artifact, facts, plan, opts, report, tag)
+            say(f"    {cls.name}: {report.status} in {report.seconds:.1f}s")
+    order = {n: i for i, n in enumerate(opts.managers)}
+    reports.sort(key=lambda r: order.get(r.manager, 99))
+    return Report(artifact=str(artifact), template=template, managers=reports, seconds=time.monotonic() - start)
+
+
+def _facts(artifact: Path, workdir: Path) -> TemplateFacts:
+    dest = workdir / "facts"
+    dest.mkdir()
+    # Only the few files the checks compare against; tar reads the stream once and writes almost nothing.
+    argv = ["tar", decompressor(artifact), "-x", "-f", str(artifact), "-C", str(dest), "--numeric-owner",
+            *[f"./{p}" for p in FACT_PATHS]]
+    proc = subprocess.run(argv, capture_output=True)
+    errors = [ln for ln in proc.stderr.decode(errors="replace").splitlines()
+              if "Not found in archive" not in ln and "Exiting with failure status" not in ln]
+    # A template without sshd, say: tar reports the missing name and still extracts the rest.
+    if proc.returncode not in (0, 2) or errors:
+        raise UsageError("unpack", f"{artifact}: `tar` exited {proc.returncode}: {(errors or ['?'])[-1][:300]}")
+    return read_facts(dest)
+
+
+def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan | None, opts: TestOptions,
+                 report: ManagerReport, tag: str) -> None:
+    start = time.monotonic()
+    letter = {"nspawn": "n", "lxc": "l", "lxc-unprivileged": "u", "proxmox": "p"}[mgr.name]
+    containers = [Container(name=f"tb{tag}{letter}{i}", rootfs=mgr.workdir / f"{mgr.name}-{i}" / "rootfs",
+                            interface=mgr.interface, log=mgr.workdir / f"{mgr.name}-{i}.log") for i in (1, 2)]
+    report.containers = [c.name for c in containers]
+    try:
+        errors: list[BaseException] = []
+
+        def prepare(i: int, c: Container) -> None:
+            try:
+                c.rootfs.parent.mkdir()
+                unpack(artifact, c.rootfs, uid_offset=mgr.uid_offset, log=c.log)
+                mgr.prepare(c, i)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=prepare, args=(i, c)) for i, c in enumerate(containers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        deadline = time.monotonic() + opts.timeout
+        for c in containers:
+            c.started = time.monotonic()
+            mgr.start(c)
+        boot, booted = checks.boot(containers, deadline)
+        report.checks.append(boot)
+        report.checks.append(checks.network(containers, mgr.net, booted, deadline, opts.grace))
+        report.checks.append(checks.dns(containers, min(deadline, time.monotonic() + 5)))
+        report.checks.append(checks.hostname(containers))
+        report.checks.append(checks.hosts(containers))
+        report.checks.append(checks.machine_id(containers, facts))
+        report.checks.append(checks.apt(containers[0], facts, plan, opts.apt_timeout))
+        report.checks += checks.sshd(containers, facts, min(deadline, time.monotonic() + 10))
+        report.checks.append(_shutdown(mgr, containers, max(deadline - time.monotonic(), 10.0)))
+    except EnvironmentUnfitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a container that cannot even start is this manager's failure
+        report.checks.append(Check("start", FAIL, str(exc)))
+    finally:
+        for c in containers:
+            if not c.stopped:
+                mgr.kill(c)
+            _forget_nspawn(c.name)
+        report.seconds = time.monotonic() - start
+    report.status = FAIL if any(c.status == FAIL for c in report.checks) else PASS
+
+
+def _shutdown(mgr: Manager, containers: list[Container], timeout: float) -> Check:
+    results: dict[str, tuple[bool, float]] = {}
+
+    def stop(c: Container) -> None:
+        results[c.name] = mgr.poweroff(c, timeout)
+
+    threads = [threading.Thread(target=stop, args=(c,)) for c in containers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    parts = [f"{n}: {'powered off' if ok else 'still running'} after {s:.1f} s" for n, (ok, s) in results.items()]
+    ok = all(ok for ok, _ in results.values())
+    return Check("shutdown", PASS if ok else FAIL, "; ".join(parts) + ("" if ok else f" (timeout {timeout:.0f} s)"))
+
+
+def _forget_nspawn(name: str) -> None:
+    # systemd-nspawn leaves an empty propagation directory behind when it runs without machined.
+    with contextlib.suppress(OSError):
+        os.rmdir(f"/run/systemd/nspawn/propagate/{name}")
+
+
+def render(report: Report) -> str:
+    lines = [f"template {report.artifact}" + (f" ({report.template['PRETTY_NAME']})" if "PRETTY_NAME" in report.template else "")]
+    for m in report.managers:
+        if m.status == SKIP and not m.checks:
+            lines.append(f"== {m.manager}: SKIPPED: {m.reason}")
+            continue
+        lines.append(f"== {m.manager} ({m.version}), containers {', '.join(m.containers)}")
+        for c in m.checks:
+            lines.append(f"   {c.status.upper():4}  {c.name:10}  {c.evidence}")
+        counts = {s: sum(1 for c in m.checks if c.status == s) for s in (PASS, FAIL, SKIP)}
+        lines.append(f"   {m.manager}: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped "
+                     f"in {m.seconds:.1f} s")
+    tested = [m for m in report.managers if m.checks]
+    skipped = [m.manager for m in report.managers if not m.checks]
+    verdict = "FAIL" if report.failed else "PASS" if tested else "NOTHING TESTED"
+    lines.append(f"result: {verdict} ({len(tested)} managers tested"
+                 + (f", failed: {', '.join(m.manager for m in report.failed)}" if report.failed else "")
+                 + (f", skipped: {', '.join(skipped)}" if skipped else "") + f") in {report.seconds:.1f} s")
+    return "\n".join(lines)
