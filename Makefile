@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # debootstrap + keyring: builds; gnupg: gpgv and the test keys; zstd/xz: unpacking in tests; openssh-client:
 # ssh-keygen in the key-scan tests; python3-venv: the virtual environment on Debian's own python3;
-# systemd-container: systemd-pull, which the tests use to show systemd can verify what we publish.
+# systemd-container: systemd-pull, which the tests use to show systemd can verify what we publish, and
+# systemd-nspawn; lxc, uidmap (newuidmap), dnsmasq-base, iproute2: `tmplbuild test` and its tests.
 APT_PACKAGES := debootstrap debian-archive-keyring gnupg zstd xz-utils openssh-client python3-venv ca-certificates \
-	systemd-container
+	systemd-container lxc uidmap dnsmasq-base iproute2
 
 .PHONY: all system-deps venv test test-fast demo bench bench-serve bench-fetch bench-publish clean
 

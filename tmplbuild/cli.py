@@ -246,7 +246,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         failed = [f"{m.manager}: {', '.join(c.name for c in m.checks if c.status == 'fail')}" for m in report.failed]
         raise TemplateTestError("template test", f"{Path(args.artifact).name} failed {'; '.join(failed)}")
     if report.status != "pass":
-        raise TemplateTestError("template test", "no container manager could be tested here: "
+        from tmplbuild.errors import EnvironmentUnfitError
+
+        raise EnvironmentUnfitError("template test", "no container manager could be tested here: "
                                 + "; ".join(f"{m.manager}: {m.reason}" for m in report.managers))
     return 0
 

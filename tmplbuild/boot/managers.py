@@ -113,6 +113,11 @@ class Manager:
 
     uid_offset = 0
 
+    @classmethod
+    def unfit(cls, workdir: Path) -> str | None:
+        """Why this manager cannot run containers under `workdir`, or None."""
+        return None
+
     def prepare(self, container: Container, index: int) -> None:
         """Configure the rootfs before boot, as the host would at create time (the Proxmox profile)."""
 
@@ -347,6 +352,12 @@ class LxcUnprivileged(Lxc):
     def available(cls) -> str | None:
         return Lxc.available() or subordinate_range_problem()
 
+    @classmethod
+    def unfit(cls, workdir: Path) -> str | None:
+        from tmplbuild.boot.rootfs import traversal_problem
+
+        return traversal_problem(workdir)
+
 
 class Proxmox(Lxc):
     """LXC with what `pct create`/`pct start` write into a Debian container (tmplbuild/boot/proxmox.py), the
@@ -356,13 +367,17 @@ class Proxmox(Lxc):
 
     def __init__(self, net: TestNetwork, workdir: Path) -> None:
         super().__init__(net, workdir)
-        # Proxmox creates unprivileged containers by default; fall back to privileged where root has no range.
-        self.unprivileged = subordinate_range_problem() is None
+        # Proxmox creates unprivileged containers by default; fall back to privileged where that cannot work here.
+        self.unprivileged = LxcUnprivileged.available() is None and LxcUnprivileged.unfit(workdir) is None
         self.uid_offset = UNPRIVILEGED_BASE if self.unprivileged else 0
 
     @classmethod
     def version(cls) -> str:
         return Lxc.version() + " + pct emulation"
+
+    @classmethod
+    def unfit(cls, workdir: Path) -> str | None:
+        return None
 
     def prepare(self, container: Container, index: int) -> None:
         from tmplbuild.boot.proxmox import PveNet, pct_setup

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from tmplbuild.build.mirror import parse_deb822, parse_one_line
 from tmplbuild.errors import UsageError
-from tmplbuild.run import run
+from tmplbuild.run import CLEAN_ENV, command_line
 
 # pct's own extraction flags (PVE::LXC::Create::restore_archive): numeric owners, capabilities kept.
 TAR_FLAGS = ["--numeric-owner", "-p", "--xattrs", "--xattrs-include=security.capability",
@@ -29,14 +30,31 @@ def decompressor(artifact: Path) -> str:
 def unpack(artifact: Path, dest: Path, *, uid_offset: int = 0, log: Path | None = None) -> None:
     """Unpack `artifact` into the new directory `dest`. With `uid_offset`, owners are shifted into an
     unprivileged container's range by extracting inside a user namespace mapped there (newuidmap decides whether
-    root may use that range, as it does for LXC itself), so set-id bits and capabilities come out right."""
+    root may use that range, as it does for LXC itself), so set-id bits and capabilities come out right. The
+    archive is read on standard input, opened here: the mapped root need not reach its directory."""
     dest.mkdir(mode=0o755)
-    argv = ["tar", decompressor(artifact), "-x", "-f", str(artifact), "-C", str(dest), *TAR_FLAGS]
+    argv = ["tar", decompressor(artifact), "-x", "-f", "-", "-C", str(dest), *TAR_FLAGS]
     if uid_offset:
         os.chown(dest, uid_offset, uid_offset)
         argv = ["unshare", "--user", f"--map-users={uid_offset},0,65536", f"--map-groups={uid_offset},0,65536",
                 "--setuid", "0", "--setgid", "0", *argv]
-    run(argv, check="unpack", log=log, error=UsageError)
+    with open(artifact, "rb") as src:
+        proc = subprocess.run(argv, stdin=src, capture_output=True, env=CLEAN_ENV)
+    if log is not None:
+        with open(log, "ab") as f:
+            f.write(f"$ {command_line(argv)} < {artifact}\n".encode() + proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+        raise UsageError("unpack", f"{artifact.name}: `tar` exited {proc.returncode}: {(lines or ['no output'])[0][:300]}")
+
+
+def traversal_problem(path: Path) -> str | None:
+    """Why an unprivileged container's root (a mapped uid, not root) cannot reach `path`, or None."""
+    for p in [path, *path.parents]:
+        mode = p.stat().st_mode
+        if not mode & 0o001:
+            return f"{p} (mode {mode & 0o777:o}) is not searchable by the container's mapped root; use --work-dir elsewhere"
+    return None
 
 
 @dataclass(frozen=True)

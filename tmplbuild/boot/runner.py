@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tmplbuild.boot import checks
 from tmplbuild.boot.checks import FAIL, PASS, SKIP, Check
-from tmplbuild.boot.managers import MANAGERS, Container, Manager
+from tmplbuild.boot.managers import MANAGERS, Container, Lxc, Manager
 from tmplbuild.boot.netns import TestNetwork
 from tmplbuild.boot.relay import Plan, Relay, plan_routes
 from tmplbuild.boot.rootfs import TemplateFacts, decompressor, read_facts, unpack
@@ -49,10 +49,12 @@ class ManagerReport:
     containers: list[str] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # unpack, boot, checks, shutdown: where the time went
 
     def as_dict(self) -> dict[str, object]:
         return {"manager": self.manager, "version": self.version, "status": self.status, "reason": self.reason,
                 "containers": self.containers, "seconds": round(self.seconds, 1),
+                "phases": {k: round(v, 2) for k, v in self.phases.items()},
                 "checks": [c.as_dict() for c in self.checks]}
 
 
@@ -98,11 +100,11 @@ def resolve_managers(names: list[str]) -> tuple[list[str], bool]:
 def test_artifact(artifact: Path, opts: TestOptions) -> Report:
     """Boot `artifact` under each manager in opts and run every check. Raises UsageError (bad artifact or
     options) and EnvironmentUnfitError (not root, a named manager missing); failed checks are in the report."""
-    if os.geteuid() != 0:
-        raise EnvironmentUnfitError("test", "booting containers needs root (systemd-nspawn, lxc-start, network namespaces)")
     if not artifact.is_file():
         raise UsageError("artifact", f"{artifact}: no such file")
     decompressor(artifact)
+    if os.geteuid() != 0:
+        raise EnvironmentUnfitError("test", "booting containers needs root (systemd-nspawn, lxc-start, network namespaces)")
     for tool in ("nsenter", "unshare", "ip", "dnsmasq"):
         if not shutil.which(tool):
             pkg = {"dnsmasq": "dnsmasq-base", "ip": "iproute2"}.get(tool, "util-linux")
@@ -138,8 +140,17 @@ def test_artifact(artifact: Path, opts: TestOptions) -> Report:
         for cls in runnable:
             report = ManagerReport(manager=cls.name, version=cls.version())
             reports.append(report)
+            why = cls.unfit(workdir)
+            if why and opts.explicit:
+                raise EnvironmentUnfitError(f"test {cls.name}", why)
+            if why:
+                report.status, report.reason = SKIP, why
+                say(f"==> {cls.name}: skipped: {why}")
+                continue
             say(f"==> {cls.name} ({report.version})")
             mgr = cls(net, workdir)
+            if isinstance(mgr, Lxc):
+                report.version += ", unprivileged" if mgr.unprivileged else ", privileged"
             _run_manager(mgr, artifact, facts, plan, opts, report, tag)
             say(f"    {cls.name}: {report.status} in {report.seconds:.1f}s")
     order = {n: i for i, n in enumerate(opts.managers)}
@@ -187,20 +198,29 @@ def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan 
             t.join()
         if errors:
             raise errors[0]
+        mark = time.monotonic()
+        report.phases["unpack"] = mark - start
         deadline = time.monotonic() + opts.timeout
         for c in containers:
             c.started = time.monotonic()
             mgr.start(c)
         boot, booted = checks.boot(containers, deadline)
         report.checks.append(boot)
+        report.phases["boot"] = time.monotonic() - mark
+        mark = time.monotonic()
         report.checks.append(checks.network(containers, mgr.net, booted, deadline, opts.grace))
-        report.checks.append(checks.dns(containers, min(deadline, time.monotonic() + 5)))
+        # Right after a lease the resolver may still be being configured; without one there is nothing to wait for.
+        dns_wait = 5.0 if report.checks[-1].status == PASS else 0.0
+        report.checks.append(checks.dns(containers, min(deadline, time.monotonic() + dns_wait)))
         report.checks.append(checks.hostname(containers))
         report.checks.append(checks.hosts(containers))
         report.checks.append(checks.machine_id(containers, facts))
         report.checks.append(checks.apt(containers[0], facts, plan, opts.apt_timeout))
         report.checks += checks.sshd(containers, facts, min(deadline, time.monotonic() + 10))
+        report.phases["checks"] = time.monotonic() - mark
+        mark = time.monotonic()
         report.checks.append(_shutdown(mgr, containers, max(deadline - time.monotonic(), 10.0)))
+        report.phases["shutdown"] = time.monotonic() - mark
     except EnvironmentUnfitError:
         raise
     except Exception as exc:  # noqa: BLE001 - a container that cannot even start is this manager's failure
@@ -210,6 +230,8 @@ def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan 
             if not c.stopped:
                 mgr.kill(c)
             _forget_nspawn(c.name)
+            if not c.alive():  # never remove a tree a container still runs on
+                shutil.rmtree(c.rootfs.parent, ignore_errors=True)
         report.seconds = time.monotonic() - start
     report.status = FAIL if any(c.status == FAIL for c in report.checks) else PASS
 
