@@ -109,6 +109,7 @@ def assert_nothing_left(workdir: Path) -> None:
               if ln.split()[4].startswith(str(workdir))]
     assert not mounts, mounts
     assert list(workdir.iterdir()) == [], list(workdir.iterdir())
+    assert not list(Path("/run/lxc/lock").glob(f"{str(workdir).lstrip('/')}*")), "LXC lock directories left"
     assert not list(Path("/run/systemd/nspawn/propagate").glob("tb*")) if Path("/run/systemd/nspawn/propagate").exists() else True
 
 
@@ -287,4 +288,25 @@ def test_interrupted_test_leaves_no_container_namespace_or_file(good, work, sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err.decode()
+    assert_nothing_left(work)
+
+
+def test_what_a_sigkilled_run_left_is_reaped_by_the_next(good, work):
+    """SIGKILL is the one signal a run cannot clean up after: its containers, namespace and tmpfs stay. The next
+    run removes them (only those of runs whose process is gone) before it starts."""
+    from tmplbuild.boot.runner import reap_stale
+
+    proc = subprocess.Popen([sys.executable, "-m", "tmplbuild", "test", str(good), "--manager", "lxc",
+                             "--work-dir", str(work)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not subprocess.run(["pgrep", "-f", f"lxc monitor. {work}"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "no container started within 60 s"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.kill()
+    proc.wait()
+    assert "tmplbuild-test-" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert any(work.iterdir())
+    reap_stale(work)
+    time.sleep(0.5)  # SIGKILLed container inits are reaped by the host's PID 1
     assert_nothing_left(work)

@@ -239,7 +239,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     if args.timeout <= 0 or args.dhcp_grace < 0:
         raise UsageError("--timeout", "expected a positive number of seconds")
     opts = TestOptions(managers=managers, explicit=explicit, timeout=args.timeout, grace=args.dhcp_grace,
-                       apt_mirror=args.apt_mirror, workdir=Path(args.work_dir) if args.work_dir else None)
+                       apt_mirror=args.apt_mirror, workdir=Path(args.work_dir) if args.work_dir else None,
+                       tmpfs=not args.no_tmpfs)
     report = test_artifact(Path(args.artifact), opts)
     print(json.dumps(report.as_dict(), indent=2, sort_keys=True) if args.json else render(report), flush=True)
     if report.failed:
@@ -360,7 +361,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--apt-mirror", metavar="named|URL",
                    help="check apt-get update: `named` relays to the mirror the template's sources name, a URL "
                         "(file:///DIR, http://127.0.0.1:PORT) serves a local mirror fixture; default: apt skipped")
-    t.add_argument("--work-dir", help="where the throwaway containers live (default /var/tmp)")
+    t.add_argument("--work-dir", help="where the throwaway containers live (default /var/tmp), on a tmpfs mounted there")
+    t.add_argument("--no-tmpfs", action="store_true", help="keep the containers' trees on disk (hosts short of memory)")
     t.add_argument("--json", action="store_true", help="print the report as JSON")
     t.set_defaults(func=cmd_test)
 
