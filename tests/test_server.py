@@ -396,10 +396,10 @@ def test_the_commands_on_the_page_fetch_the_template(tmp_path):
         parser = _Pre()
         parser.feed(page)
         shown = [line for block in parser.blocks for line in block.splitlines() if line.startswith("tmplbuild ")]
-        assert [shlex.split(c)[1] for c in shown] == ["remote", "fetch", "fetch"], shown
+        assert [shlex.split(c)[1] for c in shown] == ["remote", "list", "fetch", "fetch"], shown
         commands = [c.replace("KEY.asc", str(key_file)).replace("FINGERPRINT", fpr) for c in shown]
 
-        def run(command: str, home: Path, dest: Path) -> None:
+        def run(command: str, home: Path, dest: Path) -> str:
             env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k not in
                    ("GNUPGHOME", "TMPLBUILD_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_STATE_HOME")}
             env.update(HOME=str(home), TMPLBUILD_STATE_DIR=str(home / "state"),
@@ -410,13 +410,16 @@ def test_the_commands_on_the_page_fetch_the_template(tmp_path):
             proc = subprocess.run([sys.executable, "-m", "tmplbuild", *argv[1:], *extra], cwd=home, env=env,
                                   capture_output=True, text=True, timeout=120)
             assert proc.returncode == 0, (command, proc.stderr)
+            return proc.stdout
 
-        for n, group in enumerate((commands[:2], commands[2:])):  # remote add + fetch --remote; one-off fetch
+        for n, group in enumerate((commands[:3], commands[3:])):  # remote add, list, fetch --remote; one-off fetch
             home, dest = tmp_path / f"admin{n}", tmp_path / f"cache{n}"
             home.mkdir()
             dest.mkdir()
             for command in group:
-                run(command, home, dest)
+                out = run(command, home, dest)
+                if shlex.split(command)[1] == "list":
+                    assert re.search(rf"^demo\s+{V1}\s+{host_arch()}\s", out, re.M), out
             assert [p.name for p in dest.iterdir()] == [tarball.name]
             assert (dest / tarball.name).read_bytes() == tarball.read_bytes()
     finally:
