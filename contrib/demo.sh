@@ -6,6 +6,7 @@ set -eu
 PYTHON=${PYTHON:-python3}
 OUT_GIVEN=${OUT+yes}
 OUT=${OUT:-out/demo}
+case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac  # so that the rm -rf printed at the end works from anywhere
 CACHE=${TMPLBUILD_CACHE_DIR:-/var/cache/tmplbuild}
 # /tmp, not a possibly long $TMPDIR: gpg-agent's socket goes in $WORK/gnupg, and a Unix socket path has at most 107 bytes.
 WORK=$(mktemp -d /tmp/tmplbuild-demo.XXXXXX)
