@@ -4,20 +4,55 @@
 # sha256sum would, serve it on 127.0.0.1, and fetch and verify it into a template cache with the pinned key.
 set -eu
 PYTHON=${PYTHON:-python3}
+OUT_GIVEN=${OUT+yes}
 OUT=${OUT:-out/demo}
+case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac  # so that the rm -rf printed at the end works from anywhere
 CACHE=${TMPLBUILD_CACHE_DIR:-/var/cache/tmplbuild}
+# /tmp, not a possibly long $TMPDIR: gpg-agent's socket goes in $WORK/gnupg, and a Unix socket path has at most 107 bytes.
 WORK=$(mktemp -d /tmp/tmplbuild-demo.XXXXXX)
 SERVER_PID=
+tarball=
+manifest=
+
+# On success, failure and Ctrl-C alike: stop the server (master and workers: its own process group) and the
+# throwaway key's gpg-agent, wait for them, and say what was left where.
 cleanup() {
-    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null
-    gpgconf --homedir "$WORK/gnupg" --kill all 2>/dev/null || true
+    status=$?
+    set +e
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM -"$SERVER_PID" 2>/dev/null || kill -TERM "$SERVER_PID" 2>/dev/null
+        wait "$SERVER_PID" 2>/dev/null
+        kill -KILL -"$SERVER_PID" 2>/dev/null  # a worker that outlived its master
+    fi
+    gpgconf --homedir "$WORK/gnupg" --kill all 2>/dev/null
+    echo
+    [ "$status" -eq 0 ] || echo "### the demo failed or was interrupted (exit $status)"
+    echo "### what the demo left behind (no process of it is still running)"
+    echo "  $WORK: throwaway key, repository, server log, client config and state, fetched template"
+    if [ -z "$OUT_GIVEN" ]; then
+        echo "  $OUT: the built template and its manifest"
+        remove="'$OUT'"
+    elif [ -n "$manifest" ]; then
+        echo "  $tarball and $manifest: the built template and its manifest"
+        remove="'$tarball' '$manifest'"
+    else
+        remove=
+    fi
+    echo "  $CACHE: the package cache, kept so that the next build downloads nothing"
+    echo "remove them with:"
+    echo "  rm -rf '$WORK' $remove"
+    exit "$status"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 tb() { "$PYTHON" -m tmplbuild "$@"; }
 
 echo "### 1. build debian-12-minimal (package cache: $CACHE)"
 tb build debian-12-minimal --out "$OUT" --cache-dir "$CACHE" --force
 manifest=$(ls "$OUT"/debian-12-minimal_*_amd64.manifest.json | tail -n 1)
+tarball=${manifest%.manifest.json}.tar.zst
 
 echo
 echo "### 2. a throwaway signing key, in its own GNUPGHOME outside the project ($WORK/gnupg)"
@@ -42,7 +77,10 @@ dir=$(dirname "$(ls "$WORK"/repo/templates/debian-12-minimal/*/*.tar.zst | tail 
 
 echo
 echo "### 6. serve the repository on 127.0.0.1 (gunicorn)"
-tb serve "$WORK/repo" --host 127.0.0.1 --port 0 > "$WORK/serve.log" 2>&1 &
+# Not through tb: a shell function in the background is a subshell, and $! would be the subshell's pid, not
+# the server's. setsid makes the server (gunicorn's master) the leader of its own process group, so cleanup
+# stops master and workers together.
+setsid "$PYTHON" -m tmplbuild serve "$WORK/repo" --host 127.0.0.1 --port 0 > "$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
 url=
 for _ in $(seq 100); do

@@ -25,6 +25,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template, request, send_from_directory
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
+from tmplbuild.client.config import REMOTE_NAME
 from tmplbuild.errors import TmplbuildError, UsageError
 from tmplbuild.repo import store
 
@@ -179,7 +180,7 @@ def page() -> Response | str:
         fingerprints = ()
     base = request.url_root.rstrip("/")
     return render_template("index.html", snap=snap, index=snap.index, base=base,
-                           fingerprints=fingerprints, human=human_size,
+                           fingerprints=fingerprints, human=human_size, remote=remote_name(snap.index.repo_id),
                            templates=sorted(snap.index.templates, key=lambda e: (e.name, e.version, e.arch)))
 
 
@@ -260,6 +261,13 @@ def content_type(rel: str) -> str:
         if name.endswith(suffix):
             return mimetype
     return "application/octet-stream"
+
+
+def remote_name(repo_id: str) -> str:
+    """The name the page suggests for `tmplbuild remote add`: the repository id, made into a remote name
+    (lowercase letters, digits, - and _, at most 64), or "templates" when nothing of it is left."""
+    name = re.sub(r"[^a-z0-9_-]+", "-", repo_id.lower()).strip("-_")[:64].rstrip("-_")
+    return name if REMOTE_NAME.match(name) else "templates"
 
 
 def human_size(n: int) -> str:

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -321,6 +322,57 @@ def test_same_host_redirect_is_followed(client):
     assert proc.returncode == 0, proc.stderr
     assert client.server.log.count((path, None)) == 2
 
+
+
+# -- the destination ---------------------------------------------------------------------------------------------
+
+def fetch_into(client: Client, dest: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    # umask 077: the directories fetch creates are 0755 all the same (container tools read them as other users)
+    return subprocess.run([*CLIENT, "fetch", "demo", "--arch", "amd64", "--dest", str(dest), *client.pins(), *extra],
+                          cwd=ROOT, capture_output=True, text=True, env=client.env(), timeout=120, umask=0o077)
+
+
+def test_a_dest_the_admin_named_is_created_mode_0755(client):
+    dest = client.tmp / "lxc" / "templates" / "cache"
+    proc = fetch_into(client, dest)
+    assert proc.returncode == 0, proc.stderr
+    assert (dest / f"demo_{NEW}_amd64.tar.zst").read_bytes() == (client.repo / tarball_path(NEW)).read_bytes()
+    for d in (client.tmp / "lxc", client.tmp / "lxc" / "templates", dest):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+
+
+def test_a_failed_fetch_leaves_no_dest_it_created_except_to_resume(client):
+    dest = client.tmp / "new" / "cache"
+    client.serve_index((client.repo / "index.json").read_bytes(), b"not a signature")
+    proc = fetch_into(client, dest)
+    assert proc.returncode == 3 and not (client.tmp / "new").exists()  # refused before anything was created
+    client.server.reset()
+    client.server.flip.add(tarball_path(NEW))
+    proc = fetch_into(client, dest)
+    assert proc.returncode == 3 and "expected" in one_line(proc, "sha256")
+    assert not (client.tmp / "new").exists()  # created for the download, removed with the failed download
+    client.server.reset()
+    client.server.truncate[tarball_path(NEW)] = [5000, 1]
+    proc = fetch_into(client, dest)
+    assert proc.returncode == 5  # the .part is kept to resume, and so is its directory
+    assert [p.name for p in dest.iterdir()] == [f".demo_{NEW}_amd64.tar.zst.part"]
+    assert fetch_into(client, dest).returncode == 0 and client.server.gets(tarball_path(NEW))[-1] == "bytes=5000-"
+
+
+def test_without_dest_a_missing_template_cache_is_refused_not_created(client, monkeypatch, capsys):
+    from tmplbuild import cli
+    from tmplbuild.client import commands
+
+    default = client.tmp / "var/lib/vz/template/cache"  # stands in for Proxmox VE's, absent on this host
+    monkeypatch.setattr(commands, "DEFAULT_DEST", str(default))
+    for k, v in client.env().items():
+        monkeypatch.setenv(k, v)
+    assert cli.main(["fetch", "demo", "--arch", "amd64", *client.pins()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tmplbuild: destination: {default}: no such directory, expected Proxmox VE's template "
+                          "cache") and "not a Proxmox VE node" in err and "give --dest DIR" in err, err
+    assert not (client.tmp / "var").exists()
+    assert client.server.log == []  # refused before asking the repository anything
 
 # -- integrity of the template (checks 7-9) ----------------------------------------------------------------------
 

@@ -6,11 +6,13 @@ Uploads are built the way a legitimate publisher builds them: repository A is se
 from __future__ import annotations
 
 import argparse
+import html.parser
 import io
 import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -342,12 +344,87 @@ def test_html_page_lists_the_template_with_links(served):
                  entry["sha256"], entry["created"], human_size(entry["size"]),
                  f'href="{served.server.base}/{TARBALL}"', f'href="{served.server.base}/{TARBALL}.asc"',
                  f'href="{served.server.base}/{entry["manifest"]["path"]}"',
-                 f"tmplbuild fetch NAME --remote {served.server.base}/", "gpgv --keyring", "sha256sum -c",
+                 f"tmplbuild remote add test-repo {served.server.base} ", "gpgv --keyring", "sha256sum -c",
                  served.key[1]):
         assert text in page, text
     # every link on the page works
     for href in set(re.findall(r'href="([^"]+)"', page)):
         assert requests.get(href, timeout=10).status_code == 200, href
+
+
+class _Pre(html.parser.HTMLParser):
+    """The text of each <pre> on a page, as a reader copies it (tags such as <var> dropped, entities decoded)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.blocks: list[str] = []
+        self._inside = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "pre":
+            self._inside = True
+            self.blocks.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "pre":
+            self._inside = False
+
+    def handle_data(self, data: str) -> None:
+        if self._inside:
+            self.blocks[-1] += data
+
+
+def test_the_commands_on_the_page_fetch_the_template(tmp_path):
+    """A node admin copies the page's tmplbuild commands, puts in the key file and fingerprint they got out of
+    band (here: the key the page links, checked against the fingerprint the test knows), and runs them."""
+    from tmplbuild.run import host_arch
+
+    key = make_key(tmp_path)
+    fpr = key[1]
+    repo = init_repo(tmp_path / "repo", key)
+    # The page's fetch takes the host's architecture, as a node admin's would.
+    assert publish(repo, key, make_artifact(tmp_path / "out", arch=host_arch())).returncode == 0
+    tarball = next(repo.glob("templates/demo/*/*.tar.zst"))
+    server = Server(repo, tmp_path / "logs")
+    try:
+        page = requests.get(server.url("/"), timeout=10).text
+        assert "out of band" in page and "--remote http" not in page
+        assert f'href="{server.base}/keys/{fpr}.asc"' in page
+        key_file = tmp_path / "downloaded.asc"
+        key_file.write_bytes(requests.get(server.url(f"/keys/{fpr}.asc"), timeout=10).content)
+
+        parser = _Pre()
+        parser.feed(page)
+        shown = [line for block in parser.blocks for line in block.splitlines() if line.startswith("tmplbuild ")]
+        assert [shlex.split(c)[1] for c in shown] == ["remote", "list", "fetch", "fetch"], shown
+        commands = [c.replace("KEY.asc", str(key_file)).replace("FINGERPRINT", fpr) for c in shown]
+
+        def run(command: str, home: Path, dest: Path) -> str:
+            env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k not in
+                   ("GNUPGHOME", "TMPLBUILD_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_STATE_HOME")}
+            env.update(HOME=str(home), TMPLBUILD_STATE_DIR=str(home / "state"),
+                       TMPLBUILD_SYSTEM_CONFIG_DIR=str(home / "etc"), NO_PROXY="*")
+            argv = shlex.split(command)
+            assert argv[0] == "tmplbuild"
+            extra = ["--dest", str(dest)] if argv[1] == "fetch" else []  # not the real /var/lib/vz/template/cache
+            proc = subprocess.run([sys.executable, "-m", "tmplbuild", *argv[1:], *extra], cwd=home, env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, (command, proc.stderr)
+            return proc.stdout
+
+        for n, group in enumerate((commands[:3], commands[3:])):  # remote add, list, fetch --remote; one-off fetch
+            home, dest = tmp_path / f"admin{n}", tmp_path / f"cache{n}"
+            home.mkdir()
+            dest.mkdir()
+            for command in group:
+                out = run(command, home, dest)
+                if shlex.split(command)[1] == "list":
+                    assert re.search(rf"^demo\s+{V1}\s+{host_arch()}\s", out, re.M), out
+            assert [p.name for p in dest.iterdir()] == [tarball.name]
+            assert (dest / tarball.name).read_bytes() == tarball.read_bytes()
+    finally:
+        server.stop()
+        kill_agents(key[0])
 
 
 def test_json_api_matches_the_signed_index_and_healthz(served):

@@ -44,6 +44,42 @@ def exclusive_lock(fd: int, timeout: float, check: str, held: str) -> Iterator[N
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def make_dirs(path: Path, mode: int = 0o755, check: str = "mkdir") -> list[Path]:
+    """`mkdir -p path`, each directory it creates with exactly `mode` (not filtered by the umask). Returns the
+    directories it created, outermost first (none when `path` is already a directory). Raises
+    LocalIOError(check, ...)."""
+    missing: list[Path] = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode)
+        except FileExistsError:
+            if d.is_dir():  # made by someone else meanwhile
+                continue
+            raise LocalIOError(check, f"cannot create {d}: it exists and is not a directory") from None
+        except OSError as exc:
+            raise LocalIOError(check, f"cannot create {d}: {exc.strerror}") from None
+        created.append(d)
+        os.chmod(d, mode)
+    if not path.is_dir():
+        raise LocalIOError(check, f"{path}: not a directory")
+    return created
+
+
+def remove_empty_dirs(created: list[Path]) -> None:
+    """Undo make_dirs where nothing was put inside: rmdir innermost first, stopping at the first that is not
+    empty."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def fsync_path(path: Path, directory: bool = False) -> None:
     """fsync a file, or a directory (so that a rename into it survives a crash)."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))

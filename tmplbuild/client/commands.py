@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import urllib.parse
@@ -235,6 +236,7 @@ def host_arch() -> str:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from tmplbuild.client.download import Progress, install
     from tmplbuild.errors import LocalIOError
+    from tmplbuild.files import make_dirs, remove_empty_dirs
     from tmplbuild.repo import index as idx
 
     if not idx.NAME.match(args.name):
@@ -246,19 +248,34 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if not ARCH.match(arch):
         raise UsageError("arch", f"found {arch!r}, expected a Debian architecture name such as amd64")
     source = _source(args)
-    dest = Path(args.dest)
-    if not dest.is_dir():
-        raise LocalIOError("destination", f"{dest}: no such directory (create it, or give --dest DIR)")
+    dest = Path(DEFAULT_DEST if args.dest is None else args.dest)
+    if args.dest is None and not dest.is_dir():
+        # Not created: without --dest the template goes into Proxmox VE's cache, and when that is missing this
+        # is most likely not a Proxmox VE node (or not the host meant); a directory nothing reads would only
+        # hide that.
+        raise UsageError("destination", f"{dest}: no such directory, expected Proxmox VE's template cache (the "
+                                        "default; not created, since a missing one usually means this is not a "
+                                        "Proxmox VE node or the path is wrong): give --dest DIR for another "
+                                        "directory, which is created if missing")
+    if os.path.lexists(dest) and not dest.is_dir():
+        raise LocalIOError("destination", f"{dest}: not a directory")
+    created: list[Path] = []
 
     def attempt(base: str):
         trusted = run.index(base)
         chosen = trust.select(trusted.index, args.name, version=args.version, arch=arch, fmt=args.format)
+        if not dest.is_dir():  # a --dest the admin named: created once the index and entry have checked out
+            created.extend(make_dirs(dest, 0o755, "destination"))
         status = install(run.transport, _url(base, chosen.ref.path), chosen.ref, dest, chosen.filename,
                          Progress(chosen.filename, chosen.ref.size))
         return trusted, chosen, status
 
-    with _Run(source) as run:
-        trusted, chosen, status = run.over_mirrors(attempt)
+    try:
+        with _Run(source) as run:
+            trusted, chosen, status = run.over_mirrors(attempt)
+    except BaseException:
+        remove_empty_dirs(created)  # a failed run leaves no directory of its own behind (a kept .part stays)
+        raise
     state.record(source.state_key, trusted.seen, source.label)
     e, ref = chosen.entry, chosen.ref
     what = "already present and verified" if status == "present" else "fetched and verified"
@@ -373,7 +390,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("name", help="template name, e.g. debian-12-minimal")
     f.add_argument("--version", help="template version (default: the newest by creation time)")
     f.add_argument("--arch", help="architecture (default: the host's, from dpkg --print-architecture)")
-    f.add_argument("--dest", default=DEFAULT_DEST, help=f"destination directory (default: {DEFAULT_DEST})")
+    f.add_argument("--dest", metavar="DIR", help=f"destination directory, created if missing (default: {DEFAULT_DEST}, "
+                                                 "Proxmox VE's template cache, which must exist)")
     f.add_argument("--format", choices=trust.FORMATS, help="file format (default: the entry's primary, tar.zst)")
     _source_args(f)
     f.set_defaults(func=cmd_fetch)

@@ -1,0 +1,150 @@
+"""`make demo` (contrib/demo.sh) run the way make runs it, with a real debootstrap build: it leaves no process
+behind (no gunicorn master or worker, no gpg-agent of its throwaway key), whether it succeeds or is stopped
+with Ctrl-C, and it ends by saying where its files are and how to remove them; the command it prints works."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, can_build
+
+pytestmark = [pytest.mark.build, pytest.mark.skipif(can_build() is not None, reason=str(can_build()))]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One package cache for both runs: the second build is a warm one."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+def demo_env(tmp: Path, cache: Path) -> dict[str, str]:
+    """`PYTHON=.venv/bin/python sh contrib/demo.sh`, as `make demo` runs it, but with OUT, the package cache and
+    any client config and state under `tmp` (the demo's own files go into a mktemp directory in /tmp)."""
+    for d in ("home", "etc", "state"):
+        (tmp / d).mkdir()
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "GNUPGHOME"}
+    env.update(PYTHON=sys.executable, OUT=str(tmp / "out"), TMPLBUILD_CACHE_DIR=str(cache), HOME=str(tmp / "home"),
+               TMPLBUILD_SYSTEM_CONFIG_DIR=str(tmp / "etc"), TMPLBUILD_STATE_DIR=str(tmp / "state"), NO_PROXY="*")
+    return env
+
+
+def work_dir(output: str) -> Path | None:
+    """The demo's mktemp directory, which its output names (step 2 on, and the closing lines)."""
+    m = re.search(r"(/tmp/tmplbuild-demo\.\w+)", output)
+    return Path(m.group(1)) if m else None
+
+
+@pytest.fixture
+def outputs():
+    """The demo's output, appended by each test; its mktemp directory is removed afterwards, whatever happened."""
+    seen: list[str] = []
+    yield seen
+    for output in seen:
+        if work := work_dir(output):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def processes_of(*marks: Path) -> dict[int, str]:
+    """Every live process whose command line or environment names one of `marks`: what the demo started. Its
+    processes inherit the environment this test gives it (naming the test's tmp_path), except those tmplbuild
+    starts with a minimal environment (gpg, and the gpg-agent gpg spawns), whose command line names the demo's
+    mktemp directory."""
+    wanted = [str(m).encode() for m in marks]
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # already dead, waiting for init to reap it
+            cmdline, environ = (entry / "cmdline").read_bytes(), (entry / "environ").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if any(m in cmdline or m in environ for m in wanted):
+            found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+def assert_nothing_left(tmp: Path, output: str) -> None:
+    marks = [tmp, *filter(None, [work_dir(output)])]
+    deadline = time.monotonic() + 2  # a daemon told to exit may take a moment to go
+    while (left := processes_of(*marks)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:  # never leave them running, even when the test fails
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert left == {}, f"the demo left processes running: {left}"
+
+
+def server_url(output: str) -> str:
+    m = re.search(r"^serving \S+ on (http://127\.0\.0\.1:\d+), uploads disabled$", output, re.M)
+    assert m, output
+    return m.group(1)
+
+
+def assert_stopped(url: str) -> None:
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/healthz", timeout=5)
+
+
+def test_the_demo_succeeds_leaves_no_process_and_says_how_to_remove_its_files(tmp_path, cache, outputs):
+    proc = subprocess.run(["sh", "contrib/demo.sh"], cwd=ROOT, env=demo_env(tmp_path, cache), capture_output=True,
+                          text=True, timeout=1800)
+    outputs.append(proc.stdout)
+    assert_nothing_left(tmp_path, proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_stopped(server_url(proc.stdout))
+
+    work = work_dir(proc.stdout)
+    assert work is not None and work.is_dir(), proc.stdout[-3000:]
+    fetched = list(work.glob("cache/debian-12-minimal_*_amd64.tar.zst"))
+    built = list((tmp_path / "out").glob("debian-12-minimal_*_amd64.*"))
+    assert len(fetched) == 1 and sorted(p.suffix for p in built) == [".json", ".zst"]
+    tail = proc.stdout[proc.stdout.index("### what the demo left behind"):]
+    for path in (work, *built, cache):
+        assert str(path) in tail, path
+    assert "failed" not in tail
+    remove = re.search(r"^remove them with:\n  (rm -rf .*)$", tail, re.M).group(1)
+    subprocess.run(["sh", "-c", remove], check=True)
+    assert not work.exists() and list((tmp_path / "out").iterdir()) == []
+    assert cache.is_dir()  # the package cache is kept, and the output says so
+
+
+def test_ctrl_c_while_the_server_runs_stops_it_and_leaves_no_process(tmp_path, cache, outputs):
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        # Its own session, so that SIGINT to its process group is what Ctrl-C in a terminal sends.
+        demo = subprocess.Popen(["sh", "contrib/demo.sh"], cwd=ROOT, env=demo_env(tmp_path, cache), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 1800
+        while not re.search(r"^serving .* on http://", log.read_text(), re.M):
+            assert demo.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        url = server_url(log.read_text())
+        os.killpg(demo.pid, signal.SIGINT)
+        returncode = demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+        outputs.append(log.read_text())
+        assert_nothing_left(tmp_path, outputs[-1])
+    output = log.read_text()
+    work = work_dir(output)
+    assert returncode != 0, output[-3000:]
+    assert_stopped(url)
+    assert "### the demo failed or was interrupted" in output
+    assert work is not None and f"remove them with:\n  rm -rf '{work}'" in output, output[-3000:]
