@@ -275,54 +275,47 @@ class _Root:
             os.close(dfd)
         self.written.add(self.rel(parent / name))
 
-    def unlink(self, ct_path: str) -> bool:
-        if self.is_ignored(ct_path):
-            return False
+    def _at(self, ct_path: str, op) -> bool:
+        """Run op(name, dir_fd) in the resolved parent directory of ct_path; False where PVE's Perl call would
+        fail silently (no such directory, exists, ...)."""
         parent, name = self.parent_and_name(ct_path)
         try:
             dfd = self._open_dir(parent)
         except OSError:
             return False
         try:
-            os.unlink(name, dir_fd=dfd)
+            op(name, dfd)
             return True
         except OSError:
-            return False            # CORE::unlink's failure is ignored
+            return False
         finally:
             os.close(dfd)
 
+    def unlink(self, ct_path: str) -> bool:
+        # CORE::unlink's failure is ignored
+        return not self.is_ignored(ct_path) and self._at(ct_path, lambda name, dfd: os.unlink(name, dir_fd=dfd))
+
     def symlink(self, target: str, ct_path: str) -> bool:
+        # CORE::symlink's failure (exists, no directory) is ignored
         if self.is_ignored(ct_path):
             return False
-        parent, name = self.parent_and_name(ct_path)
-        try:
-            dfd = self._open_dir(parent)
-        except OSError:
-            return False
-        try:
+
+        def op(name: str, dfd: int) -> None:
             os.symlink(target, name, dir_fd=dfd)
             self._chown(name, dfd, link=True)
-        except OSError:
-            return False            # CORE::symlink's failure (exists, no directory) is ignored
-        finally:
-            os.close(dfd)
+
+        if not self._at(ct_path, op):
+            return False
+        parent, name = self.parent_and_name(ct_path)
         self.written.add(self.rel(parent / name))
         return True
 
     def mkdir(self, ct_path: str, mode: int = 0o755) -> bool:
-        parent, name = self.parent_and_name(ct_path)
-        try:
-            dfd = self._open_dir(parent)
-        except OSError:
-            return False
-        try:
+        def op(name: str, dfd: int) -> None:
             os.mkdir(name, mode, dir_fd=dfd)
             self._chown(name, dfd)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(dfd)
+
+        return self._at(ct_path, op)
 
     def make_path(self, ct_path: str) -> None:            # File::Path::make_path
         prefix = ""
