@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tmplbuild.boot.managers import MANAGERS  # noqa: E402
+from tmplbuild.boot.runner import forget_lxc_locks  # noqa: E402
 
 PY = sys.executable
 
@@ -83,6 +84,7 @@ def by_hand(artifact: Path, manager: str, work: Path) -> float | None:
             return None
         return time.monotonic() - start
     finally:
+        forget_lxc_locks(top)
         subprocess.run(["umount", "--lazy", str(top)], check=False)
         shutil.rmtree(top, ignore_errors=True)
 
