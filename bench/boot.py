@@ -27,8 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tmplbuild.boot.managers import MANAGERS  # noqa: E402
-from tmplbuild.boot.runner import forget_lxc_locks  # noqa: E402
+from tmplbuild.boot.managers import MANAGERS, forget_lxc_locks  # noqa: E402
 
 PY = sys.executable
 

@@ -233,11 +233,13 @@ def cmd_test(args: argparse.Namespace) -> int:
     import json
 
     from tmplbuild.boot.runner import TestOptions, render, resolve_managers, test_artifact
-    from tmplbuild.errors import TemplateTestError
+    from tmplbuild.errors import EnvironmentUnfitError, TemplateTestError
 
     managers, explicit = resolve_managers(args.manager)
-    if args.timeout <= 0 or args.dhcp_grace < 0:
-        raise UsageError("--timeout", "expected a positive number of seconds")
+    if args.timeout <= 0:
+        raise UsageError("--timeout", f"found {args.timeout:g}, expected a positive number of seconds")
+    if args.dhcp_grace < 0:
+        raise UsageError("--dhcp-grace", f"found {args.dhcp_grace:g}, expected zero or more seconds")
     opts = TestOptions(managers=managers, explicit=explicit, timeout=args.timeout, grace=args.dhcp_grace,
                        apt_mirror=args.apt_mirror, workdir=Path(args.work_dir) if args.work_dir else None,
                        tmpfs=not args.no_tmpfs)
@@ -247,8 +249,6 @@ def cmd_test(args: argparse.Namespace) -> int:
         failed = [f"{m.manager}: {', '.join(c.name for c in m.checks if c.status == 'fail')}" for m in report.failed]
         raise TemplateTestError("template test", f"{Path(args.artifact).name} failed {'; '.join(failed)}")
     if report.status != "pass":
-        from tmplbuild.errors import EnvironmentUnfitError
-
         raise EnvironmentUnfitError("template test", "no container manager could be tested here: "
                                 + "; ".join(f"{m.manager}: {m.reason}" for m in report.managers))
     return 0

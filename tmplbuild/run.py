@@ -73,7 +73,7 @@ def run(
     try:
         out, err = proc.communicate(input)
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         raise
     finally:
         if logf:
@@ -99,7 +99,8 @@ def host_arch() -> str | None:
     return arch or None
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group `proc` leads (it was started with start_new_session) and reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

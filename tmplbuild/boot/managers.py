@@ -6,6 +6,7 @@ traffic exist only there. Commands inside a container go through nsenter into it
 checks need nothing from the template but what they test."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from tmplbuild.boot.netns import DOMAIN, Subnet, TestNetwork
 from tmplbuild.errors import LocalIOError
-from tmplbuild.run import CLEAN_ENV
+from tmplbuild.run import CLEAN_ENV, kill_group
 
 INSIDE_ENV = ["env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8",
               "HOME=/root", "TERM=dumb", "DEBIAN_FRONTEND=noninteractive", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0"]
@@ -97,11 +98,22 @@ class Manager:
     """One way of running containers. `available()` says why not, or None."""
 
     name: str = ""
+    letter: str = ""          # in container names: tb<run tag><letter><n>
     interface: str = "eth0"
 
     def __init__(self, net: TestNetwork, workdir: Path) -> None:
         self.net = net
         self.workdir = workdir
+
+    def describe(self) -> str:
+        """The tool and its version, and how this run uses it."""
+        return self.version()
+
+    def forget(self, container: Container) -> None:
+        """Remove what the manager keeps about a stopped container outside the work directory."""
+
+    def close(self) -> None:
+        """Remove what the manager keeps about this run outside the work directory."""
 
     @classmethod
     def available(cls) -> str | None:
@@ -171,6 +183,7 @@ def _tool_version(argv: list[str]) -> str:
 
 class Nspawn(Manager):
     name = "nspawn"
+    letter = "n"
     interface = "host0"
 
     @classmethod
@@ -222,11 +235,12 @@ class Nspawn(Manager):
 
     def kill(self, container: Container) -> None:
         if container.proc is not None and container.proc.poll() is None:
-            try:
-                os.killpg(container.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            container.proc.wait()
+            kill_group(container.proc)
+
+    def forget(self, container: Container) -> None:
+        # systemd-nspawn leaves an empty propagation directory behind when it runs without machined.
+        with contextlib.suppress(OSError):
+            os.rmdir(f"/run/systemd/nspawn/propagate/{container.name}")
 
 
 def _veth_name(machine: str) -> str:
@@ -246,6 +260,7 @@ def _children(pid: int) -> list[int]:
 
 class Lxc(Manager):
     name = "lxc"
+    letter = "l"
     interface = "eth0"
     unprivileged = False
 
@@ -264,6 +279,12 @@ class Lxc(Manager):
     @classmethod
     def version(cls) -> str:
         return "lxc " + _tool_version(["lxc-start", "--version"])
+
+    def describe(self) -> str:
+        return self.version() + (", unprivileged" if self.unprivileged else ", privileged")
+
+    def close(self) -> None:
+        forget_lxc_locks(self.lxcpath)
 
     def config_lines(self, container: Container) -> list[str]:
         assert self.bridge is not None
@@ -314,6 +335,20 @@ class Lxc(Manager):
         _capture(self.net.nsenter("lxc-stop", "-n", container.name, "-P", str(self.lxcpath), "-k"), 20)
 
 
+def forget_lxc_locks(lxcpath: Path) -> None:
+    """LXC keeps a lock directory per container path under /run/lxc/lock; remove ours and its empty parents."""
+    base = Path("/run/lxc/lock")
+    lock = Path(f"{base}{lxcpath}")
+    shutil.rmtree(lock, ignore_errors=True)
+    for parent in lock.parents:
+        if parent == base or not str(parent).startswith(str(base)):
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
 def _last_error(log: Path, fallback: str) -> str:
     try:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if " ERROR " in ln]
@@ -345,6 +380,7 @@ def subordinate_range_problem() -> str | None:
 
 class LxcUnprivileged(Lxc):
     name = "lxc-unprivileged"
+    letter = "u"
     unprivileged = True
     uid_offset = UNPRIVILEGED_BASE
 
@@ -364,6 +400,7 @@ class Proxmox(Lxc):
     first container by DHCP, the second with a static address. An emulation: pct itself is not run."""
 
     name = "proxmox"
+    letter = "p"
 
     def __init__(self, net: TestNetwork, workdir: Path) -> None:
         super().__init__(net, workdir)
@@ -396,13 +433,11 @@ class Proxmox(Lxc):
 
         assert self.bridge is not None
         net = PveNet(name="eth0", ip=container.static or "dhcp", gw=self.bridge.gateway if container.static else None)
+        # Proxmox's keys (the bridge link standing for PVE's lxcnetaddbr hook, the id maps when unprivileged; no
+        # `flags = up`: PVE sets none, the container's ifupdown raises eth0), plus the rootfs, which PVE keeps
+        # in its own storage configuration.
         pve = lxc_config_lines(container.name, [net], self.bridge.link, unprivileged=self.unprivileged)
-        # Proxmox's keys, plus what plain LXC needs in place of PVE's hooks: the rootfs, the bridge (PVE's
-        # lxcnetaddbr) and the id maps. No `flags = up`: PVE sets none, the container's ifupdown raises eth0.
-        extra = [f"lxc.rootfs.path = dir:{container.rootfs}", f"lxc.net.0.link = {self.bridge.link}"]
-        if self.unprivileged and not any(ln.startswith("lxc.idmap") for ln in pve):
-            extra += [f"lxc.idmap = u 0 {UNPRIVILEGED_BASE} 65536", f"lxc.idmap = g 0 {UNPRIVILEGED_BASE} 65536"]
-        return pve + [ln for ln in extra if ln.split("=", 1)[0].strip() not in {p.split("=", 1)[0].strip() for p in pve}]
+        return pve + [f"lxc.rootfs.path = dir:{container.rootfs}"]
 
 
 MANAGERS: dict[str, type[Manager]] = {m.name: m for m in (Nspawn, Lxc, LxcUnprivileged, Proxmox)}

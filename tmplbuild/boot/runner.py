@@ -9,6 +9,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -18,17 +19,16 @@ from pathlib import Path
 
 from tmplbuild.boot import checks
 from tmplbuild.boot.checks import FAIL, PASS, SKIP, Check
-from tmplbuild.boot.managers import MANAGERS, Container, Lxc, Manager
+from tmplbuild.boot.managers import MANAGERS, Container, Manager, forget_lxc_locks
 from tmplbuild.boot.netns import TestNetwork
 from tmplbuild.boot.relay import Plan, Relay, plan_routes
-from tmplbuild.boot.rootfs import TemplateFacts, decompressor, read_facts, unpack
+from tmplbuild.boot.rootfs import TemplateFacts, decompressor, template_facts, unpack
 from tmplbuild.errors import EnvironmentUnfitError, LocalIOError, UsageError
-from tmplbuild.run import run
 from tmplbuild.log import say
+from tmplbuild.run import run
 
 TMPFS_SOURCE = "tmplbuild-test"
 ALL = ("nspawn", "lxc", "lxc-unprivileged", "proxmox")
-FACT_PATHS = ["etc/machine-id", "etc/apt", "usr/lib/os-release", "usr/sbin/sshd"]
 
 
 @dataclass
@@ -139,7 +139,7 @@ def test_artifact(artifact: Path, opts: TestOptions) -> Report:
                 capture=True, error=LocalIOError)
             stack.callback(_umount, workdir)
         workdir.chmod(0o711)  # an unprivileged container's root (uid 100000 here) must reach its rootfs
-        facts = _facts(artifact, workdir)
+        facts = template_facts(artifact, workdir / "facts")
         template = {"file": artifact.name, **{k: v for k, v in facts.os_release.items() if k in ("PRETTY_NAME", "VERSION_ID")}}
         net = TestNetwork.create(workdir)
         stack.callback(net.close)
@@ -160,10 +160,9 @@ def test_artifact(artifact: Path, opts: TestOptions) -> Report:
                 report.status, report.reason = SKIP, why
                 say(f"==> {cls.name}: skipped: {why}")
                 continue
-            say(f"==> {cls.name} ({report.version})")
             mgr = cls(net, workdir)
-            if isinstance(mgr, Lxc):
-                report.version += ", unprivileged" if mgr.unprivileged else ", privileged"
+            report.version = mgr.describe()
+            say(f"==> {cls.name} ({report.version})")
             _run_manager(mgr, artifact, facts, plan, opts, report, tag)
             say(f"    {cls.name}: {report.status} in {report.seconds:.1f}s")
     order = {n: i for i, n in enumerate(opts.managers)}
@@ -203,51 +202,25 @@ def kill_rooted_under(directory: Path) -> None:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if (os.readlink(f"/proc/{pid}/root") + "/").startswith(prefix):
-                os.kill(int(pid), 9)
+                os.kill(int(pid), signal.SIGKILL)
         except OSError:
             continue
-
-
-def _facts(artifact: Path, workdir: Path) -> TemplateFacts:
-    dest = workdir / "facts"
-    dest.mkdir()
-    # Only the few files the checks compare against; tar reads the stream once and writes almost nothing.
-    argv = ["tar", decompressor(artifact), "-x", "-f", str(artifact), "-C", str(dest), "--numeric-owner",
-            *[f"./{p}" for p in FACT_PATHS]]
-    proc = subprocess.run(argv, capture_output=True)
-    errors = [ln for ln in proc.stderr.decode(errors="replace").splitlines()
-              if "Not found in archive" not in ln and "Exiting with failure status" not in ln]
-    # A template without sshd, say: tar reports the missing name and still extracts the rest.
-    if proc.returncode not in (0, 2) or errors:
-        raise UsageError("unpack", f"{artifact}: `tar` exited {proc.returncode}: {(errors or ['?'])[-1][:300]}")
-    return read_facts(dest)
 
 
 def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan | None, opts: TestOptions,
                  report: ManagerReport, tag: str) -> None:
     start = time.monotonic()
-    letter = {"nspawn": "n", "lxc": "l", "lxc-unprivileged": "u", "proxmox": "p"}[mgr.name]
-    containers = [Container(name=f"tb{tag}{letter}{i}", rootfs=mgr.workdir / f"{mgr.name}-{i}" / "rootfs",
+    containers = [Container(name=f"tb{tag}{mgr.letter}{i}", rootfs=mgr.workdir / f"{mgr.name}-{i}" / "rootfs",
                             interface=mgr.interface, log=mgr.workdir / f"{mgr.name}-{i}.log") for i in (1, 2)]
     report.containers = [c.name for c in containers]
     try:
-        errors: list[BaseException] = []
+        def prepare(i: int) -> None:
+            c = containers[i]
+            c.rootfs.parent.mkdir()
+            unpack(artifact, c.rootfs, uid_offset=mgr.uid_offset, log=c.log)
+            mgr.prepare(c, i)
 
-        def prepare(i: int, c: Container) -> None:
-            try:
-                c.rootfs.parent.mkdir()
-                unpack(artifact, c.rootfs, uid_offset=mgr.uid_offset, log=c.log)
-                mgr.prepare(c, i)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=prepare, args=(i, c)) for i, c in enumerate(containers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        _at_once(prepare, range(len(containers)))
         mark = time.monotonic()
         report.phases["unpack"] = mark - start
         deadline = time.monotonic() + opts.timeout
@@ -279,11 +252,10 @@ def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan 
         for c in containers:
             if not c.stopped:
                 mgr.kill(c)
-            _forget_nspawn(c.name)
+            mgr.forget(c)
             if not c.alive():  # never remove a tree a container still runs on
                 shutil.rmtree(c.rootfs.parent, ignore_errors=True)
-        if isinstance(mgr, Lxc):
-            forget_lxc_locks(mgr.lxcpath)
+        mgr.close()
         report.seconds = time.monotonic() - start
     report.status = FAIL if any(c.status == FAIL for c in report.checks) else PASS
 
@@ -294,34 +266,29 @@ def _shutdown(mgr: Manager, containers: list[Container], timeout: float) -> Chec
     def stop(c: Container) -> None:
         results[c.name] = mgr.poweroff(c, timeout)
 
-    threads = [threading.Thread(target=stop, args=(c,)) for c in containers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _at_once(stop, containers)
     parts = [f"{n}: {'powered off' if ok else 'still running'} after {s:.1f} s" for n, (ok, s) in results.items()]
     ok = all(ok for ok, _ in results.values())
     return Check("shutdown", PASS if ok else FAIL, "; ".join(parts) + ("" if ok else f" (timeout {timeout:.0f} s)"))
 
 
-def forget_lxc_locks(lxcpath: Path) -> None:
-    """LXC keeps a lock directory per container path under /run/lxc/lock; remove ours and its empty parents."""
-    base = Path("/run/lxc/lock")
-    lock = Path(f"{base}{lxcpath}")
-    shutil.rmtree(lock, ignore_errors=True)
-    for parent in lock.parents:
-        if parent == base or not str(parent).startswith(str(base)):
-            break
+def _at_once(fn, items) -> None:
+    """fn(item) for every item, each in a thread of its own; the first exception is raised here."""
+    errors: list[BaseException] = []
+
+    def call(item: object) -> None:
         try:
-            parent.rmdir()
-        except OSError:
-            break
+            fn(item)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
 
-
-def _forget_nspawn(name: str) -> None:
-    # systemd-nspawn leaves an empty propagation directory behind when it runs without machined.
-    with contextlib.suppress(OSError):
-        os.rmdir(f"/run/systemd/nspawn/propagate/{name}")
+    threads = [threading.Thread(target=call, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def render(report: Report) -> str:
