@@ -60,6 +60,28 @@ def tmplbuild(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[s
                           timeout=timeout)
 
 
+def pid_namespaces() -> set[str]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            found.add(os.readlink(f"/proc/{pid}/ns/pid"))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_container_outlives_the_test():
+    """A container is a PID namespace: none that the test started may still run after it (a container whose
+    manager process was killed keeps running, orphaned, and nothing in its command line names the test)."""
+    before = pid_namespaces()
+    yield
+    deadline = time.monotonic() + 5  # a SIGKILLed namespace's processes are reaped asynchronously
+    while (left := pid_namespaces() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"{len(left)} container PID namespaces still running after the test"
+
+
 @pytest.fixture
 def work():
     """The --work-dir: under /var/tmp, since an unprivileged container's mapped root must be able to reach it

@@ -140,6 +140,14 @@ class Manager:
         raise NotImplementedError
 
     def kill(self, container: Container) -> None:
+        """Stop a container at once. Its PID 1 first: killing only the manager's process (systemd-nspawn, an LXC
+        monitor) leaves the container running, orphaned, with its own PID namespace."""
+        if container.leader is not None and container.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(container.leader, signal.SIGKILL)
+        self._kill_manager(container)
+
+    def _kill_manager(self, container: Container) -> None:
         raise NotImplementedError
 
     def poweroff(self, container: Container, timeout: float) -> tuple[bool, float]:
@@ -233,7 +241,7 @@ class Nspawn(Manager):
         except subprocess.TimeoutExpired:
             return False
 
-    def kill(self, container: Container) -> None:
+    def _kill_manager(self, container: Container) -> None:
         if container.proc is not None and container.proc.poll() is None:
             kill_group(container.proc)
 
@@ -331,7 +339,7 @@ class Lxc(Manager):
                                         "-t", str(max(int(timeout), 1))), timeout + 5)
         return res.ok
 
-    def kill(self, container: Container) -> None:
+    def _kill_manager(self, container: Container) -> None:
         _capture(self.net.nsenter("lxc-stop", "-n", container.name, "-P", str(self.lxcpath), "-k"), 20)
 
 

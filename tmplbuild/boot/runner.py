@@ -189,22 +189,40 @@ def reap_stale(parent: Path) -> None:
     for d in parent.glob("tmplbuild-test.*"):
         parts = d.name.split(".")
         if len(parts) >= 3 and gone(parts[1]) and d.is_dir() and not d.is_symlink():
-            kill_rooted_under(d)  # containers whose manager died with the run (an LXC init outlives its monitor)
+            kill_leaders(d)  # containers outlive their manager's process (nspawn, an LXC monitor) killed with the run
             _umount(d)
             shutil.rmtree(d, ignore_errors=True)
             forget_lxc_locks(d / "lxc")
 
 
-def kill_rooted_under(directory: Path) -> None:
-    """SIGKILL every process whose root directory is inside `directory`: a container's PID 1 takes the rest of
-    its PID namespace with it."""
-    prefix = str(directory) + "/"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if (os.readlink(f"/proc/{pid}/root") + "/").startswith(prefix):
+LEADERS = "leaders"  # in the work directory: "PID STARTTIME" of each container's PID 1, for reap_stale
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def record_leader(workdir: Path, c: Container) -> None:
+    if c.leader is not None and (start := _start_time(c.leader)):
+        with open(workdir / LEADERS, "a") as f:
+            f.write(f"{c.leader} {start}\n")
+
+
+def kill_leaders(workdir: Path) -> None:
+    """SIGKILL the PID 1 of every container a run recorded that still runs (same pid and start time, so never
+    a process that reused the pid): the rest of its PID namespace goes with it."""
+    try:
+        lines = (workdir / LEADERS).read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        pid, _, start = line.partition(" ")
+        if pid.isdigit() and start and _start_time(int(pid)) == start:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            continue
 
 
 def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan | None, opts: TestOptions,
@@ -227,6 +245,7 @@ def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan 
         for c in containers:
             c.started = time.monotonic()
             mgr.start(c)
+            record_leader(mgr.workdir, c)
         boot, booted = checks.boot(containers, deadline)
         report.checks.append(boot)
         report.phases["boot"] = time.monotonic() - mark
