@@ -276,7 +276,8 @@ class Lxc(Manager):
         super().__init__(net, workdir)
         self.lxcpath = workdir / "lxc"
         self.lxcpath.mkdir(exist_ok=True)
-        self.bridge: Subnet | None = None
+        # Made here, before the per-container steps run in threads (the Proxmox profile's prepare needs it).
+        self.bridge: Subnet = net.add_bridge(f"tb{self.name[:3]}{len(net.subnets)}")
 
     @classmethod
     def available(cls) -> str | None:
@@ -295,7 +296,6 @@ class Lxc(Manager):
         forget_lxc_locks(self.lxcpath)
 
     def config_lines(self, container: Container) -> list[str]:
-        assert self.bridge is not None
         lines = [
             "lxc.include = /usr/share/lxc/config/debian.common.conf",
             f"lxc.uts.name = {container.name}",
@@ -311,13 +311,8 @@ class Lxc(Manager):
                           f"lxc.idmap = u 0 {UNPRIVILEGED_BASE} 65536", f"lxc.idmap = g 0 {UNPRIVILEGED_BASE} 65536"]
         return lines
 
-    def ensure_bridge(self) -> Subnet:
-        if self.bridge is None:
-            self.bridge = self.net.add_bridge(f"tb{self.name[:3]}{len(self.net.subnets)}")
-        return self.bridge
-
     def start(self, container: Container) -> None:
-        container.subnet = self.ensure_bridge()
+        container.subnet = self.bridge
         cdir = self.lxcpath / container.name
         cdir.mkdir(exist_ok=True)
         (cdir / "config").write_text("\n".join(self.config_lines(container)) + "\n")
@@ -427,7 +422,7 @@ class Proxmox(Lxc):
     def prepare(self, container: Container, index: int) -> None:
         from tmplbuild.boot.proxmox import PveNet, pct_setup
 
-        subnet = self.ensure_bridge()
+        subnet = self.bridge
         if index == 0:
             nets = [PveNet(name="eth0", ip="dhcp")]
         else:
@@ -439,7 +434,6 @@ class Proxmox(Lxc):
     def config_lines(self, container: Container) -> list[str]:
         from tmplbuild.boot.proxmox import PveNet, lxc_config_lines
 
-        assert self.bridge is not None
         net = PveNet(name="eth0", ip=container.static or "dhcp", gw=self.bridge.gateway if container.static else None)
         # Proxmox's keys (the bridge link standing for PVE's lxcnetaddbr hook, the id maps when unprivileged; no
         # `flags = up`: PVE sets none, the container's ifupdown raises eth0), plus the rootfs, which PVE keeps
