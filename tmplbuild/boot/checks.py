@@ -51,8 +51,17 @@ def boot(containers: list[Container], deadline: float) -> tuple[Check, dict[str,
         ok = False
         failed = c.exec("systemctl", "list-units", "--failed", "--plain", "--no-legend", "--no-pager", timeout=10)
         units = [ln.split()[0] for ln in failed.out.splitlines() if ln.strip() and not ln.startswith(" ")]
-        parts.append(f"{c.name} {state}" + (f", failed units: {' '.join(units)}" if units else ""))
+        parts.append(f"{c.name} {state}" + (f", failed units: {' '.join(units)}" if units else "")
+                     + "".join(f" [{u}: {why}]" for u in units[:3] if (why := _last_log_line(c, u))))
     return Check("boot", PASS if ok else FAIL, _join(parts)), booted
+
+
+def _last_log_line(c: Container, unit: str) -> str:
+    """What a failed unit's own processes said last (its journal lines without PID 1's "Failed to start"),
+    from the container's journal: the reason, not just the name."""
+    res = c.exec("journalctl", "--no-pager", "-o", "cat", "-n", "1", f"_SYSTEMD_UNIT={unit}", timeout=10)
+    lines = [ln.strip() for ln in res.out.splitlines() if ln.strip() and not ln.startswith("-- ")] if res.ok else []
+    return lines[-1][:200] if lines else ""
 
 
 def _ipv4(c: Container) -> tuple[list[str], str | None]:
