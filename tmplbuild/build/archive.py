@@ -1,6 +1,7 @@
 """The Debian archive as seen by one build: its signed Release identity, its package index, and the .debs in
 the shared package cache. Everything read from the mirror is verified before use: InRelease by gpgv against
-the recipe's keyring, Packages by the SHA256 listed in that InRelease, each .deb by the SHA256 in Packages."""
+the recipe's keyring and then for freshness (Valid-Until, Date) as apt checks it, Packages by the SHA256 listed
+in that InRelease, each .deb by the SHA256 in Packages."""
 from __future__ import annotations
 
 import hashlib
@@ -8,13 +9,14 @@ import lzma
 import os
 import re
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from tmplbuild.errors import AuthenticityError, LocalIOError, TransportError
+from tmplbuild.errors import AuthenticityError, FreshnessError, LocalIOError, TransportError
 from tmplbuild.files import atomic_write
 from tmplbuild.run import run
 
@@ -22,6 +24,7 @@ INRELEASE_CAP = 16 << 20
 PACKAGES_CAP = 512 << 20
 TIMEOUT = (10, 60)
 CHUNK = 1 << 20
+MAX_FUTURE_SECONDS = 10  # apt's Acquire::Max-FutureTime default: how far a Release's Date may be ahead of now
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class ReleaseInfo:
     inrelease_sha256: str  # identity of the archive state the build saw
     files: dict[str, tuple[str, int]]  # path -> (sha256, size), from the signed SHA256 field
     raw: bytes  # the InRelease bytes, placed into the tree for debootstrap
+    valid_until: int | None = None  # the Valid-Until field in seconds; None when the archive sets none
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ def verify_inrelease(data: bytes, keyring: Path, what: str) -> bytes:
 def parse_release(signed: bytes, raw: bytes) -> ReleaseInfo:
     """Fields of a verified Release text. Raises AuthenticityError when a field the build relies on is
     missing (a Release without Date or SHA256 cannot pin an archive state)."""
+    import datetime
     from email.utils import parsedate_to_datetime
 
     text = signed.decode("utf-8", errors="replace")
@@ -157,6 +162,19 @@ def parse_release(signed: bytes, raw: bytes) -> ReleaseInfo:
             fields[key] = value.strip()
     try:
         epoch = int(parsedate_to_datetime(fields["Date"]).timestamp())
+    except (KeyError, ValueError, TypeError) as exc:
+        raise AuthenticityError("archive Release", f"missing or malformed field: {exc}") from None
+    valid_until = None
+    if "Valid-Until" in fields:
+        try:
+            when = parsedate_to_datetime(fields["Valid-Until"])
+            if when.tzinfo is None:  # RFC 2822's "-0000": UTC, not the build host's zone
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            valid_until = int(when.timestamp())
+        except (ValueError, TypeError, IndexError, OverflowError):
+            raise AuthenticityError("archive Release",
+                                    f"malformed Valid-Until: {fields['Valid-Until'][:80]!r}") from None
+    try:
         files: dict[str, tuple[str, int]] = {}
         for entry in fields["SHA256"].split("\n"):
             parts = entry.split()
@@ -166,15 +184,35 @@ def parse_release(signed: bytes, raw: bytes) -> ReleaseInfo:
         raise AuthenticityError("archive Release", f"missing or malformed field: {exc}") from None
     return ReleaseInfo(
         suite=fields.get("Suite", ""), codename=fields.get("Codename", ""), date=fields["Date"], epoch=epoch,
-        inrelease_sha256=hashlib.sha256(raw).hexdigest(), files=files, raw=raw,
+        inrelease_sha256=hashlib.sha256(raw).hexdigest(), files=files, raw=raw, valid_until=valid_until,
     )
 
 
-def fetch_release(fetcher: Fetcher, mirror: str, suite: str, keyring: Path) -> ReleaseInfo:
-    """Download and verify dists/SUITE/InRelease. Raises TransportError, AuthenticityError."""
+def fetch_release(fetcher: Fetcher, mirror: str, suite: str, keyring: Path,
+                  now: float | None = None) -> ReleaseInfo:
+    """Download and verify dists/SUITE/InRelease, then check it is fresh at `now` (default: the clock).
+    Raises TransportError, AuthenticityError, FreshnessError."""
     url = f"{mirror}/dists/{suite}/InRelease"
     raw = fetcher.get(url, INRELEASE_CAP)
-    return parse_release(verify_inrelease(raw, keyring, url), raw)
+    release = parse_release(verify_inrelease(raw, keyring, url), raw)
+    check_freshness(release, suite, url, time.time() if now is None else now)
+    return release
+
+
+def check_freshness(release: ReleaseInfo, suite: str, url: str, now: float) -> None:
+    """apt's checks of a Release's dates: Valid-Until must not be past (a replayed or stale archive) and Date
+    must not be more than MAX_FUTURE_SECONDS ahead (a wrong clock, or metadata made to outlive its time). A
+    Release without Valid-Until is accepted, as apt does. Raises FreshnessError."""
+    def utc(t: float) -> str:
+        return time.strftime("%a, %d %b %Y %H:%M:%S UTC", time.gmtime(t))
+
+    if release.valid_until is not None and now > release.valid_until:
+        raise FreshnessError("archive freshness", f"{suite}: Valid-Until {utc(release.valid_until)} is in the past "
+                                                  f"(now {utc(now)}): a replayed or stale archive at {url}")
+    if release.epoch > now + MAX_FUTURE_SECONDS:
+        raise FreshnessError("archive freshness", f"{suite}: Date {release.date} is in the future (now {utc(now)}, "
+                                                  f"{release.epoch - int(now)} s ahead): a wrong clock or a "
+                                                  f"forged archive at {url}")
 
 
 def parse_packages(text: bytes, base_url: str = "", origin: str = "") -> dict[str, Package]:
