@@ -10,6 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def recipe_dir(path: Path) -> Path:
+    """A directory for test recipes made from a shipped recipe's text: its `files/` are the shipped ones."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / "files").exists():
+        (path / "files").symlink_to(ROOT / "recipes/files")
+    return path
+
+
 def gpg(home: Path, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["gpg", "--homedir", str(home), "--batch", "--yes", "--pinentry-mode", "loopback",
                            "--passphrase", "", *args], input=input, capture_output=True, check=True)

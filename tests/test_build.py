@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, can_build
+from tests.conftest import ROOT, can_build, recipe_dir
 from tmplbuild.build.normalize import find_private_keys
 
 pytestmark = [pytest.mark.build, pytest.mark.skipif(can_build() is not None, reason=str(can_build()))]
@@ -147,8 +147,7 @@ def test_ssh_variant_has_the_server_but_no_host_keys_or_private_keys(cache, tmp_
 
 
 def failing_recipe(tmp_path: Path, script: str) -> Path:
-    recipe = tmp_path / "recipes/failing.toml"
-    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe = recipe_dir(tmp_path / "recipes") / "failing.toml"
     text = MINIMAL.replace('name = "debian-12-minimal"', 'name = "failing"')
     recipe.write_text(text + f'\n[[scripts]]\nstage = "post-install"\nrun = """\n{script}\n"""\n')
     return recipe
@@ -181,8 +180,7 @@ def test_private_key_in_tree_is_refused_with_exit_6(cache, tmp_path):
 
 def test_archive_signed_by_a_key_not_in_the_keyring_fails_with_exit_3(cache, tmp_path, throwaway_key):
     _, _, wrong_keyring = throwaway_key
-    recipe = tmp_path / "recipes/wrongkey.toml"
-    recipe.parent.mkdir(parents=True)
+    recipe = recipe_dir(tmp_path / "recipes") / "wrongkey.toml"
     recipe.write_text(MINIMAL.replace("/usr/share/keyrings/debian-archive-keyring.gpg", str(wrong_keyring)))
     out = tmp_path / "out"
     proc = build(recipe, out, cache)
@@ -194,8 +192,7 @@ def test_archive_signed_by_a_key_not_in_the_keyring_fails_with_exit_3(cache, tmp
 
 
 def test_unknown_package_fails_before_bootstrap_with_exit_2(cache, tmp_path):
-    recipe = tmp_path / "recipes/nopkg.toml"
-    recipe.parent.mkdir(parents=True)
+    recipe = recipe_dir(tmp_path / "recipes") / "nopkg.toml"
     recipe.write_text(MINIMAL.replace('"ca-certificates"]', '"ca-certificates", "no-such-package-xyz"]'))
     proc = build(recipe, tmp_path / "out", cache)
     assert proc.returncode == 2
@@ -203,7 +200,7 @@ def test_unknown_package_fails_before_bootstrap_with_exit_2(cache, tmp_path):
 
 
 def test_malformed_recipe_fails_with_file_line_and_exit_2(tmp_path):
-    recipe = tmp_path / "bad.toml"
+    recipe = recipe_dir(tmp_path) / "bad.toml"
     recipe.write_text(MINIMAL.replace('include = ["systemd-sysv"', 'include = ["Systemd_Sysv"'))
     proc = tmplbuild("build", str(recipe), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, can_build, gpg
+from tests.conftest import ROOT, can_build, gpg, recipe_dir
 from tests.test_build import MINIMAL, assert_nothing_left, build, only, unpack
 
 pytestmark = [pytest.mark.build, pytest.mark.skipif(can_build() is not None, reason=str(can_build()))]
@@ -76,7 +76,7 @@ def served_repo(tmp_path, throwaway_key):
 
 
 def repo_recipe(tmp_path: Path, url: str, key: Path) -> Path:
-    recipe = tmp_path / "recipes/withrepo.toml"
+    recipe = recipe_dir(tmp_path / "recipes") / "withrepo.toml"
     recipe.write_text(MINIMAL.replace('name = "debian-12-minimal"', 'name = "withrepo"') + f"""
 [[repositories]]
 name = "local"

@@ -100,3 +100,33 @@ def test_no_security_mirror_says_how_to_set_one(tmp_path, monkeypatch):
     monkeypatch.delenv("TMPLBUILD_SECURITY_MIRROR", raising=False)
     with pytest.raises(UsageError, match="TMPLBUILD_SECURITY_MIRROR"):
         resolve_mirror(None, None, tmp_path, security=True)
+
+
+def test_template_sources_default_to_the_hosts_mirror_not_the_build_mirror(tmp_path, monkeypatch):
+    from tmplbuild.build.mirror import template_mirror
+
+    root = fake_root(tmp_path, {"sources.list.d/debian.sources": DEB822})
+    monkeypatch.setenv("TMPLBUILD_MIRROR", "http://127.0.0.1:3142/debian")  # a local cache the build goes through
+    assert template_mirror(None, root) == "http://mirror.example.invalid/debian"
+    assert template_mirror("http://recipe.example.invalid/d", root) == "http://recipe.example.invalid/d"
+
+
+@pytest.mark.parametrize("line", ["deb http://localhost:3142/debian bookworm main",
+                                  "deb file:///srv/mirror bookworm main",
+                                  "deb http://cache.example.invalid:3142/debian bookworm main"])
+def test_a_host_mirror_no_container_can_use_is_refused_with_how_to_set_one(tmp_path, line):
+    from tmplbuild.build.mirror import template_mirror
+
+    root = fake_root(tmp_path, {"sources.list": line + "\n"})
+    with pytest.raises(UsageError) as err:
+        template_mirror(None, root)
+    assert err.value.check == "sources" and "host apt sources" in str(err.value)
+    assert "set sources.mirror in the recipe" in str(err.value)
+
+
+def test_the_hosts_apt_proxy_is_not_a_template_source(tmp_path, monkeypatch):
+    from tmplbuild.build.mirror import template_mirror
+
+    monkeypatch.setenv("http_proxy", "http://proxy.example.invalid:8080/")
+    with pytest.raises(UsageError, match="the proxy this host's apt uses"):
+        template_mirror("http://proxy.example.invalid:8080/debian", tmp_path)

@@ -1,6 +1,7 @@
 """Clean-up of a tree into a template, and the private key scan."""
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -15,9 +16,10 @@ EPOCH = 1_700_000_000  # 2023-11-14, day 19675
 
 def make_tree(root: Path) -> None:
     files = {
+        "etc/hostname": socket.gethostname() + "\n",
         "etc/ssh/ssh_host_ed25519_key": "x", "etc/ssh/ssh_host_ed25519_key.pub": "x", "etc/ssh/sshd_config": "keep",
         "etc/machine-id": "0123456789abcdef0123456789abcdef\n", "etc/resolv.conf": "nameserver 10.0.0.1\n",
-        "etc/hostname": "buildhost\n", "etc/passwd-": "old", "var/log/dpkg.log": "log", "var/log/apt/history.log": "h",
+        "etc/passwd-": "old", "var/log/dpkg.log": "log", "var/log/apt/history.log": "h",
         "var/log/wtmp": "entries", "var/cache/ldconfig/aux-cache": "c", "var/lib/apt/lists/m_Packages": "p",
         "var/cache/apt/archives/a_1_all.deb": "d", "var/lib/dpkg/status-old": "s", "tmp/x": "t", "dev/null": "n",
         "etc/shadow": "root:*:20780:0:99999:7:::\nnobody:*::0:99999:7:::\nold:*:100:0:99999:7:::\n",
@@ -35,13 +37,24 @@ def test_clean_removes_what_must_be_unique_or_must_not_ship(tmp_path):
     assert (tmp_path / "etc/ssh/sshd_config").read_text() == "keep"
     assert (tmp_path / "etc/machine-id").read_bytes() == b""
     assert (tmp_path / "etc/resolv.conf").read_bytes() == b""
-    assert (tmp_path / "etc/hostname").read_text() == "localhost\n"
+    # The build host's name is not the container's: without /etc/hostname the manager's name stays.
+    assert not (tmp_path / "etc/hostname").exists()
     for gone in ("etc/passwd-", "var/log/dpkg.log", "var/log/apt/history.log", "var/cache/ldconfig/aux-cache",
                  "var/lib/apt/lists/m_Packages", "var/cache/apt/archives/a_1_all.deb", "var/lib/dpkg/status-old",
                  "tmp/x", "dev/null"):
         assert not (tmp_path / gone).exists(), gone
     assert (tmp_path / "var/log/wtmp").read_bytes() == b""  # kept, emptied
     assert (tmp_path / "var/lib/apt/lists/partial").is_dir()
+
+
+def test_clean_keeps_a_resolver_link_and_a_hostname_the_recipe_chose(tmp_path):
+    make_tree(tmp_path)
+    (tmp_path / "etc/resolv.conf").unlink()
+    (tmp_path / "etc/resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    (tmp_path / "etc/hostname").write_text("appliance\n")
+    clean(tmp_path, EPOCH)
+    assert str((tmp_path / "etc/resolv.conf").readlink()) == "../run/systemd/resolve/stub-resolv.conf"
+    assert (tmp_path / "etc/hostname").read_text() == "appliance\n"
 
 
 def test_clean_clamps_shadow_last_change_to_the_epoch_day(tmp_path):

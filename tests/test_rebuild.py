@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, can_build
+from tests.conftest import ROOT, can_build, recipe_dir
 from tests.test_repo import index_of
 from tests.test_server import init_repo, kill_agents, make_key
 from tmplbuild.rebuild import changelog, changelog_summary, newest, pick_version, same_content
@@ -27,7 +27,7 @@ def tmplbuild(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def write_recipes(d: Path, minimal_extra: list[str] = (), extra: list[str] = ("less",)) -> None:
-    d.mkdir(parents=True, exist_ok=True)
+    recipe_dir(d)
     text = MINIMAL.replace('name = "debian-12-minimal"', 'name = "rb-minimal"')
     if minimal_extra:
         text = text.replace('"ca-certificates"]', '"ca-certificates", ' + ", ".join(f'"{p}"' for p in minimal_extra) + "]")

@@ -73,13 +73,16 @@ def load(root: Path, files: dict[str, str | bytes], name: str = "r.toml") -> Rec
 
 
 @needs_debian_keyring
-@pytest.mark.parametrize("name", ["debian-12-minimal", "debian-12-ssh", "debian-13-minimal"])
+@pytest.mark.parametrize("name", ["debian-12-minimal", "debian-12-ssh", "debian-12-standard", "debian-13-minimal"])
 def test_shipped_recipes_load(name: str) -> None:
     recipe = load_recipe(RECIPES / f"{name}.toml")
     assert recipe.name == name
     assert recipe.path == (RECIPES / f"{name}.toml").resolve()
     assert recipe.bootstrap.keyring == DEBIAN_KEYRING.resolve()
-    assert recipe.formats == (Compression.ZSTD,)
+    # Proxmox and LXC read zstd; lxc-create -t local and systemd 252 only xz.
+    assert recipe.formats == (Compression.ZSTD, Compression.XZ)
+    # A template's sources come from the host unless the recipe names them: never the build mirror.
+    assert recipe.sources.mirror is None and recipe.bootstrap.mirror is None
     assert recipe.canonical.startswith(b"{")
 
 
@@ -92,10 +95,11 @@ def test_ssh_recipe_inherits_minimal() -> None:
     assert ssh.suite == "bookworm" and ssh.release == "12" and ssh.architectures == ("amd64",)
     assert ssh.variant == "ssh"
     assert ssh.include == minimal.include + ("openssh-server",)
-    assert [s.name for s in ssh.scripts] == ["debian-12-minimal:inline-1", "ssh-regenerate-host-keys.sh"]
+    assert [s.name for s in ssh.scripts] == ["container-network.sh", "ssh-regenerate-host-keys.sh"]
     assert ssh.scripts[0] == minimal.scripts[0]
     assert ssh.scripts[1].content == (RECIPES / "files/ssh-regenerate-host-keys.sh").read_bytes()
     assert ssh.files == minimal.files and ssh.files[0].mode == 0o644
+    assert ssh.sources == minimal.sources
     assert ssh.canonical != minimal.canonical
 
 
@@ -411,3 +415,39 @@ def test_extra_suites_are_parsed_and_validated(tmp_path):
         load_recipe(bad)
     line = next(i for i, ln in enumerate(text.splitlines(), 1) if "trixie security" in ln)
     assert (err.value.line, err.value.field) == (line, "bootstrap.extra_suites[1]")
+
+
+@needs_debian_keyring
+@pytest.mark.parametrize("url, problem", [
+    ("http://127.0.0.1/debian", "loopback"),
+    ("http://localhost:3142/debian", "loopback"),
+    ("file:///srv/mirror", "not file:"),
+    ("http://apt-cache.lan:3142/debian", "apt cache or proxy"),
+    ("http://cache.example.org/deb.example.org/debian", "apt cache or proxy"),
+    ("http://aptcache/debian", "fully qualified"),
+])
+def test_template_sources_refuse_what_containers_cannot_reach(tmp_path, url, problem):
+    """What goes into the template's sources.list is checked where it is written: a build-host-only mirror
+    would give every container a broken apt."""
+    from tmplbuild.errors import RecipeError
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'extends = "x"\n[template]\nname = "r"\n\n[sources]\nmirror = "{url}"\n')
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe)
+    assert (err.value.line, err.value.field) == (6, "sources.mirror") and problem in str(err.value)
+
+
+@needs_debian_keyring
+def test_template_sources_are_their_own_setting(tmp_path):
+    recipe_dir = tmp_path
+    (recipe_dir / "files").symlink_to(RECIPES / "files")
+    (recipe_dir / "debian-12-minimal.toml").write_text((RECIPES / "debian-12-minimal.toml").read_text())
+    (recipe_dir / "mine.toml").write_text(
+        'extends = "debian-12-minimal"\n[template]\nname = "mine"\n[sources]\n'
+        'mirror = "http://mirror.example.org/debian/"\nsecurity_mirror = "https://security.example.org/debian-security"\n')
+    mine = load_recipe(recipe_dir / "mine.toml")
+    assert mine.sources.mirror == "http://mirror.example.org/debian"
+    assert mine.sources.security_mirror == "https://security.example.org/debian-security"
+    assert mine.bootstrap.mirror is None
+    assert mine.canonical != load_recipe(recipe_dir / "debian-12-minimal.toml").canonical

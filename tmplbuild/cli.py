@@ -43,7 +43,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         arch = native if native in recipe.architectures else recipe.architectures[0]
     opts = BuildOptions(arch=arch, out_dir=Path(args.out), cache_dir=Path(args.cache_dir or default_cache_dir()),
                         mirror=args.mirror, security_mirror=args.security_mirror, force=args.force, use_tmpfs=not args.no_tmpfs,
-                        zstd_level=args.zstd_level)
+                        zstd_level=args.zstd_level, xz_level=args.xz_level)
     build(recipe, opts)
     return 0
 
@@ -280,6 +280,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace an existing template of the same version")
     b.add_argument("--zstd-level", type=int, default=9, choices=range(1, 23), metavar="1-22",
                    help="zstd level (default 9, with a 128 MiB long-distance window; 19 is near xz's size, slower)")
+    b.add_argument("--xz-level", type=int, default=0, choices=range(0, 10), metavar="0-9",
+                   help="xz level for recipes with tar.xz (default 0: 4 s instead of 28 s for -6, 31%% larger)")
     b.add_argument("--no-tmpfs", action="store_true", help="build on disk instead of a tmpfs (low-memory hosts)")
     b.set_defaults(func=cmd_build)
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmplbuild import __version__
-from tmplbuild.build import archive, chroot, normalize, pack
+from tmplbuild.build import archive, chroot, lxcmeta, normalize, pack
 from tmplbuild.build.manifest import installed_packages
-from tmplbuild.build.mirror import resolve_mirror
+from tmplbuild.build.mirror import resolve_mirror, template_mirror
 from tmplbuild.build.plan import BootstrapPlan, debootstrap_argv, lists_name, make_plan, missing_packages
 from tmplbuild.errors import AuthenticityError, BuildError, LocalIOError, UsageError
 from tmplbuild.files import atomic_write
 from tmplbuild.log import say, step
-from tmplbuild.recipe.model import Recipe, Stage
+from tmplbuild.recipe.model import Compression, Recipe, Stage
 from tmplbuild.run import run
 
 
@@ -41,6 +41,7 @@ class BuildOptions:
     force: bool = False
     use_tmpfs: bool = True
     zstd_level: int = pack.ZSTD_LEVEL
+    xz_level: int = pack.XZ_LEVEL
     version: str | None = None  # overrides default_version (tmplbuild rebuild: `<default>.N`)
 
 
@@ -62,15 +63,16 @@ def default_version(recipe: Recipe, epoch: int) -> str:
     return recipe.version or f"{recipe.release}-{time.strftime('%Y%m%d', time.gmtime(epoch))}"
 
 
-def input_hash(recipe: Recipe, arch: str, releases: list[archive.ReleaseInfo]) -> str:
+def input_hash(recipe: Recipe, arch: str, releases: list[archive.ReleaseInfo], sources: str = "") -> str:
     """What the template is made from: the resolved recipe (with its parents, scripts, files and keys), the
-    architecture, the builder's version, and the archive state as the signed sha256 of each Packages index the
+    architecture, the builder's version, the template's own apt sources (resolved from the host when the recipe
+    leaves them to it; the build mirror is not an input: it changes no byte of the template), and the archive state as the signed sha256 of each Packages index the
     build reads. Not the InRelease bytes: a security suite is re-signed daily (Valid-Until) without one package
     changing, and that must not count as a new input (the weekly rebuild skips on an equal input hash)."""
     h = hashlib.sha256()
     indices = [r.files.get(f"{c}/binary-{arch}/Packages", (r.inrelease_sha256, 0))[0].encode()
                for r in releases for c in recipe.bootstrap.components]
-    for part in (recipe.canonical, arch.encode(), __version__.encode(), *indices):
+    for part in (recipe.canonical, arch.encode(), __version__.encode(), sources.encode(), *indices):
         h.update(len(part).to_bytes(8, "big") + part)
     return "sha256:" + h.hexdigest()
 
@@ -83,6 +85,8 @@ class PlannedInputs:
     epoch: int
     version: str  # opts.version, else the default version
     suites: list[SuiteSource]
+    sources: str  # the template's /etc/apt/sources.list
+    mirror: str  # the build mirror
 
 
 def plan_inputs(recipe: Recipe, opts: BuildOptions, fetcher: archive.Fetcher | None = None,
@@ -95,8 +99,23 @@ def plan_inputs(recipe: Recipe, opts: BuildOptions, fetcher: archive.Fetcher | N
     suites = _fetch_suites(fetcher, recipe, mirror, opts)
     releases = [s.release for s in suites]
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or max(r.epoch for r in releases))
-    return PlannedInputs(input_hash=input_hash(recipe, opts.arch, releases), epoch=epoch,
-                         version=opts.version or default_version(recipe, epoch), suites=suites)
+    sources = template_sources(recipe)
+    return PlannedInputs(input_hash=input_hash(recipe, opts.arch, releases, sources), epoch=epoch,
+                         version=opts.version or default_version(recipe, epoch), suites=suites, sources=sources,
+                         mirror=mirror)
+
+
+def template_sources(recipe: Recipe) -> str:
+    """The template's /etc/apt/sources.list: every suite it was built from, from the recipe's `[sources]`
+    mirrors (else the host's), never from the mirror the build downloaded through. Raises UsageError."""
+    components = " ".join(recipe.bootstrap.components)
+    mirror = template_mirror(recipe.sources.mirror)
+    lines = []
+    for suite in (recipe.suite, *recipe.bootstrap.extra_suites):
+        url = template_mirror(recipe.sources.security_mirror, security=True) if suite.endswith("-security") \
+            else mirror
+        lines.append(f"deb {url} {suite} {components}\n")
+    return "".join(lines)
 
 
 def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
@@ -124,7 +143,8 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
         stem = artifact_stem(recipe, version, opts.arch)
     finals = [opts.out_dir / f"{stem}.{fmt.value}" for fmt in recipe.formats]
     manifest_path = opts.out_dir / f"{stem}.manifest.json"
-    existing = [p for p in finals + [manifest_path] if p.exists()]
+    meta_path = opts.out_dir / f"{stem}.{lxcmeta.FORMAT}" if Compression.XZ in recipe.formats else None
+    existing = [p for p in finals + [manifest_path, meta_path] if p is not None and p.exists()]
     if existing and not opts.force:
         raise UsageError("output", f"{existing[0]} exists; pass --force to replace it")
 
@@ -148,6 +168,8 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
                        "TMPLBUILD_VERSION": version, "TMPLBUILD_ARCH": opts.arch, "TMPLBUILD_SUITE": recipe.suite}
                 with step("scripts", timings):
                     _customise(root, recipe, env, log)
+                    # The template's own sources, whatever mirror or proxy the build downloaded through.
+                    (root / "etc/apt/sources.list").write_text(planned.sources)
                 with step("clean-up", timings):
                     if chroot.mounts_under(root):
                         raise BuildError("clean-up", f"mounts still active under {root}; refusing to clean")
@@ -158,13 +180,22 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
                 with step("pack + compress", timings):
                     outputs = [(fmt, final.with_name(f".{final.name}.part"))
                                for final, fmt in zip(finals, recipe.formats)]
-                    entries, content_bytes, staged = pack.pack(root, outputs, epoch, opts.zstd_level)
+                    entries, content_bytes, staged = pack.pack(root, outputs, epoch, opts.zstd_level,
+                                                               opts.xz_level)
             except BaseException:
                 _keep_log(log, opts.cache_dir / "logs" / f"{stem}.build.log")
+                # debootstrap's own log says which package failed to configure, and why; its path in the
+                # error message is gone with the tree.
+                _keep_log(root / "debootstrap/debootstrap.log", opts.cache_dir / "logs" / f"{stem}.debootstrap.log")
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     try:
+        if meta_path is not None:
+            # lxc-create -t local reads the rootfs as tar.xz plus this metadata tarball.
+            staged.append(_stage_bytes(meta_path, lxcmeta.FORMAT, lxcmeta.meta_tarball(
+                recipe.name, version, opts.arch, recipe.distribution, recipe.description, epoch)))
+            finals.append(meta_path)
         # All formats land together, the manifest last: a reader that sees the manifest sees every file.
         for a, final in zip(staged, finals):
             os.replace(a.path, final)
@@ -188,12 +219,17 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
             "archive": [{"suite": x.suite, "codename": x.release.codename, "date": x.release.date,
                          "inrelease_sha256": x.release.inrelease_sha256} for x in suites],
             "bootstrap_variant": recipe.bootstrap.variant,
+            # Where this build downloaded from: not an input (the template names its own sources below).
+            "mirror": planned.mirror,
+            "security_mirror": next((x.url for x in suites if x.suite.endswith("-security")), None),
             "zstd_level": opts.zstd_level,
+            "xz_level": opts.xz_level if Compression.XZ in recipe.formats else None,
             "tmplbuild": __version__,
         },
+        "apt_sources": planned.sources.splitlines(),
         "tree": {"entries": entries, "content_bytes": content_bytes},
         "packages": packages,
-        "artifacts": [{"file": a.path.name, "format": a.format.value, "size": a.size,
+        "artifacts": [{"file": a.path.name, "format": getattr(a.format, "value", a.format), "size": a.size,
                        "sha256": a.sha256, "sha512": a.sha512} for a in artifacts],
     }
     _write_json(manifest_path, manifest)
@@ -299,6 +335,12 @@ def _bootstrap(root: Path, work: Path, mirror: str, recipe: Recipe, arch: str, s
                             plan_tarball=tarball)
     try:
         run(argv, check="debootstrap", log=log)
+        # debootstrap copies the build host's /etc/hostname (and resolv.conf, which the chroot mounts replace
+        # while scripts run): a template keeps the name its container manager gives, and has a sane hosts file
+        # unless the recipe brings its own.
+        (root / "etc/hostname").unlink(missing_ok=True)
+        if not (root / "etc/hosts").exists():
+            (root / "etc/hosts").write_text(normalize.DEFAULT_HOSTS)
         # Scripts may call apt-get without an update: give them every suite's full, verified index, and the
         # template the sources of every suite it was built from, so it keeps getting those updates.
         for (suite, component), index in indices.items():
@@ -382,6 +424,17 @@ class _plain_dir:
     def __exit__(self, *exc) -> None:
         for point in chroot.mounts_under(self.path):
             chroot.umount(point)
+
+
+def _stage_bytes(final: Path, fmt: str, data: bytes) -> pack.Artifact:
+    staged = final.with_name(f".{final.name}.part")
+    try:
+        with open(staged, "wb") as f:
+            f.write(data)
+    except OSError:
+        staged.unlink(missing_ok=True)
+        raise
+    return pack.Artifact(staged, fmt, len(data), hashlib.sha256(data).hexdigest(), hashlib.sha512(data).hexdigest())
 
 
 def _keep_log(log: Path, dest: Path) -> None:

@@ -74,6 +74,11 @@ def chroot_mounts(root: Path) -> Iterator[None]:
     policy = root / "usr/sbin/policy-rc.d"
     had_policy = policy.exists()
     resolv = root / "etc/resolv.conf"
+    # What the tree had there (a link to systemd-resolved's stub, a file, nothing): put back afterwards unless a
+    # script replaced the host's copy with something of its own.
+    link = os.readlink(resolv) if resolv.is_symlink() else None
+    before = resolv.read_bytes() if link is None and resolv.is_file() else None
+    copied = None
     try:
         mount("-t", "proc", "proc", root / "proc")
         mount("-t", "sysfs", "-o", "ro", "sysfs", root / "sys")
@@ -86,10 +91,17 @@ def chroot_mounts(root: Path) -> Iterator[None]:
             resolv.unlink()
         if Path("/etc/resolv.conf").exists():
             shutil.copyfile("/etc/resolv.conf", resolv)
+            copied = os.stat(resolv).st_ino
         yield
     finally:
         for point in mounts_under(root):
             umount(point)
+        if copied is not None and not resolv.is_symlink() and resolv.exists() and resolv.stat().st_ino == copied:
+            resolv.unlink()
+            if link is not None:
+                resolv.symlink_to(link)
+            elif before is not None:
+                resolv.write_bytes(before)
         if not had_policy and policy.exists():
             policy.unlink()
 

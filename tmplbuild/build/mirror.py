@@ -102,3 +102,47 @@ def resolve_mirror(flag: str | None, recipe_mirror: str | None, root: Path = Pat
                                    "TMPLBUILD_SECURITY_MIRROR=URL, pass --security-mirror URL, or set "
                                    "bootstrap.security_mirror in the recipe")
     raise UsageError("mirror", f"no Debian mirror found in the host's apt sources; {HOW_TO_SET}")
+
+
+def host_proxies() -> set[str]:
+    """host:port of every HTTP proxy the building host uses (environment, apt's Acquire::http(s)::Proxy): a
+    template's sources must not name one of them."""
+    import subprocess
+    import urllib.parse
+
+    urls = [os.environ.get(k, "") for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")]
+    try:
+        out = subprocess.run(["apt-config", "dump", "Acquire"], capture_output=True, text=True, timeout=10).stdout
+        urls += re.findall(r'^Acquire::https?::Proxy(?:::[^ ]+)? "([^"]*)";', out, re.M)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    found = set()
+    for u in urls:
+        parts = urllib.parse.urlsplit(u if "://" in u else f"http://{u}")
+        if parts.hostname:
+            found.add(f"{parts.hostname.lower()}:{parts.port or 80}")
+    return found
+
+
+def template_mirror(recipe_value: str | None, root: Path = Path("/"), *, security: bool = False) -> str:
+    """The mirror the template's sources.list names: the recipe's `sources.(security_)mirror`, else the one in
+    the building host's apt sources. Never the build mirror (--mirror, TMPLBUILD_MIRROR): that may be a proxy,
+    a cache or a file: tree only the build host reaches. Raises UsageError naming where a bad value came from."""
+    import urllib.parse
+
+    from tmplbuild.recipe.validate import template_source_problem
+
+    field = "sources.security_mirror" if security else "sources.mirror"
+    source, value = (field, recipe_value) if recipe_value else (
+        "host apt sources", security_mirror_from_host(root) if security else debian_mirror_from_host(root))
+    if not value:
+        raise UsageError("sources", f"no Debian {'security ' if security else ''}mirror in the host's apt sources "
+                                    f"for the template's sources.list; set {field} in the recipe")
+    problem = template_source_problem(value)
+    parts = urllib.parse.urlsplit(value)
+    if not problem and f"{(parts.hostname or '').lower()}:{parts.port or 80}" in host_proxies():
+        problem = "expected a Debian mirror, not the proxy this host's apt uses"
+    if problem:
+        hint = "" if source == field else f"; set {field} in the recipe"
+        raise UsageError("sources", f"{source}: {value}: {problem}{hint}")
+    return value.rstrip("/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 from tmplbuild.errors import UnsafeContentError
@@ -30,6 +31,10 @@ REMOVE_GLOBS = (
 # Emptied but kept (the directory, or a file other software expects to exist).
 EMPTY_DIRS = ("var/lib/apt/lists", "tmp", "var/tmp", "run", "dev")
 KEEP_IN_LISTS = {"partial", "lock"}
+# /etc/hosts where a recipe brings none (debian-installer's): the container's own name resolves through
+# nss-myhostname or systemd-resolved, or through the line Proxmox adds.
+DEFAULT_HOSTS = ("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\n"
+                 "ff02::2\t\tip6-allrouters\n")
 
 # A marker alone is not a key: libraries (gnutls, openssl) carry these strings as literals. A key has a line of
 # base64 within a few header lines after its BEGIN marker.
@@ -59,14 +64,24 @@ def clean(root: Path, epoch: int) -> None:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-    # An empty machine-id makes systemd generate one at first boot; an empty resolv.conf and a neutral
-    # hostname replace the build host's, which debootstrap copied in. Modes are set: the host's may be odd.
-    for name, content in (("etc/machine-id", b""), ("etc/resolv.conf", b""), ("etc/hostname", b"localhost\n")):
-        p = root / name
-        if p.is_symlink():
-            p.unlink()
-        p.write_bytes(content)
-        p.chmod(0o444 if name == "etc/machine-id" else 0o644)
+    # An empty machine-id makes systemd generate one at first boot (every container its own). Modes are set:
+    # the host's may be odd.
+    machine_id = root / "etc/machine-id"
+    if machine_id.is_symlink():
+        machine_id.unlink()
+    machine_id.write_bytes(b"")
+    machine_id.chmod(0o444)
+    # resolv.conf: a link (systemd-resolved's stub, which a recipe sets up) stays; a file is what the build
+    # host's resolver said while scripts ran, and is emptied. No /etc/hostname is written: the container keeps
+    # the name its manager (LXC, systemd-nspawn, Proxmox) gives it.
+    hostname = root / "etc/hostname"
+    if hostname.is_file() and not hostname.is_symlink() and hostname.read_text(errors="replace").strip() \
+            == socket.gethostname():
+        hostname.unlink()  # the build host's name (debootstrap copies it), not anything a recipe chose
+    resolv = root / "etc/resolv.conf"
+    if not resolv.is_symlink():
+        resolv.write_bytes(b"")
+        resolv.chmod(0o644)
     _clean_logs(root / "var/log")
     _clamp_shadow(root / "etc/shadow", epoch)
 

@@ -25,7 +25,11 @@ CHUNK = 1 << 20
 # (and so `tar --zstd`, pct, lxc) refuses larger windows without extra flags.
 ZSTD_LEVEL = 9
 ZSTD_WINDOW_LOG = 27
-XZ_LEVEL = "-6"
+# xz for the hosts that read nothing else (lxc-create -t local, systemd 252): level 0, chosen with bench/build.py
+# (README, "Compression"): -6 took 28 s of a 12 s warm build; 0 takes about 4 s on two cores in parallel with
+# zstd. Always in multi-threaded mode (at least 2 threads), whose block layout depends on the level only: the
+# same bytes on a 1-core and a 64-core builder.
+XZ_LEVEL = 0
 KEPT_XATTRS = ("security.capability",)  # ping and friends need it; other xattrs are build-host noise
 
 
@@ -127,7 +131,7 @@ class _Tee:
 
 
 def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
-         zstd_level: int = ZSTD_LEVEL) -> tuple[int, int, list[Artifact]]:
+         zstd_level: int = ZSTD_LEVEL, xz_level: int = XZ_LEVEL) -> tuple[int, int, list[Artifact]]:
     """Pack root into each (format, path) of outputs. Returns (entries, content bytes, artifacts). On any
     failure no output file exists afterwards. Raises LocalIOError on a write failure (disk full), BuildError
     when xz fails."""
@@ -146,7 +150,7 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
                 sinks.append(zstandard.ZstdCompressor(compression_params=params).stream_writer(
                     f, write_size=CHUNK, closefd=False))
             else:
-                proc = subprocess.Popen(["xz", XZ_LEVEL, "-T0", "-c"], stdin=subprocess.PIPE, stdout=f,
+                proc = subprocess.Popen(["xz", f"-{xz_level}", f"-T{max(2, os.cpu_count() or 1)}", "-c"], stdin=subprocess.PIPE, stdout=f,
                                         stderr=subprocess.PIPE)
                 procs.append(proc)
                 sinks.append(proc.stdin)  # type: ignore[arg-type]

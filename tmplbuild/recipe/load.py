@@ -25,7 +25,7 @@ from tmplbuild.errors import RecipeError
 from tmplbuild.recipe import validate as v
 from tmplbuild.recipe.locate import Locator, Source, Val
 from tmplbuild.recipe.model import (
-    ARCHITECTURES, VARIANTS, AptRepository, Bootstrap, Compression, FileEntry, Recipe, Script, Stage,
+    ARCHITECTURES, VARIANTS, AptRepository, Bootstrap, Compression, FileEntry, Recipe, Script, Sources, Stage,
 )
 
 _TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)\Z")
@@ -61,6 +61,10 @@ _BOOTSTRAP: dict[str, Callable[[Val], Any]] = {
                                               "suite", non_empty=False),
     "security_mirror": v.url(("http", "https", "file")),
 }
+_SOURCES: dict[str, Callable[[Val], Any]] = {
+    "mirror": v.template_source_url,
+    "security_mirror": v.template_source_url,
+}
 _REQUIRED = {  # field -> what is expected, for the "missing" message
     "template.name": v.NAME_EXPECTED, "template.distribution": v.NAME_EXPECTED,
     "template.release": v.RELEASE_EXPECTED, "template.suite": v.SUITE_EXPECTED,
@@ -78,6 +82,7 @@ class _Layer:
     extends: Val | None = None
     template: dict[str, Any] = field(default_factory=dict)
     bootstrap: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     repositories: list[AptRepository] = field(default_factory=list)
@@ -98,7 +103,7 @@ def load_recipe(path: Path | str) -> Recipe:
         table, key = name.split(".")
         if key not in merged[table]:
             raise leaf.src.error(name, f"missing required field, expected {expected}")
-    t, b = merged["template"], merged["bootstrap"]
+    t, b, s = merged["template"], merged["bootstrap"], merged["sources"]
     keyring, keyring_sha256 = b["keyring"]
     recipe = Recipe(
         path=leaf.src.path.resolve(), name=t["name"], distribution=t["distribution"], release=t["release"],
@@ -108,7 +113,7 @@ def load_recipe(path: Path | str) -> Recipe:
                             security_mirror=b.get("security_mirror")),
         include=merged["include"], exclude=merged["exclude"], repositories=merged["repositories"],
         scripts=merged["scripts"], files=merged["files"], formats=t.get("formats", (Compression.ZSTD,)),
-        version=t.get("version"),
+        version=t.get("version"), sources=Sources(mirror=s.get("mirror"), security_mirror=s.get("security_mirror")),
         extends=tuple(layer.extends.value for layer in reversed(layers) if layer.extends is not None),
     )
     return dataclasses.replace(recipe, canonical=_canonical(recipe, {keyring: keyring_sha256}))
@@ -171,8 +176,8 @@ def _read(path: Path) -> tuple[dict[str, Any], Source]:
 
 
 def _parse_layer(doc: dict[str, Any], src: Source) -> _Layer:
-    top = v.table(Val(doc, src, ""), ("extends", "template", "bootstrap", "packages", "repositories", "scripts",
-                                      "files"))
+    top = v.table(Val(doc, src, ""), ("extends", "template", "bootstrap", "sources", "packages", "repositories",
+                                      "scripts", "files"))
     layer = _Layer(src)
     if "extends" in top:
         layer.extends = top["extends"]
@@ -181,6 +186,8 @@ def _parse_layer(doc: dict[str, Any], src: Source) -> _Layer:
         layer.template = {k: _TEMPLATE[k](val) for k, val in v.table(top["template"], tuple(_TEMPLATE)).items()}
     if "bootstrap" in top:
         layer.bootstrap = {k: _BOOTSTRAP[k](val) for k, val in v.table(top["bootstrap"], tuple(_BOOTSTRAP)).items()}
+    if "sources" in top:
+        layer.sources = {k: _SOURCES[k](val) for k, val in v.table(top["sources"], tuple(_SOURCES)).items()}
     if "packages" in top:
         layer.include, layer.exclude = _package_lists(v.table(top["packages"], ("include", "exclude")))
     repositories = _entries(top.get("repositories"))
@@ -267,6 +274,7 @@ def _merge(layers: list[_Layer]) -> dict[str, Any]:
     child's entry replaces the parent's in place; scripts accumulate, then run in stage order."""
     template: dict[str, Any] = {}
     bootstrap: dict[str, Any] = {}
+    sources: dict[str, Any] = {}
     include: list[str] = []
     exclude: list[str] = []
     repositories: dict[str, AptRepository] = {}
@@ -275,13 +283,14 @@ def _merge(layers: list[_Layer]) -> dict[str, Any]:
     for layer in layers:
         template.update(layer.template)
         bootstrap.update(layer.bootstrap)
+        sources.update(layer.sources)
         include = [p for p in dict.fromkeys(include + list(layer.include)) if p not in layer.exclude]
         exclude = [p for p in dict.fromkeys(exclude + list(layer.exclude)) if p not in layer.include]
         repositories.update((r.name, r) for r in layer.repositories)
         scripts += layer.scripts
         files.update((f.dest, f) for f in layer.files)
     scripts.sort(key=lambda s: _STAGE_ORDER[s.stage])  # stable: within a stage, parent's scripts first
-    return {"template": template, "bootstrap": bootstrap, "include": tuple(include), "exclude": tuple(exclude),
+    return {"template": template, "bootstrap": bootstrap, "sources": sources, "include": tuple(include), "exclude": tuple(exclude),
             "repositories": tuple(repositories.values()), "scripts": tuple(scripts), "files": tuple(files.values())}
 
 

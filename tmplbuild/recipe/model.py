@@ -69,6 +69,15 @@ class Bootstrap:
 
 
 @dataclass(frozen=True)
+class Sources:
+    """What the template's own /etc/apt/sources.list names: its own setting, never the mirror the build
+    downloaded from (a proxy, an apt cache or a file: mirror would give every container a broken apt)."""
+
+    mirror: str | None = None  # None: the Debian mirror of the building host's apt sources
+    security_mirror: str | None = None  # None: the security mirror of the building host's apt sources
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path  # the file this recipe was loaded from
     name: str
@@ -86,6 +95,7 @@ class Recipe:
     files: tuple[FileEntry, ...]
     formats: tuple[Compression, ...]  # at least one; tar.zst by default
     version: str | None = None  # fixed version; None derives one from the release and the archive date
+    sources: Sources = Sources()
     extends: tuple[str, ...] = ()  # chain of parent recipe names, nearest first (for the manifest)
     # Canonical bytes of everything the recipe contributes to the build (its own text, its parents', every
     # file and key it uses): the recipe half of the build input hash.

@@ -7,6 +7,7 @@ fine, else a phrase starting with "expected ..." that reads well after `found "V
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import urllib.parse
 from collections.abc import Callable, Collection, Sequence
@@ -81,6 +82,44 @@ def url_problem(value: str, *, schemes: Collection[str] = ("http", "https", "fil
     if port == 0:
         return "expected a port between 1 and 65535"
     return None
+
+
+# apt-cacher-ng and apt-cacher listen on 3142; a path starting with a host name (`/deb.example.org/debian`)
+# or apt-cacher-ng's `/HTTPS///` is how a caching proxy is addressed, never how a mirror is.
+APT_CACHE_PORTS = frozenset({3142})
+_PROXY_PATH_RE = re.compile(r"\A/(?:HTTPS///|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?::\d+)?/)")
+
+
+def template_source_problem(value: str) -> str | None:
+    """None if `value` can go into a template's sources.list: an http(s) mirror every container can reach.
+    A loopback, link-local, file: or dot-less host, or an apt cache/proxy address works on the building host
+    at best, and gives every container made from the template a broken apt."""
+    problem = url_problem(value, schemes=("http", "https"))
+    if problem:
+        return problem + " (a template's sources must be reachable from every container, so not file:)"
+    parts = urllib.parse.urlsplit(value)
+    host = (parts.hostname or "").lower()
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if host == "localhost" or host.endswith(".localhost") or (ip and (ip.is_loopback or ip.is_link_local
+                                                                    or ip.is_unspecified)):
+        return "expected a mirror every container can reach, not a loopback or link-local address"
+    if ip is None and "." not in host:
+        return "expected a fully qualified mirror host name (a container cannot resolve a bare host name)"
+    if parts.port in APT_CACHE_PORTS or _PROXY_PATH_RE.match(parts.path or "/"):
+        return "expected a Debian mirror, not an apt cache or proxy address (port 3142, or a host name in the path)"
+    return None
+
+
+def template_source_url(v: Val) -> str:
+    if not isinstance(v.value, str):
+        raise v.wrong_type("a string")
+    problem = template_source_problem(v.value)
+    if problem:
+        raise v.error(f"found {quote(v.value)}, {problem}")
+    return v.value.rstrip("/")
 
 
 def package_name_problem(value: str) -> str | None:
