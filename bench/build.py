@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark tmplbuild against plain debootstrap and mmdebstrap, and zstd settings against xz -6.
+"""Benchmark tmplbuild against plain debootstrap and mmdebstrap, what tar.xz costs a build, and zstd against xz.
 
 Run as root from anywhere: python3 bench/build.py [--repeat N] [--json FILE]. See bench/README.md."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -21,14 +22,22 @@ sys.path.insert(0, str(PROJECT))  # the package is run from its checkout, not in
 
 import zstandard  # noqa: E402
 
+from tmplbuild.build.lxcmeta import FORMAT as LXC_META  # noqa: E402
 from tmplbuild.build.mirror import resolve_mirror  # noqa: E402
-from tmplbuild.build.pack import ZSTD_LEVEL, ZSTD_WINDOW_LOG  # noqa: E402
+from tmplbuild.build.pack import XZ_LEVEL, ZSTD_LEVEL, ZSTD_WINDOW_LOG  # noqa: E402
 from tmplbuild.errors import UsageError  # noqa: E402
+from tmplbuild.recipe.load import load_recipe  # noqa: E402
 
 RECIPE = "debian-12-minimal"
-SAME_PACKAGES = ("systemd-sysv", "iproute2", "ifupdown", "ca-certificates")  # recipes/debian-12-minimal.toml
-GOALS = {"tmplbuild cold": 0.8, "tmplbuild warm": 0.6}  # max ratio to plain debootstrap
+RECIPES = PROJECT / "recipes"
+ZST_ONLY = f"{RECIPE}-zst-only"  # a temporary child recipe: the shipped one with formats = ["tar.zst"]
+# Max ratio to debootstrap; checked against plain minbase and against debootstrap installing the recipe's packages.
+GOALS = {"tmplbuild cold": 0.8, "tmplbuild warm": 0.6}
+REFS = ("debootstrap", "debootstrap, recipe's packages")
+XZ_LEVELS = (XZ_LEVEL, 1, 6)  # warm builds with tar.xz at these levels; the default's is the "tmplbuild warm" row
+PACK_RE = re.compile(rb"^\s*pack \+ compress: ([0-9.]+)s$", re.M)  # the builder's step line
 SIZE_GOAL, TIME_GOAL = 1.10, 1 / 3  # zstd: within 10% of xz's size in at most 1/3 of its time
+XZ_REF = "xz -6 -T0"
 CHUNK = 1 << 20
 
 
@@ -37,7 +46,8 @@ def log(msg: str) -> None:
 
 
 def run_timed(argv: list[str], work: Path) -> float:
-    """Seconds argv took; on failure print the tail of its log and exit 1 (the caller's finally cleans up)."""
+    """Seconds argv took (the whole process); its output is in work/log.txt. On failure print the tail of that
+    log and exit 1 (the caller's finally cleans up)."""
     logfile = work / "log.txt"
     with open(logfile, "wb") as out:
         start = time.monotonic()
@@ -56,21 +66,49 @@ def fresh_dir(session: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=session))
 
 
-def one_round(session: Path, mirror: str, suite: str, keep: Path | None) -> dict[str, float]:
-    """Run a, b, c, d once; if keep is given, move the warm build's .tar.zst there."""
+def zst_only_recipe(session: Path) -> Path:
+    """A recipe dir holding a copy of the shipped recipe, a `files` link to recipes/files (the recipes name their
+    files relative to their own dir) and a child that only narrows formats to tar.zst. Returns the child's path."""
+    d = session / "recipes"
+    d.mkdir()
+    shutil.copy(RECIPES / f"{RECIPE}.toml", d / f"{RECIPE}.toml")
+    (d / "files").symlink_to(RECIPES / "files")
+    child = d / f"{ZST_ONLY}.toml"
+    child.write_text(f'extends = "{RECIPE}"\n\n[template]\nname = "{ZST_ONLY}"\nformats = ["tar.zst"]\n')
+    return child
+
+
+def tmplbuild_builds(zst_only: Path) -> list[tuple[str, str, list[str]]]:
+    """(row, recipe, extra arguments), in the order run: cold first, then warm from the same cache."""
+    builds = [("tmplbuild cold", RECIPE, []),
+              ("tmplbuild warm", RECIPE, []),  # as shipped: tar.zst and tar.xz at the default xz level
+              ("tmplbuild warm, tar.zst only", str(zst_only), [])]
+    builds += [(f"tmplbuild warm, xz -{n}", RECIPE, ["--xz-level", str(n)]) for n in XZ_LEVELS if n != XZ_LEVEL]
+    # Informational: the warm build on disk (--no-tmpfs), like for like with the references, to show how much of
+    # the gain is the tmpfs and how much the skipped resolution and download.
+    builds.append(("tmplbuild warm on disk", RECIPE, ["--no-tmpfs"]))
+    return builds
+
+
+def one_round(session: Path, mirror: str, suite: str, keep: Path | None, include: tuple[str, ...],
+              exclude: tuple[str, ...], zst_only: Path) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
+    """Run every row once; if keep is given, move the warm build's .tar.zst there. Returns (whole-process seconds
+    per row, pack + compress seconds per tmplbuild row, .tar.xz bytes per tmplbuild row that wrote one)."""
     times: dict[str, float] = {}
+    pack: dict[str, float] = {}
+    xz_bytes: dict[str, int] = {}
     work = fresh_dir(session, "debootstrap")
     log("  debootstrap ...")
     times["debootstrap"] = run_timed(
         ["debootstrap", "--variant=minbase", suite, str(work / "root"), mirror], work)
     shutil.rmtree(work)
 
-    # Informational: the same package set as the recipe (what tmplbuild actually installs), like for like.
+    # The same package set as the recipe (what tmplbuild actually installs), like for like.
     work = fresh_dir(session, "debootstrap-same-packages")
     log("  debootstrap with the recipe's packages ...")
+    opts = [f"--include={','.join(include)}"] + ([f"--exclude={','.join(exclude)}"] if exclude else [])
     times["debootstrap, recipe's packages"] = run_timed(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(SAME_PACKAGES)}", suite, str(work / "root"),
-         mirror], work)
+        ["debootstrap", "--variant=minbase", *opts, suite, str(work / "root"), mirror], work)
     shutil.rmtree(work)
 
     work = fresh_dir(session, "mmdebstrap")
@@ -80,15 +118,21 @@ def one_round(session: Path, mirror: str, suite: str, keep: Path | None) -> dict
     shutil.rmtree(work)
 
     cache = fresh_dir(session, "cache")  # brand-new and empty for the cold build, then reused warm
-    # The last row is informational: the warm build on disk (--no-tmpfs), like for like with the references,
-    # to show how much of the gain is the tmpfs and how much the skipped resolution and download.
-    for label, extra in (("tmplbuild cold", []), ("tmplbuild warm", []), ("tmplbuild warm on disk", ["--no-tmpfs"])):
-        work = fresh_dir(session, label.replace(" ", "-"))
+    for label, recipe, extra in tmplbuild_builds(zst_only):
+        work = fresh_dir(session, re.sub(r"[^a-z0-9]+", "-", label))
         log(f"  {label} ...")
         # --mirror so tmplbuild fetches from the same mirror as the references.
         times[label] = run_timed(
-            [sys.executable, "-m", "tmplbuild", "build", RECIPE, "--out", str(work / "out"),
+            [sys.executable, "-m", "tmplbuild", "build", recipe, "--out", str(work / "out"),
              "--cache-dir", str(cache), "--mirror", mirror, "--force", *extra], work)
+        found = PACK_RE.findall((work / "log.txt").read_bytes())
+        if len(found) != 1:
+            log(f"FAILED: {label}: expected one 'pack + compress: N.Ns' line in its output, found {len(found)}")
+            sys.exit(1)
+        pack[label] = float(found[0])
+        for xz in (work / "out").glob("*.tar.xz"):
+            if not xz.name.endswith(f".{LXC_META}"):  # the rootfs, not the small LXC meta tarball
+                xz_bytes[label] = xz.stat().st_size
         if label == "tmplbuild warm" and keep is not None:
             built = sorted((work / "out").glob("*.tar.zst"))
             if not built:
@@ -97,7 +141,7 @@ def one_round(session: Path, mirror: str, suite: str, keep: Path | None) -> dict
             shutil.move(built[0], keep)
         shutil.rmtree(work)
     shutil.rmtree(cache)
-    return times
+    return times, pack, xz_bytes
 
 
 def zstd_compress(params: zstandard.ZstdCompressionParameters) -> Callable[[Path, Path], None]:
@@ -108,9 +152,11 @@ def zstd_compress(params: zstandard.ZstdCompressionParameters) -> Callable[[Path
     return go
 
 
-def xz_compress(src: Path, dest: Path) -> None:
-    with open(src, "rb") as i, open(dest, "wb") as o:
-        subprocess.run(["xz", "-6", "-T0", "-c"], stdin=i, stdout=o, check=True)
+def xz_compress(level: int, threads: int) -> Callable[[Path, Path], None]:
+    def go(src: Path, dest: Path) -> None:
+        with open(src, "rb") as i, open(dest, "wb") as o:
+            subprocess.run(["xz", f"-{level}", f"-T{threads}", "-c"], stdin=i, stdout=o, check=True)
+    return go
 
 
 def compression_rows(tarball: Path, session: Path) -> list[dict]:
@@ -132,7 +178,11 @@ def compression_rows(tarball: Path, session: Path) -> list[dict]:
                                                 threads=-1, write_checksum=True)
         default = level == ZSTD_LEVEL and ZSTD_WINDOW_LOG == 27
         candidates.append((f"zstd -{level} --long=27", default, zstd_compress(p)))
-    candidates.append(("xz -6 -T0", False, xz_compress))
+    # -0 and -1 with two threads, as tmplbuild writes tar.xz (multi-threaded, at least -T2); -6 -T0 is the
+    # reference every row is compared with.
+    for level in (0, 1):
+        candidates.append((f"xz -{level} -T2", level == XZ_LEVEL, xz_compress(level, 2)))
+    candidates.append((XZ_REF, False, xz_compress(6, 0)))
 
     rows = []
     for name, default, fn in candidates:
@@ -145,7 +195,7 @@ def compression_rows(tarball: Path, session: Path) -> list[dict]:
         dest.unlink()
     shutil.rmtree(work)
 
-    xz = rows[-1]
+    xz = next(r for r in rows if r["name"] == XZ_REF)
     for r in rows:
         r["size_vs_xz"] = r["bytes"] / xz["bytes"]
         r["time_vs_xz"] = r["seconds"] / xz["seconds"]
@@ -153,21 +203,42 @@ def compression_rows(tarball: Path, session: Path) -> list[dict]:
     return rows
 
 
-def build_table(medians: dict[str, float]) -> tuple[list[str], list[list[str]]]:
-    ref = medians["debootstrap"]
+def build_table(medians: dict[str, float], pack: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    """Whole-process seconds, the builder's pack + compress step, and the ratio to both debootstrap rows."""
     rows = []
     for tool, secs in medians.items():
         goal = GOALS.get(tool)
-        verdict = "" if goal is None else ("PASS" if secs / ref <= goal else "MISS")
-        rows.append([tool, f"{secs:.1f}", f"{secs / ref:.2f}x",
+        verdict = "" if goal is None else " / ".join(
+            "PASS" if secs / medians[ref] <= goal else "MISS" for ref in REFS)
+        rows.append([tool, f"{secs:.1f}", f"{pack[tool]:.1f}" if tool in pack else "",
+                     *(f"{secs / medians[ref]:.2f}x" for ref in REFS),
                      "" if goal is None else f"<= {goal:.1f}x", verdict])
-    return ["tool", "seconds", "vs debootstrap", "goal", "result"], rows
+    return ["tool", "seconds", "pack + compress", "vs debootstrap minbase", "vs debootstrap same packages",
+            "goal", "result (minbase / same packages)"], rows
+
+
+def xz_cost_table(medians: dict[str, float], pack: dict[str, float],
+                  xz_mb: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    """What tar.xz adds to a warm build, per level: against the same build writing tar.zst only."""
+    base = "tmplbuild warm, tar.zst only"
+    rows = [["tar.zst only", "", f"{medians[base]:.1f}", f"{pack[base]:.1f}", "", "",
+             f"{medians[base] / medians['debootstrap']:.2f}x",
+             f"{medians[base] / medians[REFS[1]]:.2f}x"]]
+    for level in sorted(XZ_LEVELS):
+        row = "tmplbuild warm" if level == XZ_LEVEL else f"tmplbuild warm, xz -{level}"
+        name = f"+ tar.xz -{level}" + (" (default)" if level == XZ_LEVEL else "")
+        rows.append([name, f"{xz_mb[row]:.1f}" if row in xz_mb else "", f"{medians[row]:.1f}", f"{pack[row]:.1f}",
+                     f"{medians[row] - medians[base]:+.1f}", f"{pack[row] - pack[base]:+.1f}",
+                     f"{medians[row] / medians['debootstrap']:.2f}x", f"{medians[row] / medians[REFS[1]]:.2f}x"])
+    return ["warm build writes", "tar.xz MB", "seconds", "pack + compress", "added to the build",
+            "added to pack + compress", "vs debootstrap minbase", "vs debootstrap same packages"], rows
 
 
 def compression_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     out = []
     for r in rows:
-        name = r["name"] + (" (tmplbuild default)" if r["default"] else "")
+        default = " (tmplbuild's tar.xz)" if r["name"].startswith("xz") else " (tmplbuild default)"
+        name = r["name"] + (default if r["default"] else "")
         goal = "" if r["name"].startswith("xz") else ("yes" if r["meets_goal"] else "no")
         out.append([name, f"{r['bytes'] / 1e6:.1f}", f"{r['seconds']:.1f}",
                     # Three decimals on size: 1.103 would print as a passing-looking 1.10.
@@ -215,24 +286,41 @@ def main() -> int:
             except UsageError as exc:
                 log(f"bench/build.py: {exc}")
                 return 2
+            recipe = load_recipe(RECIPES / f"{RECIPE}.toml")  # debootstrap's like-for-like row uses its packages
+            zst_only = zst_only_recipe(session)
             runs: dict[str, list[float]] = {}
+            pack_runs: dict[str, list[float]] = {}
+            xz_runs: dict[str, list[int]] = {}
             for n in range(args.repeat):
                 log(f"round {n + 1}/{args.repeat}")
                 keep = None if args.skip_compression else session / "template.tar.zst"
-                for tool, secs in one_round(session, mirror, args.suite, keep).items():
+                times, pack, xz_bytes = one_round(session, mirror, args.suite, keep, recipe.include,
+                                                  recipe.exclude, zst_only)
+                for tool, secs in times.items():
                     runs.setdefault(tool, []).append(secs)
+                for tool, secs in pack.items():
+                    pack_runs.setdefault(tool, []).append(secs)
+                for tool, size in xz_bytes.items():
+                    xz_runs.setdefault(tool, []).append(size)
             medians = {tool: statistics.median(v) for tool, v in runs.items()}
-            results["builds"] = {"runs": runs, "median": medians,
-                                 "ratio": {t: s / medians["debootstrap"] for t, s in medians.items()},
-                                 "goals": GOALS}
-            tables.append((f"Build time (median of {args.repeat}, suite {args.suite})", *build_table(medians)))
+            pack_medians = {tool: statistics.median(v) for tool, v in pack_runs.items()}
+            xz_mb = {tool: statistics.median(v) / 1e6 for tool, v in xz_runs.items()}
+            results["builds"] = {"runs": runs, "median": medians, "pack_compress_runs": pack_runs,
+                                 "pack_compress_median": pack_medians, "tar_xz_bytes": xz_runs,
+                                 "recipe_packages": {"include": list(recipe.include), "exclude": list(recipe.exclude)},
+                                 "ratio": {ref: {t: s / medians[ref] for t, s in medians.items()} for ref in REFS},
+                                 "goals": GOALS, "default_xz_level": XZ_LEVEL}
+            tables.append((f"Build time (median of {args.repeat}, suite {args.suite}; seconds are the whole process)",
+                           *build_table(medians, pack_medians)))
+            tables.append((f"What tar.xz costs a warm build (median of {args.repeat})",
+                           *xz_cost_table(medians, pack_medians, xz_mb)))
             tarball = keep
         if tarball is not None:
             log("compression")
             rows = compression_rows(tarball, session)
             results["compression"] = {"rows": rows, "goal": {"size_vs_xz_max": SIZE_GOAL, "time_vs_xz_max": TIME_GOAL},
                                       "default": {"level": ZSTD_LEVEL, "window_log": ZSTD_WINDOW_LOG}}
-            tables.append(("Compression (goal: within 10% of xz -6's size in at most 1/3 of its time)",
+            tables.append((f"Compression (goal: within 10% of {XZ_REF}'s size in at most 1/3 of its time)",
                            *compression_table(rows)))
     finally:
         shutil.rmtree(session, ignore_errors=True)

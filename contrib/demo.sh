@@ -61,7 +61,7 @@ fpr=$(tb key generate --name "tmplbuild demo <demo@example.invalid>" --gnupghome
 echo "fingerprint $fpr"
 
 echo
-echo "### 3. a signed repository, and the template published into it ($WORK/repo)"
+echo "### 3. a signed repository, and the template published into it once it booted in containers ($WORK/repo)"
 tb repo init "$WORK/repo" --key "$fpr" --gnupghome "$WORK/gnupg" --id tmplbuild-demo
 tb publish "$manifest" --repo "$WORK/repo" --key "$fpr" --gnupghome "$WORK/gnupg"
 

@@ -4,6 +4,7 @@ and DNS there. A template that works passes every check; deliberately broken one
 that is about their fault; nothing the command creates outlives it, even when interrupted."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -11,46 +12,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.conftest import ROOT, can_build
+from tests.test_repo import index_of, key, repo  # noqa: F401 - fixtures
 from tmplbuild.boot.managers import subordinate_range_problem
 
 TAR = ["--numeric-owner", "--xattrs", "--xattrs-include=*"]
 
-GOOD_RECIPE = '''\
-# What issue 10 will make the shipped recipes do, as a fixture: networkd + resolved for LXC and nspawn,
-# ifupdown + dhclient for what Proxmox writes, udev for unprivileged LXC (/sys is writable there, so networkd
-# waits for udev), a sane /etc/hosts. The build's clean-up still writes /etc/hostname and an empty
-# resolv.conf; `good` below removes them from the tarball.
-extends = "debian-12-ssh"
-
-[template]
-name = "boot-good"
-variant = "boot-good"
-description = "tmplbuild test fixture: a template that works as a container"
-
-[[files]]
-dest = "/etc/systemd/network/80-container.network"
-content = "[Match]\\nName=host0 eth0\\n\\n[Network]\\nDHCP=ipv4\\n"
-mode = "0644"
-
-[[files]]
-dest = "/etc/hosts"
-content = "127.0.0.1\\tlocalhost\\n::1\\t\\tlocalhost ip6-localhost ip6-loopback\\n"
-mode = "0644"
-
-[[scripts]]
-stage = "post-install"
-run = """
-apt-get install -y -q systemd-resolved udev isc-dhcp-client
-systemctl enable systemd-networkd systemd-resolved
-systemctl mask sys-kernel-debug.mount
-"""
-'''
+SHIPPED = sorted(p.stem for p in (ROOT / "recipes").glob("*.toml"))
 
 pytestmark = [pytest.mark.build, pytest.mark.boot, pytest.mark.skipif(can_build() is not None, reason=str(can_build()))]
 
@@ -135,35 +110,67 @@ def assert_nothing_left(workdir: Path) -> None:
     assert not list(Path("/run/systemd/nspawn/propagate").glob("tb*")) if Path("/run/systemd/nspawn/propagate").exists() else True
 
 
+class Forwarder(http.server.ThreadingHTTPServer):
+    """What a build through a proxy or an apt cache looks like: a mirror URL on 127.0.0.1 that only this host
+    can reach. A template built through it must still name a mirror its containers can reach."""
+
+    def __init__(self, upstream: str) -> None:
+        upstream_base = upstream.rstrip("/")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                with requests.get(upstream_base + self.path, stream=True, timeout=60) as r:
+                    self.send_response(r.status_code)
+                    self.send_header("Content-Length", r.headers.get("Content-Length", "0"))
+                    self.end_headers()
+                    for chunk in r.iter_content(1 << 20):
+                        self.wfile.write(chunk)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, Path]:
-    """debian-12-minimal as shipped, and the `boot-good` fixture recipe, built with one package cache."""
-    recipes = tmp_path_factory.mktemp("recipes")
-    shutil.copytree(ROOT / "recipes", recipes, dirs_exist_ok=True)
-    (recipes / "boot-good.toml").write_text(GOOD_RECIPE)
+def built(tmp_path_factory) -> dict:
+    """Every shipped recipe, built with one package cache; debian-12-minimal through a local forwarding mirror
+    (as through a proxy or an apt cache)."""
+    from tmplbuild.build.mirror import resolve_mirror
+
     out, cache = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("cache")
+    forwarder = Forwarder(resolve_mirror(None, None))
     result = {}
-    for name in ("debian-12-minimal", "boot-good"):
-        res = tmplbuild("build", str(recipes / f"{name}.toml"), "--out", str(out), "--cache-dir", str(cache))
-        assert res.returncode == 0, res.stderr[-2000:]
-        result[name] = next(out.glob(f"{name}_*_amd64.tar.zst"))
+    try:
+        for name in SHIPPED:
+            extra = ["--mirror", forwarder.url] if name == "debian-12-minimal" else []
+            res = tmplbuild("build", str(ROOT / "recipes" / f"{name}.toml"), "--out", str(out), "--cache-dir",
+                            str(cache), *extra)
+            assert res.returncode == 0, res.stderr[-2000:]
+            result[name] = next(out.glob(f"{name}_*_amd64.tar.zst"))
+    finally:
+        forwarder.shutdown()
+        forwarder.server_close()
+    result["forwarder"] = forwarder.url
     return result
 
 
 @pytest.fixture(scope="module")
-def good(built, tmp_path_factory) -> Path:
-    def fix(root: Path) -> None:
-        # What the builder's clean-up cannot yet leave alone (issue 10): the manager's hostname, resolved's stub.
-        (root / "etc/hostname").unlink()
-        (root / "etc/resolv.conf").unlink()
-        (root / "etc/resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
-
-    tmp = tmp_path_factory.mktemp("good")
-    return repack(built["boot-good"], tmp / "boot-good_1_amd64.tar.zst", tmp, fix)
+def good(built) -> Path:
+    """A template that passes every check: the shipped debian-12-ssh."""
+    return built["debian-12-ssh"]
 
 
-def test_a_working_template_passes_every_check_under_every_manager(good, work):
-    rc, report, err = boot_test(good, work, "--manager", "all", "--apt-mirror", "named")
+TRIXIE = pytest.mark.xfail(strict=True, reason="issue 10, still open: under systemd 257 the boot check's first "
+                           "`systemctl is-system-running` can fail to reach PID 1 ('Failed to connect to system scope "
+                           "bus') and the container's own name does not resolve (getent hosts times out)")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=TRIXIE) if n == "debian-13-minimal" else n for n in SHIPPED])
+def test_every_shipped_template_passes_every_check_under_every_manager(built, work, name):
+    rc, report, err = boot_test(built[name], work, "--manager", "all", "--apt-mirror", "named")
     unprivileged = subordinate_range_problem()
     assert rc == 0, (err[-3000:], json.dumps(report, indent=1)[-6000:])
     statuses = {m["manager"]: m["status"] for m in report["managers"]}
@@ -173,50 +180,120 @@ def test_a_working_template_passes_every_check_under_every_manager(good, work):
     else:  # said in one line, not failed silently
         skipped = next(m for m in report["managers"] if m["manager"] == "lxc-unprivileged")
         assert skipped["status"] == "skip" and "/etc/subuid" in skipped["reason"]
+    ssh = "minimal" not in name
     for m in report["managers"]:
         if m["status"] == "skip":
             continue
         got = {c["name"]: c["status"] for c in m["checks"]}
-        assert got == dict.fromkeys(["boot", "network", "dns", "hostname", "hosts", "machine-id", "apt", "sshd",
-                                     "host-keys", "shutdown"], "pass"), (m["manager"], m["checks"])
+        want = dict.fromkeys(["boot", "network", "dns", "hostname", "hosts", "machine-id", "apt", "sshd",
+                              "host-keys", "shutdown"], "pass")
+        if not ssh:
+            want["sshd"] = want["host-keys"] = "skip"
+        assert got == want, (m["manager"], m["checks"])
         assert m["version"] and len(m["containers"]) == 2
     nspawn = checks_of(report, "nspawn")
     assert "host0" in nspawn["network"]["evidence"] and "DHCP lease" in nspawn["network"]["evidence"]
+    lxc = checks_of(report, "lxc")
+    assert "eth0" in lxc["network"]["evidence"] and "DHCP lease" in lxc["network"]["evidence"]
     proxmox = checks_of(report, "proxmox")
     assert "static" in proxmox["network"]["evidence"] and "DHCP lease" in proxmox["network"]["evidence"]
     assert_nothing_left(work)
 
 
-@pytest.fixture(scope="module")
-def shipped_report(built) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="tmplbuild-pytest-", dir="/var/tmp"))
-    workdir.chmod(0o711)
-    rc, report, err = boot_test(built["debian-12-minimal"], workdir, "--manager", "all")
-    shutil.rmtree(workdir, ignore_errors=True)
-    assert rc in (0, 8), err[-3000:]
-    return report
+def test_a_template_built_through_a_proxy_names_the_hosts_mirror_and_keeps_the_managers_name(built, tmp_path):
+    """The template's sources are its own setting: building through a local forwarder (a proxy, an apt cache)
+    leaves no trace of it in the template, only in the manifest's record of the build."""
+    from tmplbuild.build.mirror import template_mirror
+
+    tarball = built["debian-12-minimal"]
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["tar", "--zstd", "-xpf", str(tarball), "-C", str(root), *TAR, "./etc"], check=True)
+    sources = (root / "etc/apt/sources.list").read_text()
+    forwarder = built["forwarder"]
+    assert "127.0.0.1" not in sources and template_mirror(None) + " bookworm main" in sources
+    assert [ln.split()[2] for ln in sources.splitlines()] == ["bookworm", "bookworm-updates", "bookworm-security"]
+    manifest = json.loads(tarball.with_name(tarball.name.replace(".tar.zst", ".manifest.json")).read_text())
+    assert manifest["apt_sources"] == sources.splitlines()
+    assert manifest["build"]["mirror"] == forwarder
+    # The container keeps the name its manager gives; the resolver is systemd-resolved's stub; hosts is sane.
+    assert not (root / "etc/hostname").exists()
+    assert os.readlink(root / "etc/resolv.conf") == "../run/systemd/resolve/stub-resolv.conf"
+    assert "127.0.0.1\tlocalhost" in (root / "etc/hosts").read_text()
+    assert (root / "etc/services").is_file() and (root / "etc/protocols").is_file()  # netbase
 
 
-@pytest.mark.parametrize("manager", ["nspawn", "lxc", "lxc-unprivileged", "proxmox"])
-@pytest.mark.xfail(strict=True, reason="issue 10: the shipped recipes have no DHCP client, /etc/hostname says "
-                                       "localhost, no /etc/hosts, an empty resolv.conf (and unprivileged LXC fails "
-                                       "sys-kernel-debug.mount)")
-def test_shipped_minimal_template_passes_under(shipped_report, manager):
-    m = next(m for m in shipped_report["managers"] if m["manager"] == manager)
-    if m["status"] == "skip":
-        pytest.skip(m["reason"])
-    assert m["status"] == "pass", [c for c in m["checks"] if c["status"] == "fail"]
+def test_lxc_create_local_reads_the_xz_template_and_its_metadata_and_boots_without_a_network(built, work):
+    """What `lxc-create -t local` needs, unmodified: the .tar.xz and the generated metadata tarball. The container
+    comes up `running` with no network at all (lxc.net.0.type = empty): nothing waits for one, nothing fails."""
+    tarball = built["debian-12-minimal"]
+    xz = tarball.with_name(tarball.name.replace(".tar.zst", ".tar.xz"))
+    meta = tarball.with_name(tarball.name.replace(".tar.zst", ".lxc-meta.tar.xz"))
+    lxcpath, name = work / "lxc", f"tblocal{os.getpid()}"
+    lxcpath.mkdir()
+    conf = work / "empty-net.conf"
+    conf.write_text("lxc.net.0.type = empty\nlxc.apparmor.profile = unconfined\n")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0711", "tmplbuild-pytest", str(lxcpath)], check=True)
+    lxc = ["-P", str(lxcpath), "-n", name]
+    try:
+        res = subprocess.run(["lxc-create", *lxc, "-f", str(conf), "-t", "local", "--", "--metadata", str(meta),
+                              "--fstree", str(xz)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "You just created a container from debian-12-minimal" in res.stdout
+        config = (lxcpath / name / "config").read_text()
+        assert "lxc.include = /usr/share/lxc/config/debian.common.conf" in config and "lxc.arch = x86_64" in config
+        subprocess.run(["lxc-start", *lxc, "-d"], check=True, timeout=60)
+        state = subprocess.run(["lxc-attach", *lxc, "--", "timeout", "60", "systemctl", "is-system-running",
+                                "--wait"], capture_output=True, text=True, timeout=90)
+        failed = subprocess.run(["lxc-attach", *lxc, "--", "systemctl", "--failed", "--no-legend"],
+                                capture_output=True, text=True, timeout=30)
+        assert state.stdout.strip() == "running", (state.stdout, failed.stdout)
+        hostname = subprocess.run(["lxc-attach", *lxc, "--", "hostname"], capture_output=True, text=True, timeout=30)
+        assert hostname.stdout.strip() == name
+    finally:
+        subprocess.run(["lxc-stop", *lxc, "-k"], capture_output=True, timeout=60)
+        subprocess.run(["lxc-destroy", *lxc, "-f"], capture_output=True, timeout=60)
+        subprocess.run(["umount", "-l", str(lxcpath)], capture_output=True)
 
 
-def test_shipped_minimal_template_boots_with_a_fresh_identity_today(shipped_report):
-    """What already works on the shipped template, and must keep working."""
-    for manager in ("nspawn", "lxc"):
-        got = checks_of(shipped_report, manager)
-        assert got["boot"]["status"] == "pass", got["boot"]
-        assert got["machine-id"]["status"] == "pass", got["machine-id"]
-        assert got["shutdown"]["status"] == "pass", got["shutdown"]
-        assert got["sshd"]["status"] == "skip"  # minimal ships no sshd
-        assert got["apt"]["status"] == "skip" and "--apt-mirror" in got["apt"]["evidence"]
+def test_publish_boots_the_template_first_and_refuses_one_that_fails(good, tmp_path, key, repo):
+    """`tmplbuild publish` runs `tmplbuild test` on every manager here, records the result in the manifest the
+    index signs, and publishes nothing when a check fails."""
+    home, fpr = key
+    out = tmp_path / "out"
+    out.mkdir()
+    stem = good.name[: -len(".tar.zst")]
+    for f in good.parent.glob(f"{stem}.*"):
+        shutil.copy(f, out)
+    res = tmplbuild("publish", str(out / f"{stem}.manifest.json"), "--repo", str(repo), "--key", fpr,
+                    "--gnupghome", str(home))
+    assert res.returncode == 0, res.stderr[-3000:]
+    (entry,) = index_of(repo)["templates"]
+    assert [f["format"] for f in entry["files"]] == ["tar.zst", "tar.xz", "lxc-meta.tar.xz"]
+    manifest = json.loads((repo / entry["manifest"]["path"]).read_text())
+    assert manifest["test"]["result"] == "pass" and manifest["test"]["sha256"] == entry["files"][0]["sha256"]
+    assert {m["manager"] for m in manifest["test"]["managers"]} == {"nspawn", "lxc", "lxc-unprivileged", "proxmox"}
+
+    def break_it(root: Path) -> None:
+        (root / "etc/hostname").write_text("localhost\n")
+
+    broken = repack(good, out / "broken.tar.zst", tmp_path, break_it)
+    version = manifest["version"] + ".9"
+    bad_stem = f"{manifest['name']}_{version}_amd64"
+    broken = broken.rename(out / f"{bad_stem}.tar.zst")
+    from tmplbuild.files import hash_file
+
+    size, sha256, sha512 = hash_file(broken)
+    bad = {**manifest, "version": version, "test": None,
+           "artifacts": [{"file": broken.name, "format": "tar.zst", "size": size, "sha256": sha256, "sha512": sha512}]}
+    (out / f"{bad_stem}.manifest.json").write_text(json.dumps(bad))
+    before = index_of(repo)
+    res = tmplbuild("publish", str(out / f"{bad_stem}.manifest.json"), "--repo", str(repo), "--key", fpr,
+                    "--gnupghome", str(home))
+    assert res.returncode == 8, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("tmplbuild: template test: ") and "hostname" in last and "not published" in last
+    assert index_of(repo) == before
 
 
 def test_identity_and_boot_faults_are_each_caught_by_their_check(good, tmp_path, work):

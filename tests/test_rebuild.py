@@ -26,7 +26,7 @@ def tmplbuild(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tmplbuild", *args], cwd=ROOT, capture_output=True, text=True)
 
 
-def write_recipes(d: Path, minimal_extra: list[str] = (), extra: list[str] = ("less",)) -> None:
+def write_recipes(d: Path, minimal_extra: list[str] = (), extra: list[str] = ("less",), extra_toml: str = "") -> None:
     recipe_dir(d)
     text = MINIMAL.replace('name = "debian-12-minimal"', 'name = "rb-minimal"')
     if minimal_extra:
@@ -35,7 +35,7 @@ def write_recipes(d: Path, minimal_extra: list[str] = (), extra: list[str] = ("l
     (d / "rb-extra.toml").write_text(
         'extends = "rb-minimal"\n\n[template]\nname = "rb-extra"\nvariant = "extra"\n'
         'description = "rb-minimal and a little more"\n\n[packages]\n'
-        f'include = [{", ".join(f"{chr(34)}{p}{chr(34)}" for p in extra)}]\n')
+        f'include = [{", ".join(f"{chr(34)}{p}{chr(34)}" for p in extra)}]\n' + extra_toml)
 
 
 def rebuild(recipes: Path, repo: Path, key, cache: Path | None = None, *extra: str):
@@ -197,6 +197,12 @@ def test_1_first_rebuild_publishes_both(world):
         manifest = json.loads((world["repo"] / e["manifest"]["path"]).read_text())
         assert manifest["changelog"]["previous_version"] is None
         assert {p["name"] for p in manifest["changelog"]["added"]} == {p["name"] for p in manifest["packages"]}
+        # Booted before it was published, and the result is signed with the manifest.
+        test = manifest["test"]
+        assert test["result"] == "pass" and test["sha256"] == e["files"][0]["sha256"]
+        assert {m["manager"]: m["status"] for m in test["managers"]}["nspawn"] == "pass"
+        assert all(m["status"] in ("pass", "skip") for m in test["managers"])
+        assert {"boot", "network", "dns", "hostname"} <= {k for m in test["managers"] for k in m["checks"]}
     assert any(p["name"] == "less" for p in json.loads(
         (world["repo"] / entries(world["repo"], "rb-extra")[0]["manifest"]["path"]).read_text())["packages"])
     assert tmplbuild("repo", "verify", str(world["repo"])).returncode == 0
@@ -252,4 +258,33 @@ def test_4_a_broken_recipe_does_not_stop_the_others(world):
     assert table["rb-extra"][1] == "failed" and "Not_A_Package" in table["rb-extra"][3]
     assert table["rb-minimal"][1:3] == ["published", old["version"] + ".2"]
     assert len(entries(world["repo"], "rb-minimal")) == 2
+    assert tmplbuild("repo", "verify", str(world["repo"])).returncode == 0
+
+
+FAILING_UNIT = """
+[[files]]
+dest = "/etc/systemd/system/rb-broken.service"
+content = "[Unit]\\nDescription=fails on purpose\\n\\n[Service]\\nType=oneshot\\nExecStart=/bin/false\\n\\n[Install]\\nWantedBy=multi-user.target\\n"
+
+[[scripts]]
+stage = "post-install"
+run = "systemctl enable rb-broken.service"
+"""
+
+
+@pytest.mark.build
+@pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
+def test_5_a_template_that_fails_its_container_test_is_not_published(world):
+    """It builds, but a unit fails at boot: `tmplbuild test` fails it, nothing is published, and the last good
+    version stays the newest in the signed index."""
+    write_recipes(world["recipes"], minimal_extra=["bzip2"], extra=["less", "bzip2"], extra_toml=FAILING_UNIT)
+    before = entries(world["repo"], "rb-extra")
+    proc = rebuild(world["recipes"], world["repo"], world["key"], world["cache"])
+    assert proc.returncode == 8, proc.stdout + proc.stderr[-3000:]
+    table = rows(proc)
+    assert table["rb-minimal"][1] == "skipped"
+    assert table["rb-extra"][1] == "failed" and "template test" in table["rb-extra"][3], table
+    assert "boot" in table["rb-extra"][3] and "not published" in table["rb-extra"][3]
+    assert "rb-broken.service" in proc.stdout + proc.stderr  # the test's evidence names the failed unit
+    assert entries(world["repo"], "rb-extra") == before
     assert tmplbuild("repo", "verify", str(world["repo"])).returncode == 0

@@ -71,7 +71,7 @@ def repo(tmp_path, key):
 
 def publish(root: Path, key, *artifacts: Path, env=None) -> subprocess.CompletedProcess[str]:
     home, fpr = key
-    return tmplbuild("publish", *map(str, artifacts), "--repo", str(root), "--key", fpr, "--gnupghome", str(home),
+    return tmplbuild("publish", "--skip-test", *map(str, artifacts), "--repo", str(root), "--key", fpr, "--gnupghome", str(home),
                      env=env)
 
 
@@ -224,11 +224,11 @@ def test_publish_refuses_a_key_home_inside_the_repository_and_an_unknown_key(tmp
     home, fpr = key
     inside = repo / ".keys"
     shutil.copytree(home, inside, ignore=shutil.ignore_patterns("S.*"))
-    proc = tmplbuild("publish", str(make_artifact(tmp_path / "out")), "--repo", str(repo), "--key", fpr,
+    proc = tmplbuild("publish", "--skip-test", str(make_artifact(tmp_path / "out")), "--repo", str(repo), "--key", fpr,
                      "--gnupghome", str(inside))
     assert proc.returncode == 2 and "gnupghome" in proc.stderr
     other_home, other_fpr = other_key(tmp_path, "other")
-    proc = tmplbuild("publish", str(make_artifact(tmp_path / "out2")), "--repo", str(repo), "--key", other_fpr,
+    proc = tmplbuild("publish", "--skip-test", str(make_artifact(tmp_path / "out2")), "--repo", str(repo), "--key", other_fpr,
                      "--gnupghome", str(other_home))
     assert proc.returncode == 2 and "not one of the repository's keys" in proc.stderr
     subprocess.run(["gpgconf", "--homedir", str(other_home), "--kill", "all"], capture_output=True)
@@ -252,7 +252,7 @@ def test_interrupted_publish_leaves_the_previous_index_and_templates_intact(tmp_
 
 def test_two_concurrent_publishers_are_serialised(tmp_path, repo, key):
     home, fpr = key
-    procs = [subprocess.Popen([sys.executable, "-m", "tmplbuild", "publish",
+    procs = [subprocess.Popen([sys.executable, "-m", "tmplbuild", "publish", "--skip-test",
                                str(make_artifact(tmp_path / f"o{i}", name=f"t{i}")), "--repo", str(repo), "--key",
                                fpr, "--gnupghome", str(home)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for i in range(2)]

@@ -106,6 +106,7 @@ def cmd_key_export(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     paths = [Path(a) for a in args.artifacts]
+    _test_before_publishing(paths, args.skip_test)
     if args.to:
         from tmplbuild.repo.remote import publish_remote, read_token
         from tmplbuild.sign import export_public
@@ -138,6 +139,23 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"unchanged {' '.join(key)}: already published with the same content")
     print(f"index version {result.index.version}, expires {result.index.expires}")
     return 0
+
+
+def _test_before_publishing(paths: list[Path], skip: bool) -> None:
+    """Every template boots in every container manager here before it is published; the result goes into its
+    manifest (signed through the index). Raises TemplateTestError (exit 8) before anything is published."""
+    import json
+
+    from tmplbuild.boot.gate import test_record
+    from tmplbuild.files import atomic_write
+    from tmplbuild.repo.publish import load_artifact
+
+    for path in paths:
+        artifact = load_artifact(path)
+        record = test_record(artifact.manifest, artifact.manifest_path, skip=skip)
+        if artifact.manifest.get("test") != record:
+            manifest = {**artifact.manifest, "test": record}
+            atomic_write(artifact.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def cmd_repo_init(args: argparse.Namespace) -> int:
@@ -213,7 +231,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     report = rebuild(repo, RebuildOptions(
         recipes_dir=Path(args.recipes), host_arch=host_arch(),
         cache_dir=Path(args.cache_dir or default_cache_dir()), out_dir=Path(args.out) if args.out else None,
-        mirror=args.mirror, security_mirror=args.security_mirror, keep=args.keep))
+        mirror=args.mirror, security_mirror=args.security_mirror, keep=args.keep, skip_test=args.skip_test))
     sys.stdout.write(report.json() if args.json else report.markdown())
     for row in report.rows:
         if row.result == "failed":
@@ -301,6 +319,9 @@ def parser() -> argparse.ArgumentParser:
 
     pb = sub.add_parser("publish", help="add built templates to a signed repository")
     pb.add_argument("artifacts", nargs="+", help="a built .tar.zst or its .manifest.json")
+    pb.add_argument("--skip-test", action="store_true",
+                    help="publish without booting the template first (`tmplbuild test`), for hosts that cannot run "
+                         "containers; reported loudly and recorded in the manifest")
     where = pb.add_mutually_exclusive_group(required=True)
     where.add_argument("--repo", help="local repository directory")
     where.add_argument("--to", metavar="URL", help="repository server (tmplbuild serve) to upload to")
@@ -334,6 +355,9 @@ def parser() -> argparse.ArgumentParser:
 
     rb = sub.add_parser("rebuild", help="rebuild every recipe whose inputs changed and publish what differs")
     rb.add_argument("--recipes", default="recipes", metavar="DIR", help="recipe directory (default ./recipes)")
+    rb.add_argument("--skip-test", action="store_true",
+                    help="publish without booting each template first (`tmplbuild test`); reported loudly and "
+                         "recorded in the manifest")
     rwhere = rb.add_mutually_exclusive_group(required=True)
     rwhere.add_argument("--repo", metavar="DIR", help="local repository directory")
     rwhere.add_argument("--to", metavar="URL", help="repository server (tmplbuild serve) to upload to")

@@ -4,12 +4,13 @@
    version's input hash → "skipped (inputs unchanged)".
 2. build, as `<default version>`, or `<default version>.N` (smallest N ≥ 2 not yet published) when the default
    version is already taken.
-3. compare with the newest published version's manifest: the same recipe (`recipe_sha256`), the same tmplbuild
-   and the same package set (name, exact version, arch) → "unchanged", not published. The archive's InRelease
+3. compare with the newest published version's manifest: the same recipe (`recipe_sha256`), the same tmplbuild,
+   the same package set (name, exact version, arch) and the same apt sources → "unchanged", not published. The archive's InRelease
    bytes are not part of this rule on purpose: Debian re-signs its Release files every day (Valid-Until), which
    changes the input hash but not one installed byte, and such a rebuild must not publish a new version.
-4. otherwise write a changelog into the manifest (before publishing: the manifest's sha256 is signed in the
-   index) and publish it.
+4. otherwise boot it in every container manager here (`tmplbuild test`; a failure fails the row and publishes
+   nothing), write the changelog and the test result into the manifest (before publishing: the manifest's
+   sha256 is signed in the index) and publish it.
 5. one recipe failing does not stop the others.
 6. re-sign the index with a fresh expiry when nothing was published (a publish already does), then prune.
 7. a Markdown (or JSON) summary; the exit code of the first failure.
@@ -65,10 +66,11 @@ def package_set(manifest: dict) -> set[tuple[str, str, str]]:
 
 
 def same_content(new: dict, old: dict) -> bool:
-    """The "unchanged" rule (see the module docstring): same recipe, same tmplbuild, same package set."""
+    """The "unchanged" rule (see the module docstring): same recipe, same tmplbuild, same package set, same apt
+    sources in the template (the host's mirror, when the recipe leaves them to it, may have changed)."""
     nb, ob = new.get("build", {}), old.get("build", {})
     return (nb.get("recipe_sha256") == ob.get("recipe_sha256") and nb.get("tmplbuild") == ob.get("tmplbuild")
-            and package_set(new) == package_set(old))
+            and package_set(new) == package_set(old) and new.get("apt_sources") == old.get("apt_sources"))
 
 
 def newest(entries: list[idx.Entry]) -> idx.Entry | None:
@@ -254,6 +256,7 @@ class RebuildOptions:
     mirror: str | None = None
     security_mirror: str | None = None
     keep: int | None = None
+    skip_test: bool = False  # publish without `tmplbuild test` (loudly; recorded in the manifest)
 
 
 def rebuild(repo, opts: RebuildOptions) -> Report:
@@ -323,6 +326,7 @@ def _failure(name: str, arch: str, exc: BaseException) -> Row:
 
 
 def _one_build(repo, recipe, arch: str, opts: RebuildOptions, out: Path) -> Row:
+    from tmplbuild.boot.gate import test_record
     from tmplbuild.build.builder import BuildOptions, build, plan_inputs
 
     say(f"==> rebuild {recipe.name} {arch}")
@@ -342,7 +346,11 @@ def _one_build(repo, recipe, arch: str, opts: RebuildOptions, out: Path) -> Row:
     manifest = dict(result.manifest)
     manifest["changelog"] = changelog(old["packages"] if old else None, manifest["packages"],
                                       last.version if last else None)
-    # The manifest is signed through its sha256 in the index: the changelog goes in before publishing.
+    # Nothing untested is published: a failing check raises TemplateTestError (exit 8), the row fails, and the
+    # last good version stays the newest in the index.
+    manifest["test"] = test_record(manifest, result.manifest_path, skip=opts.skip_test)
+    # The manifest is signed through its sha256 in the index: the changelog and the test result go in before
+    # publishing.
     result.manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     published = repo.publish([result.manifest_path])
     if not published.added:

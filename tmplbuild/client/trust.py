@@ -25,7 +25,7 @@ from tmplbuild.repo import index as idx
 INDEX_CAP = 16 << 20
 SIGNATURE_CAP = 64 << 10
 MAX_CLOCK_SKEW = 300  # seconds an index's `generated` may be ahead of our clock
-FORMATS = ("tar.zst", "tar.xz")
+FORMATS = idx.FORMATS
 
 
 class SignatureChecker(Protocol):

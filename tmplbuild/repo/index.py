@@ -21,13 +21,17 @@ VERSION = re.compile(r"\A[0-9A-Za-z][0-9A-Za-z.+~-]*\Z")
 PATH = re.compile(r"\Atemplates/[a-z0-9][a-z0-9.+-]*/[0-9A-Za-z][0-9A-Za-z.+~-]*/[A-Za-z0-9][A-Za-z0-9._+~-]*\Z")
 
 
+# What a template entry may list, each as <name>_<version>_<arch>.<format>: the root file system for Proxmox and
+# LXC (zstd), for lxc-create -t local and systemd 252 (xz), and LXC's metadata tarball for lxc-create -t local.
+FORMATS = ("tar.zst", "tar.xz", "lxc-meta.tar.xz")
+
 @dataclass(frozen=True)
 class FileRef:
     path: str
     size: int
     sha256: str
     sha512: str = ""  # the manifest reference carries sha256 and size only
-    format: str = ""  # tar.zst | tar.xz for template files
+    format: str = ""  # one of FORMATS, for template files
 
 
 @dataclass(frozen=True)

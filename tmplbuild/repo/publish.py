@@ -23,7 +23,7 @@ from tmplbuild.repo import store
 from tmplbuild.sign import Signer, Verifier
 
 CHUNK = 1 << 20
-FORMATS = ("tar.zst", "tar.xz")
+FORMATS = idx.FORMATS
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Artifact:
 def load_artifact(path: Path) -> Artifact:
     """A manifest path, or a template file next to its `<stem>.manifest.json`. Raises UsageError."""
     stem = path.name
-    for suffix in (".manifest.json", *(f".{f}" for f in FORMATS)):
+    for suffix in sorted((".manifest.json", *(f".{f}" for f in FORMATS)), key=len, reverse=True):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
             break

@@ -1,0 +1,71 @@
+"""Nothing untested is published: `tmplbuild publish` and `tmplbuild rebuild` boot a template in every container
+manager this host has (`tmplbuild test --manager all`) before it goes into the index, and record the result in
+its manifest, which the index signs through its sha256. `--skip-test` publishes without, loudly, and says so in
+the manifest too."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from tmplbuild import __version__
+from tmplbuild.errors import AuthenticityError, EnvironmentUnfitError, TemplateTestError, UsageError
+from tmplbuild.files import hash_file
+
+ROOTFS_FORMATS = ("tar.zst", "tar.xz")
+
+
+def primary_file(manifest: dict, manifest_path: Path) -> tuple[Path, str]:
+    """The template file a test boots (the first root-filesystem format the manifest lists) and its sha256."""
+    for a in manifest.get("artifacts", []):
+        if a.get("format") in ROOTFS_FORMATS:
+            return manifest_path.with_name(a["file"]), a["sha256"]
+    raise EnvironmentUnfitError("template test", f"{manifest_path.name}: lists no .tar.zst or .tar.xz to boot")
+
+
+def already_tested(manifest: dict, sha256: str) -> bool:
+    record = manifest.get("test") or {}
+    return record.get("result") == "pass" and record.get("sha256") == sha256
+
+
+def test_record(manifest: dict, manifest_path: Path, *, skip: bool, apt_mirror: str | None = "named") -> dict:
+    """The manifest's `test` record for publishing: an existing passing record of the same file, a new run of
+    every manager available here, or, with skip, a record saying it was not tested. Raises TemplateTestError
+    (exit 8: a check failed; nothing may be published) and EnvironmentUnfitError (exit 2: no manager could boot
+    it here; --skip-test is the explicit way out)."""
+    from tmplbuild.boot.runner import ALL, TestOptions, render, test_artifact
+
+    path, sha256 = primary_file(manifest, manifest_path)
+    what = f"{manifest.get('name')} {manifest.get('version')} {manifest.get('arch')}"
+    if skip:
+        print(f"tmplbuild: --skip-test: {what} is published UNTESTED: no container booted it; the manifest "
+              "says so", file=sys.stderr, flush=True)
+        return {"result": "skipped", "reason": "--skip-test", "file": path.name, "sha256": sha256,
+                "date": _now(), "tmplbuild": __version__}
+    if already_tested(manifest, sha256):
+        return manifest["test"]
+    try:
+        _, actual, _ = hash_file(path)
+    except OSError as exc:
+        raise UsageError("artifact", f"{path}: {exc.strerror}") from None
+    if actual != sha256:
+        raise AuthenticityError("artifact hash", f"{path}: sha256 {actual[:16]}…, its manifest says {sha256[:16]}…")
+    report = test_artifact(path, TestOptions(managers=list(ALL), explicit=False, apt_mirror=apt_mirror))
+    print(render(report), file=sys.stderr, flush=True)  # stdout is the caller's (a rebuild summary, JSON)
+    managers = [{"manager": m.manager, "version": m.version, "status": m.status,
+                 **({"reason": m.reason} if m.reason else {}),
+                 "checks": {c.name: c.status for c in m.checks}} for m in report.managers]
+    if report.failed:
+        failed = "; ".join(f"{m.manager}: {', '.join(c.name for c in m.checks if c.status == 'fail')}"
+                           for m in report.failed)
+        raise TemplateTestError("template test", f"{path.name} failed {failed}; not published")
+    if report.status != "pass":
+        raise EnvironmentUnfitError("template test", f"{what}: no container manager can boot it here ("
+                                    + "; ".join(f"{m.manager}: {m.reason}" for m in report.managers)
+                                    + "); install lxc and systemd-container, or pass --skip-test")
+    return {"result": "pass", "file": path.name, "sha256": sha256, "date": _now(), "tmplbuild": __version__,
+            "seconds": round(report.seconds, 1), "managers": managers}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
