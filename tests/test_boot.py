@@ -163,12 +163,7 @@ def good(built) -> Path:
     return built["debian-12-ssh"]
 
 
-TRIXIE = pytest.mark.xfail(strict=True, reason="issue 10, still open: under systemd 257 the boot check's first "
-                           "`systemctl is-system-running` can fail to reach PID 1 ('Failed to connect to system scope "
-                           "bus') and the container's own name does not resolve (getent hosts times out)")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=TRIXIE) if n == "debian-13-minimal" else n for n in SHIPPED])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_template_passes_every_check_under_every_manager(built, work, name):
     rc, report, err = boot_test(built[name], work, "--manager", "all", "--apt-mirror", "named")
     unprivileged = subordinate_range_problem()

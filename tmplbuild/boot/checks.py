@@ -36,8 +36,9 @@ def boot(containers: list[Container], deadline: float) -> tuple[Check, dict[str,
     for c in containers:
         while True:
             res = c.exec("systemctl", "is-system-running", "--wait", timeout=deadline - time.monotonic())
-            # Right after start PID 1 has not opened its private bus yet: ask again until the deadline.
-            if "Failed to connect to bus" not in res.out or time.monotonic() > deadline or not c.alive():
+            # Right after start PID 1 has not opened its private bus yet: ask again until the deadline. systemd 252
+            # says "Failed to connect to bus", 257 "Failed to connect to system scope bus via local transport".
+            if "Failed to connect to" not in res.out or time.monotonic() > deadline or not c.alive():
                 break
             time.sleep(0.1)
         state = res.out.strip().splitlines()[-1] if res.out.strip() else f"no answer (exit {res.rc})"
