@@ -33,8 +33,9 @@ cleanup() {
         echo "  $OUT: the built template and its manifest"
         remove="'$OUT'"
     elif [ -n "$manifest" ]; then
-        echo "  $tarball and $manifest: the built template and its manifest"
-        remove="'$tarball' '$manifest'"
+        stem=${manifest%.manifest.json}
+        echo "  $stem.tar.zst $stem.tar.xz $stem.lxc-meta.tar.xz $manifest: the built template and its manifest"
+        remove="'$stem.tar.zst' '$stem.tar.xz' '$stem.lxc-meta.tar.xz' '$manifest'"
     else
         remove=
     fi

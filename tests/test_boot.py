@@ -167,7 +167,8 @@ def good(built) -> Path:
 def test_every_shipped_template_passes_every_check_under_every_manager(built, work, name):
     rc, report, err = boot_test(built[name], work, "--manager", "all", "--apt-mirror", "named")
     unprivileged = subordinate_range_problem()
-    assert rc == 0, (err[-3000:], json.dumps(report, indent=1)[-6000:])
+    failed = [(m["manager"], c) for m in report.get("managers", []) for c in m["checks"] if c["status"] == "fail"]
+    assert rc == 0, (failed, err[-2000:])
     statuses = {m["manager"]: m["status"] for m in report["managers"]}
     assert statuses["nspawn"] == statuses["lxc"] == statuses["proxmox"] == "pass"
     if unprivileged is None:
@@ -238,8 +239,11 @@ def test_lxc_create_local_reads_the_xz_template_and_its_metadata_and_boots_witho
         config = (lxcpath / name / "config").read_text()
         assert "lxc.include = /usr/share/lxc/config/debian.common.conf" in config and "lxc.arch = x86_64" in config
         subprocess.run(["lxc-start", *lxc, "-d"], check=True, timeout=60)
-        state = subprocess.run(["lxc-attach", *lxc, "--", "timeout", "60", "systemctl", "is-system-running",
-                                "--wait"], capture_output=True, text=True, timeout=90)
+        # lxc-start -d returns before PID 1 listens: wait for its socket, then for the boot to settle.
+        state = subprocess.run(["lxc-attach", *lxc, "--", "sh", "-c", "for i in $(seq 300); do "
+                                "[ -S /run/systemd/private ] && break; sleep 0.1; done; "
+                                "timeout 60 systemctl is-system-running --wait"],
+                               capture_output=True, text=True, timeout=120)
         failed = subprocess.run(["lxc-attach", *lxc, "--", "systemctl", "--failed", "--no-legend"],
                                 capture_output=True, text=True, timeout=30)
         assert state.stdout.strip() == "running", (state.stdout, failed.stdout)
@@ -247,6 +251,7 @@ def test_lxc_create_local_reads_the_xz_template_and_its_metadata_and_boots_witho
         assert hostname.stdout.strip() == name
     finally:
         subprocess.run(["lxc-stop", *lxc, "-k"], capture_output=True, timeout=60)
+        subprocess.run(["lxc-wait", *lxc, "-s", "STOPPED", "-t", "30"], capture_output=True, timeout=60)
         subprocess.run(["lxc-destroy", *lxc, "-f"], capture_output=True, timeout=60)
         subprocess.run(["umount", "-l", str(lxcpath)], capture_output=True)
 

@@ -57,6 +57,19 @@ def test_clean_keeps_a_resolver_link_and_a_hostname_the_recipe_chose(tmp_path):
     assert (tmp_path / "etc/hostname").read_text() == "appliance\n"
 
 
+def test_clean_marks_etc_and_var_updated_as_of_the_epoch_for_systemd(tmp_path):
+    """No first-boot sysusers/ldconfig re-run: /usr is no newer than the epoch-stamped .updated files."""
+    make_tree(tmp_path)
+    clean(tmp_path, EPOCH)
+    assert not (tmp_path / "etc/.updated").exists()  # no systemd in the tree: nothing to mark
+    (tmp_path / "lib/systemd").mkdir(parents=True)
+    (tmp_path / "lib/systemd/systemd").write_text("")
+    (tmp_path / "var").mkdir(exist_ok=True)
+    clean(tmp_path, EPOCH)
+    for d in ("etc", "var"):
+        assert f"TIMESTAMP_NSEC={EPOCH}000000000\n" in (tmp_path / d / ".updated").read_text()
+
+
 def test_clean_clamps_shadow_last_change_to_the_epoch_day(tmp_path):
     make_tree(tmp_path)
     clean(tmp_path, EPOCH)

@@ -82,8 +82,25 @@ def clean(root: Path, epoch: int) -> None:
     if not resolv.is_symlink():
         resolv.write_bytes(b"")
         resolv.chmod(0o644)
+    _mark_updated(root, epoch)
     _clean_logs(root / "var/log")
     _clamp_shadow(root / "etc/shadow", epoch)
+
+
+def _mark_updated(root: Path, epoch: int) -> None:
+    """What systemd-update-done writes: /etc and /var are up to date with /usr as of the epoch (every packed
+    mtime is clamped to it). Without it, every first boot re-ran sysusers, ldconfig and the catalog update
+    (ConditionNeedsUpdate) for what the build already did, and sysusers occasionally failed there under load."""
+    if not any((root / p).exists() for p in ("lib/systemd/systemd", "usr/lib/systemd/systemd")):
+        return
+    text = ("# This file was created by systemd-update-done. Its only\n# purpose is to hold a timestamp of the time "
+            "this directory\n# was updated. See man:systemd-update-done.service(8).\n"
+            f"TIMESTAMP_NSEC={epoch * 1_000_000_000}\n")
+    for d in ("etc", "var"):
+        if (root / d).is_dir():
+            path = root / d / ".updated"
+            path.write_text(text)
+            path.chmod(0o644)
 
 
 def _clean_logs(logdir: Path) -> None:
