@@ -97,6 +97,11 @@ def last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
 
+def assert_refused_before_any_download(out: Path, cache: Path) -> None:
+    assert_nothing_left(out, cache)
+    assert not (cache / "debs").exists() and not (cache / "indices").exists()
+
+
 def test_past_valid_until_of_the_security_suite_fails_with_exit_4(tmp_path, throwaway_key, archive, monkeypatch):
     home, _, keyring = throwaway_key
     root, url = archive
@@ -111,8 +116,7 @@ def test_past_valid_until_of_the_security_suite_fails_with_exit_4(tmp_path, thro
     assert debian_date(stale) in last and "is in the past" in last
     assert f"{url}/dists/bookworm-security/InRelease" in last
     assert "bookworm: Release of" in stderr  # the main suite was read and accepted first
-    assert_nothing_left(out, cache)
-    assert not (cache / "debs").exists() and not (cache / "indices").exists()
+    assert_refused_before_any_download(out, cache)
 
 
 def test_future_date_of_the_main_suite_fails_with_exit_4(tmp_path, throwaway_key, archive, monkeypatch):
@@ -128,8 +132,7 @@ def test_future_date_of_the_main_suite_fails_with_exit_4(tmp_path, throwaway_key
     assert last.startswith(f"tmplbuild: archive freshness: bookworm: Date {debian_date(ahead)} "
                            "is in the future"), stderr
     assert f"{url}/dists/bookworm/InRelease" in last
-    assert_nothing_left(out, cache)
-    assert not (cache / "debs").exists() and not (cache / "indices").exists()
+    assert_refused_before_any_download(out, cache)
 
 
 def test_a_fresh_archive_passes_the_freshness_check(tmp_path, throwaway_key, archive, monkeypatch):

@@ -11,8 +11,7 @@ from pathlib import Path
 from tmplbuild import __version__
 from tmplbuild.errors import AuthenticityError, EnvironmentUnfitError, TemplateTestError, UsageError
 from tmplbuild.files import hash_file
-
-ROOTFS_FORMATS = ("tar.zst", "tar.xz")
+from tmplbuild.repo.index import ROOTFS_FORMATS
 
 
 def primary_file(manifest: dict, manifest_path: Path) -> tuple[Path, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from tmplbuild import __version__
 from tmplbuild.build import archive, chroot, lxcmeta, normalize, pack
 from tmplbuild.build.manifest import installed_packages
-from tmplbuild.build.mirror import resolve_mirror, template_mirror
+from tmplbuild.build.mirror import host_proxies, resolve_mirror, template_mirror
 from tmplbuild.build.plan import BootstrapPlan, debootstrap_argv, lists_name, make_plan, missing_packages
 from tmplbuild.errors import AuthenticityError, BuildError, LocalIOError, UsageError
 from tmplbuild.files import atomic_write
@@ -66,8 +66,8 @@ def default_version(recipe: Recipe, epoch: int) -> str:
 def input_hash(recipe: Recipe, arch: str, releases: list[archive.ReleaseInfo], sources: str = "") -> str:
     """What the template is made from: the resolved recipe (with its parents, scripts, files and keys), the
     architecture, the builder's version, the template's own apt sources (resolved from the host when the recipe
-    leaves them to it; the build mirror is not an input: it changes no byte of the template), and the archive state as the signed sha256 of each Packages index the
-    build reads. Not the InRelease bytes: a security suite is re-signed daily (Valid-Until) without one package
+    leaves them to it; the build mirror is not an input: it changes no byte of the template), and the archive
+    state as the signed sha256 of each Packages index the build reads. Not the InRelease bytes: a security suite is re-signed daily (Valid-Until) without one package
     changing, and that must not count as a new input (the weekly rebuild skips on an equal input hash)."""
     h = hashlib.sha256()
     indices = [r.files.get(f"{c}/binary-{arch}/Packages", (r.inrelease_sha256, 0))[0].encode()
@@ -109,11 +109,12 @@ def template_sources(recipe: Recipe) -> str:
     """The template's /etc/apt/sources.list: every suite it was built from, from the recipe's `[sources]`
     mirrors (else the host's), never from the mirror the build downloaded through. Raises UsageError."""
     components = " ".join(recipe.bootstrap.components)
-    mirror = template_mirror(recipe.sources.mirror)
+    proxies = host_proxies()  # asks apt-config: once, not per mirror
+    mirror = template_mirror(recipe.sources.mirror, proxies=proxies)
     lines = []
     for suite in (recipe.suite, *recipe.bootstrap.extra_suites):
-        url = template_mirror(recipe.sources.security_mirror, security=True) if suite.endswith("-security") \
-            else mirror
+        url = template_mirror(recipe.sources.security_mirror, security=True, proxies=proxies) \
+            if suite.endswith("-security") else mirror
         lines.append(f"deb {url} {suite} {components}\n")
     return "".join(lines)
 

@@ -7,7 +7,7 @@ import io
 import lzma
 import tarfile
 
-FORMAT = "lxc-meta.tar.xz"
+from tmplbuild.repo.index import LXC_META_FORMAT as FORMAT
 # Debian architecture → the kernel personality name lxc.arch takes.
 LXC_ARCH = {"amd64": "x86_64", "arm64": "aarch64", "armel": "armel", "armhf": "armhf", "i386": "i686",
             "mips64el": "mips64", "mipsel": "mips", "ppc64el": "ppc64le", "riscv64": "riscv64", "s390x": "s390x"}

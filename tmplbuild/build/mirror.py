@@ -124,10 +124,12 @@ def host_proxies() -> set[str]:
     return found
 
 
-def template_mirror(recipe_value: str | None, root: Path = Path("/"), *, security: bool = False) -> str:
+def template_mirror(recipe_value: str | None, root: Path = Path("/"), *, security: bool = False,
+                    proxies: set[str] | None = None) -> str:
     """The mirror the template's sources.list names: the recipe's `sources.(security_)mirror`, else the one in
     the building host's apt sources. Never the build mirror (--mirror, TMPLBUILD_MIRROR): that may be a proxy,
-    a cache or a file: tree only the build host reaches. Raises UsageError naming where a bad value came from."""
+    a cache or a file: tree only the build host reaches. `proxies`: host_proxies(), when the caller has them.
+    Raises UsageError naming where a bad value came from."""
     import urllib.parse
 
     from tmplbuild.recipe.validate import template_source_problem
@@ -140,7 +142,8 @@ def template_mirror(recipe_value: str | None, root: Path = Path("/"), *, securit
                                     f"for the template's sources.list; set {field} in the recipe")
     problem = template_source_problem(value)
     parts = urllib.parse.urlsplit(value)
-    if not problem and f"{(parts.hostname or '').lower()}:{parts.port or 80}" in host_proxies():
+    proxies = host_proxies() if proxies is None else proxies
+    if not problem and f"{(parts.hostname or '').lower()}:{parts.port or 80}" in proxies:
         problem = "expected a Debian mirror, not the proxy this host's apt uses"
     if problem:
         hint = "" if source == field else f"; set {field} in the recipe"

@@ -150,7 +150,8 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
                 sinks.append(zstandard.ZstdCompressor(compression_params=params).stream_writer(
                     f, write_size=CHUNK, closefd=False))
             else:
-                proc = subprocess.Popen(["xz", f"-{xz_level}", f"-T{max(2, os.cpu_count() or 1)}", "-c"], stdin=subprocess.PIPE, stdout=f,
+                threads = max(2, os.cpu_count() or 1)
+                proc = subprocess.Popen(["xz", f"-{xz_level}", f"-T{threads}", "-c"], stdin=subprocess.PIPE, stdout=f,
                                         stderr=subprocess.PIPE)
                 procs.append(proc)
                 sinks.append(proc.stdin)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tmplbuild.errors import AuthenticityError
+from tmplbuild.recipe.model import Compression
 
 SCHEMA = 1
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
@@ -23,7 +24,9 @@ PATH = re.compile(r"\Atemplates/[a-z0-9][a-z0-9.+-]*/[0-9A-Za-z][0-9A-Za-z.+~-]*
 
 # What a template entry may list, each as <name>_<version>_<arch>.<format>: the root file system for Proxmox and
 # LXC (zstd), for lxc-create -t local and systemd 252 (xz), and LXC's metadata tarball for lxc-create -t local.
-FORMATS = ("tar.zst", "tar.xz", "lxc-meta.tar.xz")
+ROOTFS_FORMATS = tuple(c.value for c in Compression)
+LXC_META_FORMAT = "lxc-meta.tar.xz"
+FORMATS = (*ROOTFS_FORMATS, LXC_META_FORMAT)
 
 @dataclass(frozen=True)
 class FileRef:
