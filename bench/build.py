@@ -22,9 +22,9 @@ sys.path.insert(0, str(PROJECT))  # the package is run from its checkout, not in
 
 import zstandard  # noqa: E402
 
-from tmplbuild.build.lxcmeta import FORMAT as LXC_META  # noqa: E402
-from tmplbuild.build.mirror import resolve_mirror  # noqa: E402
-from tmplbuild.build.pack import XZ_LEVEL, ZSTD_LEVEL, ZSTD_WINDOW_LOG  # noqa: E402
+from tmplbuild.builder.lxcmeta import FORMAT as LXC_META  # noqa: E402
+from tmplbuild.builder.mirror import resolve_mirror  # noqa: E402
+from tmplbuild.builder.pack import XZ_LEVEL, ZSTD_LEVEL, ZSTD_WINDOW_LOG  # noqa: E402
 from tmplbuild.errors import UsageError  # noqa: E402
 from tmplbuild.recipe.load import load_recipe  # noqa: E402
 

@@ -12,7 +12,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from tmplbuild.build.normalize import find_private_keys
+from tmplbuild.builder.normalize import find_private_keys
 from tmplbuild.errors import UnsafeContentError
 
 UPLOAD_PREFIX = ".upload-"  # a dot-dir inside the repository: same filesystem (os.replace), never served

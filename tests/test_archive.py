@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from tmplbuild.build import archive
-from tmplbuild.build.archive import check_freshness, parse_release, verify_inrelease
+from tmplbuild.builder import archive
+from tmplbuild.builder.archive import check_freshness, parse_release, verify_inrelease
 from tmplbuild.errors import AuthenticityError, ExitCode, FreshnessError
 from tests.conftest import gpg
 

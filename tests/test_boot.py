@@ -138,7 +138,7 @@ class Forwarder(http.server.ThreadingHTTPServer):
 def built(tmp_path_factory) -> dict:
     """Every shipped recipe, built with one package cache; debian-12-minimal through a local forwarding mirror
     (as through a proxy or an apt cache)."""
-    from tmplbuild.build.mirror import resolve_mirror
+    from tmplbuild.builder.mirror import resolve_mirror
 
     out, cache = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("cache")
     forwarder = Forwarder(resolve_mirror(None, None))
@@ -199,7 +199,7 @@ def test_every_shipped_template_passes_every_check_under_every_manager(built, wo
 def test_a_template_built_through_a_proxy_names_the_hosts_mirror_and_keeps_the_managers_name(built, tmp_path):
     """The template's sources are its own setting: building through a local forwarder (a proxy, an apt cache)
     leaves no trace of it in the template, only in the manifest's record of the build."""
-    from tmplbuild.build.mirror import template_mirror
+    from tmplbuild.builder.mirror import template_mirror
 
     tarball = built["debian-12-minimal"]
     root = tmp_path / "root"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, can_build, recipe_dir
-from tmplbuild.build.normalize import find_private_keys
+from tmplbuild.builder.normalize import find_private_keys
 
 pytestmark = [pytest.mark.build, pytest.mark.skipif(can_build() is not None, reason=str(can_build()))]
 
@@ -227,7 +227,7 @@ def test_existing_output_is_not_replaced_without_force(minimal, cache):
 
 def test_python_resolver_picks_exactly_what_debootstrap_would(minimal, tmp_path):
     """The plan is resolved in Python for speed; debootstrap's own resolver must agree, package for package."""
-    from tmplbuild.build.mirror import resolve_mirror
+    from tmplbuild.builder.mirror import resolve_mirror
     from tmplbuild.recipe import load_recipe
 
     cold, _, _, _ = minimal
@@ -244,7 +244,7 @@ def test_python_resolver_picks_exactly_what_debootstrap_would(minimal, tmp_path)
 def test_template_has_the_newest_version_from_updates_and_security(minimal, cache, tmp_path):
     """Extra suites are merged newest-wins: nothing installed is older than what any of the three suites
     offers, and the template keeps all three in its sources.list."""
-    from tmplbuild.build.archive import merge_newest, parse_packages
+    from tmplbuild.builder.archive import merge_newest, parse_packages
 
     cold, _, _, _ = minimal
     manifest = json.loads(only(cold, "*.manifest.json").read_text())

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tmplbuild.build.mirror import debian_mirror_from_host, resolve_mirror
-from tmplbuild.build.plan import WRAPPER
+from tmplbuild.builder.mirror import debian_mirror_from_host, resolve_mirror
+from tmplbuild.builder.plan import WRAPPER
 from tmplbuild.errors import UsageError
 
 DEB822 = """Types: deb
@@ -86,7 +86,7 @@ def test_wrapper_refuses_unverified_bootstraps(argv, message):
 
 
 def test_security_mirror_comes_from_the_security_entry(tmp_path, monkeypatch):
-    from tmplbuild.build.mirror import security_mirror_from_host
+    from tmplbuild.builder.mirror import security_mirror_from_host
 
     monkeypatch.delenv("TMPLBUILD_SECURITY_MIRROR", raising=False)
     root = fake_root(tmp_path, {"sources.list.d/debian.sources": DEB822})
@@ -103,7 +103,7 @@ def test_no_security_mirror_says_how_to_set_one(tmp_path, monkeypatch):
 
 
 def test_template_sources_default_to_the_hosts_mirror_not_the_build_mirror(tmp_path, monkeypatch):
-    from tmplbuild.build.mirror import template_mirror
+    from tmplbuild.builder.mirror import template_mirror
 
     root = fake_root(tmp_path, {"sources.list.d/debian.sources": DEB822})
     monkeypatch.setenv("TMPLBUILD_MIRROR", "http://127.0.0.1:3142/debian")  # a local cache the build goes through
@@ -115,7 +115,7 @@ def test_template_sources_default_to_the_hosts_mirror_not_the_build_mirror(tmp_p
                                   "deb file:///srv/mirror bookworm main",
                                   "deb http://cache.example.invalid:3142/debian bookworm main"])
 def test_a_host_mirror_no_container_can_use_is_refused_with_how_to_set_one(tmp_path, line):
-    from tmplbuild.build.mirror import template_mirror
+    from tmplbuild.builder.mirror import template_mirror
 
     root = fake_root(tmp_path, {"sources.list": line + "\n"})
     with pytest.raises(UsageError) as err:
@@ -125,7 +125,7 @@ def test_a_host_mirror_no_container_can_use_is_refused_with_how_to_set_one(tmp_p
 
 
 def test_the_hosts_apt_proxy_is_not_a_template_source(tmp_path, monkeypatch):
-    from tmplbuild.build.mirror import template_mirror
+    from tmplbuild.builder.mirror import template_mirror
 
     monkeypatch.setenv("http_proxy", "http://proxy.example.invalid:8080/")
     with pytest.raises(UsageError, match="the proxy this host's apt uses"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tmplbuild.build.normalize import clean, find_private_keys, refuse_private_keys
+from tmplbuild.builder.normalize import clean, find_private_keys, refuse_private_keys
 from tmplbuild.errors import UnsafeContentError
 from tests.conftest import gpg
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tmplbuild.build.pack import pack, write_tar
+from tmplbuild.builder.pack import pack, write_tar
 from tmplbuild.recipe.model import Compression
 
 EPOCH = 1_700_000_000
@@ -84,7 +84,7 @@ def test_both_formats_from_one_stream_unpack_with_plain_tar_and_match_the_plain_
 
 
 def test_a_write_failure_mid_pack_leaves_no_output(tmp_path, monkeypatch):
-    import tmplbuild.build.pack as pack_module
+    import tmplbuild.builder.pack as pack_module
     from tmplbuild.errors import LocalIOError
 
     root = tmp_path / "root"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tmplbuild.build.archive import Package, parse_packages, select_stanzas
-from tmplbuild.build.plan import WRAPPER, debootstrap_argv, lists_name, make_plan, missing_packages
+from tmplbuild.builder.archive import Package, parse_packages, select_stanzas
+from tmplbuild.builder.plan import WRAPPER, debootstrap_argv, lists_name, make_plan, missing_packages
 
 INDEX = b"""Package: libc6
 Version: 2.36-9
@@ -180,7 +180,7 @@ def test_lists_name_matches_apt_dest():
 def test_version_compare_agrees_with_dpkg(a, b):
     import subprocess
 
-    from tmplbuild.build.archive import version_compare
+    from tmplbuild.builder.archive import version_compare
 
     def dpkg(op: str) -> bool:
         return subprocess.run(["dpkg", "--compare-versions", a, op, b]).returncode == 0
@@ -192,7 +192,7 @@ def test_version_compare_agrees_with_dpkg(a, b):
 def test_merge_newest_takes_the_higher_version_and_keeps_the_position(packages):
     from dataclasses import replace
 
-    from tmplbuild.build.archive import merge_newest
+    from tmplbuild.builder.archive import merge_newest
 
     security = {"libc6": replace(packages["libc6"], version="2.36-9+deb12u1", origin="bookworm-security/main"),
                 "apt": replace(packages["apt"], version="1:2.6.0", origin="bookworm-security/main")}

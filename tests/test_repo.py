@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, gpg
-from tmplbuild.build.pack import pack
+from tmplbuild.builder.pack import pack
 from tmplbuild.recipe.model import Compression
 
 EPOCH = 1_780_000_000

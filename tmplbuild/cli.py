@@ -33,7 +33,7 @@ def find_recipe(arg: str) -> Path:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tmplbuild.build.builder import BuildOptions, build
+    from tmplbuild.builder.builder import BuildOptions, build
     from tmplbuild.recipe import load_recipe
 
     recipe = load_recipe(find_recipe(args.recipe))

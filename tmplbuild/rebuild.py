@@ -27,7 +27,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tmplbuild.build.archive import version_compare
+from tmplbuild.builder.archive import version_compare
 from tmplbuild.errors import AuthenticityError, ExitCode, TmplbuildError, UsageError
 from tmplbuild.log import say
 from tmplbuild.repo import index as idx
@@ -260,7 +260,7 @@ class RebuildOptions:
 
 
 def rebuild(repo, opts: RebuildOptions) -> Report:
-    from tmplbuild.build import chroot
+    from tmplbuild.builder import chroot
 
     if not opts.recipes_dir.is_dir():
         raise UsageError("recipes", f"{opts.recipes_dir}: no such directory")
@@ -327,7 +327,7 @@ def _failure(name: str, arch: str, exc: BaseException) -> Row:
 
 def _one_build(repo, recipe, arch: str, opts: RebuildOptions, out: Path) -> Row:
     from tmplbuild.boot.gate import test_record
-    from tmplbuild.build.builder import BuildOptions, build, plan_inputs
+    from tmplbuild.builder.builder import BuildOptions, build, plan_inputs
 
     say(f"==> rebuild {recipe.name} {arch}")
     bopts = BuildOptions(arch=arch, out_dir=out, cache_dir=opts.cache_dir, mirror=opts.mirror,

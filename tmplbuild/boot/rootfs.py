@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmplbuild.build.mirror import parse_deb822, parse_one_line
+from tmplbuild.builder.mirror import parse_deb822, parse_one_line
 from tmplbuild.errors import UsageError
 from tmplbuild.run import CLEAN_ENV, command_line
 

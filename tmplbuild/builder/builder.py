@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmplbuild import __version__
-from tmplbuild.build import archive, chroot, lxcmeta, normalize, pack
-from tmplbuild.build.manifest import installed_packages
-from tmplbuild.build.mirror import host_proxies, resolve_mirror, template_mirror
-from tmplbuild.build.plan import BootstrapPlan, debootstrap_argv, lists_name, make_plan, missing_packages
+from tmplbuild.builder import archive, chroot, lxcmeta, normalize, pack
+from tmplbuild.builder.manifest import installed_packages
+from tmplbuild.builder.mirror import host_proxies, resolve_mirror, template_mirror
+from tmplbuild.builder.plan import BootstrapPlan, debootstrap_argv, lists_name, make_plan, missing_packages
 from tmplbuild.errors import AuthenticityError, BuildError, LocalIOError, UsageError
 from tmplbuild.files import atomic_write
 from tmplbuild.log import say, step

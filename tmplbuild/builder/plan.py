@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmplbuild.build.archive import Package, resolve
+from tmplbuild.builder.archive import Package, resolve
 
 WRAPPER = Path(__file__).with_name("debootstrap.sh")
 
