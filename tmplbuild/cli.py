@@ -10,7 +10,6 @@ from pathlib import Path
 
 from tmplbuild import __version__
 from tmplbuild.errors import ExitCode, TmplbuildError, UsageError
-from tmplbuild.run import host_arch
 
 
 def default_cache_dir() -> Path:
@@ -35,6 +34,7 @@ def find_recipe(arg: str) -> Path:
 def cmd_build(args: argparse.Namespace) -> int:
     from tmplbuild.builder.builder import BuildOptions, build
     from tmplbuild.recipe import load_recipe
+    from tmplbuild.run import host_arch
 
     recipe = load_recipe(find_recipe(args.recipe))
     arch = args.arch
@@ -214,6 +214,7 @@ def cmd_repo_resign(args: argparse.Namespace) -> int:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from tmplbuild.rebuild import LocalRepo, RebuildOptions, RemoteRepo, rebuild
+    from tmplbuild.run import host_arch
 
     expires_in = parse_duration(args.expires_in)
     if args.to:

@@ -54,6 +54,14 @@ class AuthenticityError(TmplbuildError):
     exit_code = ExitCode.AUTHENTICITY
 
 
+class SignatureError(AuthenticityError):
+    """The signature itself: missing, bad, by a key that is not pinned, or made with a weak key or digest
+    (exit 3). A type of its own, so callers that retry a racing index/signature pair need not read messages."""
+
+    def __init__(self, check: str = "signature", message: str = "") -> None:
+        super().__init__(check, message)
+
+
 class FreshnessError(TmplbuildError):
     """Expired, future or rolled-back metadata (exit 4)."""
 

@@ -8,34 +8,24 @@ failed, the run fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 import urllib.parse
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING
 
-from tmplbuild.client import config, state, trust
-from tmplbuild.errors import AuthenticityError, FreshnessError, TransportError, UsageError
+from tmplbuild.errors import AuthenticityError, UsageError
+
+if TYPE_CHECKING:
+    from tmplbuild.client import updater
+
+# The verbs import the trust core, gnupg and requests when they run, not when the parser is built: `tmplbuild
+# --help` and a mistyped option answer at once.
 
 DEFAULT_DEST = "/var/lib/vz/template/cache"  # Proxmox VE's template cache: what pct and pveam read
 ARCH = re.compile(r"\A[a-z0-9][a-z0-9-]*\Z")
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a run gets its index from and what must have signed it."""
-
-    label: str  # "remote NAME" or the URL, for messages and the state file
-    urls: tuple[str, ...]
-    keys: bytes
-    fingerprints: tuple[str, ...]
-    repo_id: str | None
-    state_key: str
+FORMATS = ("tar.zst", "tar.xz", "lxc-meta.tar.xz")  # tmplbuild.repo.index.FORMATS (a test keeps them equal)
 
 
 def _read_key(path: str) -> bytes:
@@ -45,99 +35,20 @@ def _read_key(path: str) -> bytes:
         raise UsageError("key", f"cannot read {path}: {exc.strerror}") from None
 
 
-def _source(args: argparse.Namespace) -> Source:
+def _source(args: argparse.Namespace) -> updater.Source:
     """The remote named by --remote (or the only one configured), or a one-off --url/--key/--fingerprint."""
+    from tmplbuild.client import updater
+
     if args.url:
         if args.remote:
             raise UsageError("remote", "give --remote NAME, or --url URL --key FILE --fingerprint FPR, not both")
         if not args.key or not args.fingerprint:
             raise UsageError("url", "--url needs --key FILE and --fingerprint FPR: keys are pinned, never fetched")
-        urls = config.check_urls(args.url)
-        return Source(label=urls[0], urls=urls, keys=_read_key(args.key), fingerprints=tuple(args.fingerprint),
-                      repo_id=config.check_repo_id(args.repo_id) if args.repo_id else None,
-                      state_key=state.key_for_urls(urls))
+        return updater.url_source(args.url, _read_key(args.key), tuple(args.fingerprint), args.repo_id)
     if args.key or args.fingerprint or args.repo_id:
         raise UsageError("url", "--key, --fingerprint and --repo-id go with --url URL (a configured remote has "
                                 "its own)")
-    remote = config.get(args.remote)
-    return Source(label=f"remote {remote.name}", urls=remote.urls, keys=remote.key_material(),
-                  fingerprints=remote.fingerprints, repo_id=remote.repo_id,
-                  state_key=state.key_for_remote(remote.name))
-
-
-class _Run:
-    """One run against one source: the pinned verifier, the HTTP session, and the bar for rollback, which
-    starts at the state's last index and rises with every index verified in this run (a later mirror may
-    not answer with an older index than an earlier one did)."""
-
-    def __init__(self, source: Source) -> None:
-        from tmplbuild.client.download import Transport
-        from tmplbuild.sign.verify import Verifier
-
-        self.source = source
-        self.last = state.load(source.state_key)
-        self.verifier = Verifier(source.keys, source.fingerprints)
-        self.transport = Transport()
-        self.warnings: list[str] = []
-
-    def close(self) -> None:
-        self.transport.close()
-        self.verifier.close()
-
-    def __enter__(self) -> _Run:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def index(self, base: str) -> trust.TrustedIndex:
-        """Fetch and check (1-6) one mirror's index. A pair that does not verify is fetched once more before
-        the mirror counts as failed: the two files cannot be swapped in one step, so a reader racing the
-        publisher's renames can see a new index with the old signature (or the reverse) for a moment."""
-        for attempt in (1, 2):
-            data = self.transport.get_bytes(f"{base}/index.json", trust.INDEX_CAP, "index.json")
-            sig = self.transport.get_bytes(f"{base}/index.json.asc", trust.SIGNATURE_CAP, "index.json.asc")
-            try:
-                trusted = trust.check_index(data, sig, self.verifier, pinned_repo_id=self.source.repo_id,
-                                            last=self.last)
-                break
-            except AuthenticityError as exc:
-                if exc.check != "signature":
-                    raise
-                if attempt == 2:
-                    raise AuthenticityError("signature", f"{base}/index.json: {exc.message}") from None
-        if self.last is None or self.last.repo_id != trusted.index.repo_id or trusted.index.version > self.last.version:
-            self.last = trusted.seen
-        return trusted
-
-    def over_mirrors(self, attempt: Callable[[str], T]) -> T:
-        """`attempt(base_url)` on each mirror in order until one passes every check. When all fail, raise the
-        most severe failure: an authenticity failure (3) over a freshness failure (4) over "not found" (2) over
-        a transport failure (5), the last one among equals. A mirror that is down must not hide that another
-        one served a forged or replayed index. Local failures (7) stop at once: another mirror cannot help."""
-        worst: Exception | None = None
-        failed_at = ""
-        for base in self.source.urls:
-            try:
-                result = attempt(base)
-            except (AuthenticityError, FreshnessError, UsageError, TransportError) as exc:
-                self.warnings.append(f"tmplbuild: warning: mirror {base} skipped: {exc}")
-                if worst is None or _severity(exc) >= _severity(worst):
-                    worst, failed_at = exc, base
-                continue
-            for line in self.warnings:
-                print(line, file=sys.stderr)
-            return result
-        assert worst is not None
-        if len(self.source.urls) > 1:
-            raise type(worst)(worst.check, f"{worst.message} (mirror {failed_at}; all {len(self.source.urls)} "
-                                           "mirrors failed)")
-        raise worst
-
-
-def _severity(exc: Exception) -> int:
-    kinds = (TransportError, UsageError, FreshnessError, AuthenticityError)  # least to most severe
-    return max(rank for rank, kind in enumerate(kinds) if isinstance(exc, kind))
+    return updater.remote_source(args.remote)
 
 
 def _url(base: str, path: str) -> str:
@@ -147,6 +58,8 @@ def _url(base: str, path: str) -> str:
 # -- remote ------------------------------------------------------------------------------------------------------
 
 def cmd_remote_add(args: argparse.Namespace) -> int:
+    from tmplbuild.client import config
+
     remote, path = config.add(args.name, args.urls, Path(args.key), args.fingerprint, args.repo_id, args.system)
     print(f"added remote {remote.name} to {path}: {len(remote.urls)} URL(s), key {remote.key}, pinned "
           f"{', '.join(remote.fingerprints)}" + (f", repo id {remote.repo_id}" if remote.repo_id else ""))
@@ -154,12 +67,16 @@ def cmd_remote_add(args: argparse.Namespace) -> int:
 
 
 def cmd_remote_remove(args: argparse.Namespace) -> int:
+    from tmplbuild.client import config
+
     path = config.remove(config.check_name(args.name), args.system)
     print(f"removed remote {args.name} from {path}")
     return 0
 
 
 def cmd_remote_list(args: argparse.Namespace) -> int:
+    from tmplbuild.client import config, state
+
     remotes = config.load_all()
     if not remotes:
         print("no remotes configured", file=sys.stderr)
@@ -202,10 +119,15 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    import json
+
+    from tmplbuild.client import trust
+    from tmplbuild.client.updater import Updater
+
     source = _source(args)
-    with _Run(source) as run:
-        trusted = run.over_mirrors(run.index)
-    state.record(source.state_key, trusted.seen, source.label)
+    with Updater(source) as run:
+        trusted = run.refresh()
+        run.commit(trusted)
     index = trusted.index
     entries = sorted(index.templates, key=lambda e: (e.name, e.arch, trust.created_time(e), e.version))
     if args.json:
@@ -234,7 +156,9 @@ def host_arch() -> str:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    from tmplbuild.client import trust
     from tmplbuild.client.download import Progress, install
+    from tmplbuild.client.updater import Updater
     from tmplbuild.errors import LocalIOError
     from tmplbuild.files import make_dirs, remove_empty_dirs
     from tmplbuild.repo import index as idx
@@ -271,12 +195,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         return trusted, chosen, status
 
     try:
-        with _Run(source) as run:
+        with Updater(source) as run:
             trusted, chosen, status = run.over_mirrors(attempt)
+            run.commit(trusted)
     except BaseException:
         remove_empty_dirs(created)  # a failed run leaves no directory of its own behind (a kept .part stays)
         raise
-    state.record(source.state_key, trusted.seen, source.label)
     e, ref = chosen.entry, chosen.ref
     what = "already present and verified" if status == "present" else "fetched and verified"
     print(f"{dest / chosen.filename}: {what} ({e.name} {e.version} {e.arch}, {ref.size} bytes, sha256 {ref.sha256}, "
@@ -287,6 +211,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 # -- verify ------------------------------------------------------------------------------------------------------
 
 def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
+    from tmplbuild.client import config
+
     if args.key or args.fingerprint:
         if not args.key or not args.fingerprint:
             raise UsageError("key", "give both --key FILE and --fingerprint FPR")
@@ -304,7 +230,9 @@ def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from tmplbuild.client import trust
     from tmplbuild.client.download import hash_file
+    from tmplbuild.client.updater import Updater
     from tmplbuild.sign.verify import Verifier
 
     path = Path(args.file)
@@ -336,9 +264,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             trust.check_file(chosen.ref, size, sha256, sha512, path.name)
             return trusted
 
-        with _Run(source) as run:
+        with Updater(source) as run:
             trusted = run.over_mirrors(attempt)
-        state.record(source.state_key, trusted.seen, source.label)
+            run.commit(trusted)
         done.append(f"size, sha256 and sha512 as in index version {trusted.index.version} of {source.label}")
     if not done:
         raise UsageError("verify", f"nothing to check {path} against: no {asc.name} next to it, and no --remote NAME "
@@ -392,7 +320,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--arch", help="architecture (default: the host's, from dpkg --print-architecture)")
     f.add_argument("--dest", metavar="DIR", help=f"destination directory, created if missing (default: {DEFAULT_DEST}, "
                                                  "Proxmox VE's template cache, which must exist)")
-    f.add_argument("--format", choices=trust.FORMATS, help="file format (default: the entry's primary, tar.zst)")
+    f.add_argument("--format", choices=FORMATS, help="file format (default: the entry's primary, tar.zst)")
     _source_args(f)
     f.set_defaults(func=cmd_fetch)
 

@@ -1,0 +1,25 @@
+"""The command line answers at once: building the parser (every `--help`, every mistyped option) imports
+neither gnupg nor requests nor the trust core; the verbs import what they use when they run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tmplbuild.client import commands
+from tmplbuild.repo import index
+
+
+def test_help_imports_nothing_heavy():
+    probe = ("import sys, contextlib, io\n"
+             "from tmplbuild import cli\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n"
+             "    code = cli.main(['fetch', '--help'])\n"
+             "heavy = sorted(m for m in ('gnupg', 'requests', 'urllib3', 'tmplbuild.client.trust', "
+             "'tmplbuild.sign.verify', 'tmplbuild.repo.index') if m in sys.modules)\n"
+             "print(code, ','.join(heavy))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["0"], proc.stdout
+
+
+def test_fetch_offers_exactly_the_index_formats():
+    assert commands.FORMATS == index.FORMATS
