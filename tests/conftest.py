@@ -11,10 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def recipe_dir(path: Path) -> Path:
-    """A directory for test recipes made from a shipped recipe's text: its `files/` are the shipped ones."""
+    """A directory for test recipes made from a shipped recipe's text: its `files/` a copy of the shipped ones
+    (not a symlink: a recipe's inputs must resolve inside its own directory)."""
     path.mkdir(parents=True, exist_ok=True)
     if not (path / "files").exists():
-        (path / "files").symlink_to(ROOT / "recipes/files")
+        shutil.copytree(ROOT / "recipes/files", path / "files", symlinks=True)
     return path
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,7 +189,8 @@ def test_private_key_in_tree_is_refused_with_exit_6(cache, tmp_path):
 def test_archive_signed_by_a_key_not_in_the_keyring_fails_with_exit_3(cache, tmp_path, throwaway_key):
     _, _, wrong_keyring = throwaway_key
     recipe = recipe_dir(tmp_path / "recipes") / "wrongkey.toml"
-    recipe.write_text(MINIMAL.replace("/usr/share/keyrings/debian-archive-keyring.gpg", str(wrong_keyring)))
+    shutil.copy(wrong_keyring, recipe.parent / "wrong.gpg")  # a recipe's inputs must be inside its directory
+    recipe.write_text(MINIMAL.replace("/usr/share/keyrings/debian-archive-keyring.gpg", "wrong.gpg"))
     out = tmp_path / "out"
     proc = build(recipe, out, cache)
     assert proc.returncode == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
 from email.utils import formatdate
@@ -82,7 +83,8 @@ def run_build(tmp_path: Path, url: str, keyring: Path, monkeypatch) -> tuple[int
     is its own, not a copy of a shipped one: nothing after the archive step may matter here."""
     recipe = tmp_path / "recipes/freshness.toml"
     recipe.parent.mkdir(parents=True)
-    recipe.write_text(RECIPE.format(keyring=keyring, url=url))
+    shutil.copy(keyring, recipe.parent / keyring.name)  # a recipe's inputs must be inside its directory
+    recipe.write_text(RECIPE.format(keyring=keyring.name, url=url))
     for name in ("TMPLBUILD_MIRROR", "TMPLBUILD_SECURITY_MIRROR", "SOURCE_DATE_EPOCH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TMPLBUILD_STATE_DIR", str(tmp_path / "state"))

@@ -1,6 +1,7 @@
 """Recipe loading: the shipped recipes, merge rules, and above all the file:line:field of every refusal."""
 from __future__ import annotations
 
+import base64
 import shutil
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import tomllib
 
 import pytest
 
+from tests.conftest import recipe_dir as shipped_recipe_dir
 from tmplbuild.errors import RecipeError, UsageError
 from tmplbuild.recipe import Compression, Recipe, Stage, load_recipe
 from tmplbuild.recipe.locate import Locator
@@ -34,7 +36,15 @@ keyring = "keyring.gpg"
 [packages]
 include = ["systemd-sysv", "iproute2"]
 """
-PUBLIC_KEY = b"-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmQINBGPublic\n-----END PGP PUBLIC KEY BLOCK-----\n"
+
+
+def packet(body: bytes, tag: int = 6) -> bytes:
+    """One old-format OpenPGP packet (a public key by default): the loader reads packet headers, not keys."""
+    return bytes([0x80 | tag << 2, len(body)]) + body
+
+
+PUBLIC_KEY = (b"-----BEGIN PGP PUBLIC KEY BLOCK-----\n\n" + base64.b64encode(packet(b"public"))
+              + b"\n=abcd\n-----END PGP PUBLIC KEY BLOCK-----\n")
 PRIVATE_KEY = b"-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQdGBGSecret\n-----END PGP PRIVATE KEY BLOCK-----\n"
 REPO = """
 [[repositories]]
@@ -56,7 +66,7 @@ def sub(old: str, new: str, text: str = BASE) -> str:
 
 
 def write_tree(root: Path, files: dict[str, str | bytes]) -> None:
-    defaults: dict[str, str | bytes] = {"keyring.gpg": b"\x99\x01\x0dkeyring", "repo.asc": PUBLIC_KEY}
+    defaults: dict[str, str | bytes] = {"keyring.gpg": packet(b"keyring"), "repo.asc": PUBLIC_KEY}
     for name, content in {**defaults, **files}.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,8 +177,8 @@ INVALID = [
      "repositories[0].key", "missing required field"),
     ("repo-private-key", {"r.toml": BASE + REPO, "repo.asc": PRIVATE_KEY}, "r.toml", 20, "repositories[0].key",
      "found a PRIVATE key, expected a public key"),
-    ("repo-secret-key-packet", {"r.toml": BASE + REPO, "repo.asc": b"\x95\x03\x98secret"}, "r.toml", 20,
-     "repositories[0].key", "found a PRIVATE key"),
+    ("repo-secret-key-packet", {"r.toml": BASE + REPO, "repo.asc": packet(b"key") + packet(b"secret", tag=5)}, "r.toml", 20,
+     "repositories[0].key", "found a secret key packet, expected public keys only"),
     ("repo-duplicate-name", {"r.toml": BASE + REPO + REPO}, "r.toml", 23, "repositories[1].name",
      'found "extra" twice (also in repositories[0])'),
     ("script-run-and-file", {"r.toml": BASE + SCRIPT + 'file = "s.sh"\n', "s.sh": "true\n"}, "r.toml", 16,
@@ -258,7 +268,7 @@ def test_unreadable_recipe(tmp_path: Path) -> None:
 
 def test_keyring_relative_to_the_file_that_sets_it(tmp_path: Path) -> None:
     """A parent's relative keyring resolves against the parent's directory, not the child's."""
-    write_tree(tmp_path, {"base/base.toml": BASE, "base/keyring.gpg": b"\x99base"})
+    write_tree(tmp_path, {"base/base.toml": BASE, "base/keyring.gpg": packet(b"base")})
     (tmp_path / "base/r.toml").write_text('extends = "base"\n[template]\nname = "c"\n')
     assert load_recipe(tmp_path / "base/r.toml").bootstrap.keyring == (tmp_path / "base/keyring.gpg").resolve()
 
@@ -312,7 +322,7 @@ dest = "/etc/a"
 source = "files/a"
 mode = "0600"
 """
-    recipe = load(tmp_path, {"base.toml": parent, "r.toml": child, "bin.gpg": b"\x99\x01\x0dpub",
+    recipe = load(tmp_path, {"base.toml": parent, "r.toml": child, "bin.gpg": packet(b"pub"),
                              "files/last.sh": "echo last\n", "files/a": "child a"})
     assert (recipe.name, recipe.suite, recipe.release, recipe.extends) == ("child", "trixie", "12", ("base",))
     assert recipe.formats == (Compression.XZ, Compression.ZSTD)
@@ -320,7 +330,7 @@ mode = "0600"
     assert recipe.bootstrap.keyring == (tmp_path / "keyring.gpg").resolve()
     assert recipe.include == ("systemd-sysv", "nano", "vim") and recipe.exclude == ("iproute2",)
     [repo] = recipe.repositories
-    assert (repo.uris, repo.key, repo.key_armored) == (("http://other.example/debian",), b"\x99\x01\x0dpub", False)
+    assert (repo.uris, repo.key, repo.key_armored) == (("http://other.example/debian",), packet(b"pub"), False)
     assert [(s.stage, s.name, s.content) for s in recipe.scripts] == [
         (Stage.POST_BOOTSTRAP, "child:inline-1", b"echo first"),
         (Stage.POST_INSTALL, "t1:inline-1", b"true"),
@@ -354,7 +364,7 @@ def test_canonical_ignores_comments_whitespace_and_location(tmp_path: Path) -> N
 @pytest.mark.parametrize(("name", "change"), [
     ("script-file", {"s.sh": "echo bye\n"}),
     ("parent-package", {"base.toml": sub('"iproute2"', '"iproute"') + SCRIPT.replace('run = "true"', 'file = "s.sh"')}),
-    ("keyring-content", {"keyring.gpg": b"\x99other"}),
+    ("keyring-content", {"keyring.gpg": packet(b"other")}),
     ("child-suite", {"r.toml": 'extends = "base"\n[template]\nname = "c"\nsuite = "trixie"\n'}),
 ])
 def test_canonical_changes_with_content(tmp_path: Path, name: str, change: dict[str, str | bytes]) -> None:
@@ -440,8 +450,7 @@ def test_template_sources_refuse_what_containers_cannot_reach(tmp_path, url, pro
 
 @needs_debian_keyring
 def test_template_sources_are_their_own_setting(tmp_path):
-    recipe_dir = tmp_path
-    (recipe_dir / "files").symlink_to(RECIPES / "files")
+    recipe_dir = shipped_recipe_dir(tmp_path)
     (recipe_dir / "debian-12-minimal.toml").write_text((RECIPES / "debian-12-minimal.toml").read_text())
     (recipe_dir / "mine.toml").write_text(
         'extends = "debian-12-minimal"\n[template]\nname = "mine"\n[sources]\n'

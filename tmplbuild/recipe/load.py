@@ -33,8 +33,8 @@ _STAGE_ORDER = {stage: i for i, stage in enumerate(Stage)}
 
 
 def _keyring(val: Val) -> tuple[Path, str]:
-    path, data = v.read_input(val, "keyring")
-    problem = v.key_problem(data, public_key_only=False)  # debootstrap also takes keyring formats we don't parse
+    path, data = v.read_input(val, "keyring", system_dir=v.SYSTEM_KEYRINGS)
+    problem = v.key_problem(data, armor_ok=False)  # gpgv --keyring reads binary keyrings only
     if problem:
         raise val.error(f"in {path}: {problem}")
     return path.resolve(), hashlib.sha256(data).hexdigest()
@@ -69,7 +69,8 @@ _REQUIRED = {  # field -> what is expected, for the "missing" message
     "template.name": v.NAME_EXPECTED, "template.distribution": v.NAME_EXPECTED,
     "template.release": v.RELEASE_EXPECTED, "template.suite": v.SUITE_EXPECTED,
     "template.variant": v.NAME_EXPECTED, "template.architectures": "an array of architectures",
-    "template.description": v.DESCRIPTION_EXPECTED, "bootstrap.keyring": "the path of the archive keyring file",
+    "template.description": v.DESCRIPTION_EXPECTED,
+    "bootstrap.keyring": "the path of the archive keyring file (binary OpenPGP)",
 }
 _packages = v.grammar(v.PACKAGE_RE, v.PACKAGE_EXPECTED)
 
@@ -124,7 +125,12 @@ def _load_chain(path: Path) -> list[_Layer]:
     seen: list[Path] = []
     via: Val | None = None  # the `extends` that led to `path`
     while True:
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            if via is None:
+                raise RecipeError(str(path), None, "", f"cannot read: {e}") from e
+            raise via.error(f"found {v.quote(via.value)}, but {path} cannot be resolved ({e})") from e
         if via is not None:
             if resolved in seen:
                 names = " -> ".join([p.stem for p in seen] + [resolved.stem])
@@ -132,6 +138,9 @@ def _load_chain(path: Path) -> list[_Layer]:
             if not path.is_file():
                 raise via.error(f"found {v.quote(via.value)}, but {path} does not exist; expected the name of a"
                                 " recipe in the same directory")
+            if not resolved.is_relative_to(via.src.dir.resolve()):  # its text and inputs go into the template too
+                raise via.error(f"found {v.quote(via.value)}, but {path} resolves to {resolved}, outside the"
+                                f" recipe's directory {via.src.dir.resolve()}; expected a recipe in that directory")
         layer = _parse_layer(*_read(path))
         name = layer.template.get("name")
         if name is None:
@@ -161,8 +170,13 @@ def _read(path: Path) -> tuple[dict[str, Any], Source]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecipeError(str(path), data[: e.start].count(b"\n") + 1, "", "invalid TOML: not UTF-8 text") from e
+    too_deep = _nesting_problem(text)
+    if too_deep:
+        raise RecipeError(str(path), *too_deep)
     try:
         doc = tomllib.loads(text)
+    except RecursionError as e:  # not reached after the nesting check; kept so a gap there is exit 2, not 1
+        raise RecipeError(str(path), None, "", f"invalid TOML: {NESTING_EXPECTED}") from e
     except tomllib.TOMLDecodeError as e:
         message = str(e)
         match = _TOML_POSITION.search(message)
@@ -173,6 +187,63 @@ def _read(path: Path) -> tuple[dict[str, Any], Source]:
         message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # keep it one line
         raise RecipeError(str(path), line, "", f"invalid TOML: {message}") from e
     return doc, Source(path, Locator(text))
+
+
+MAX_NESTING = 32
+NESTING_EXPECTED = (f"nested too deeply, expected at most {MAX_NESTING} levels of arrays and inline tables and at"
+                    f" most {MAX_NESTING} parts in a dotted key")
+# The tokens that matter for nesting. Strings and comments are skipped whole: brackets in them do not count.
+_NESTING_TOKEN = re.compile(r'"""|' r"'''|" r"""["'#\[\]{}=.,\n]""")
+_STRING_REST = {
+    '"': re.compile(r'(?:[^"\\\n]|\\.)*"'),
+    "'": re.compile(r"[^'\n]*'"),
+    '"""': re.compile(r'(?:[^\\]|\\.)*?"""(?:""?(?!"))?', re.DOTALL),
+    "'''": re.compile(r"[\s\S]*?'''(?:''?(?!'))?"),
+}
+_SIMPLE_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,60}")
+
+
+def _nesting_problem(text: str) -> tuple[int, str, str] | None:
+    """(line, field, message) if arrays, inline tables or dotted keys nest deeper than MAX_NESTING, else None.
+
+    tomllib recurses once per level (deep enough, it ends in RecursionError) and its time and memory grow with the
+    square of a dotted key's length, so this linear scan runs first. `field` is the key on the line, if plain."""
+    stack: list[str] = []  # the open [ and { of values
+    in_key = True  # reading a key: at a line start outside arrays, after `{` or `,` in an inline table, in a [header]
+    header = False
+    key_parts = 1
+    i = 0
+    while match := _NESTING_TOKEN.search(text, i):
+        token, i = match.group(), match.end()
+        if token in _STRING_REST:
+            rest = _STRING_REST[token].match(text, i)
+            i = rest.end() if rest else len(text)
+        elif token == "#":
+            newline = text.find("\n", i)
+            i = len(text) if newline < 0 else newline
+        elif token == "\n":
+            if not stack:
+                in_key, header, key_parts = True, False, 1
+        elif token == "=":
+            in_key = False
+        elif token == ".":
+            key_parts += in_key
+        elif token == "[" and in_key and not stack:
+            header = True
+        elif token in "[{":
+            stack.append(token)
+            in_key, key_parts = token == "{", 1
+        elif token in "]}":
+            if stack and not header:
+                stack.pop()
+        elif token == "," and stack and stack[-1] == "{":
+            in_key, key_parts = True, 1
+        if len(stack) > MAX_NESTING or key_parts > MAX_NESTING:
+            line_start = text.rfind("\n", 0, match.start()) + 1
+            key = text[line_start : match.start()].partition("=")[0].strip()
+            return (text.count("\n", 0, match.start()) + 1, key if _SIMPLE_KEY_RE.fullmatch(key) else "",
+                    f"invalid TOML: {NESTING_EXPECTED}")
+    return None
 
 
 def _parse_layer(doc: dict[str, Any], src: Source) -> _Layer:

@@ -7,7 +7,10 @@ fine, else a phrase starting with "expected ..." that reads well after `found "V
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import os
 import re
 import urllib.parse
 from collections.abc import Callable, Collection, Sequence
@@ -132,23 +135,93 @@ def suite_problem(value: str) -> str | None:
 
 
 _ARMOR_BEGIN = b"-----BEGIN PGP PUBLIC KEY BLOCK-----"
-_SECRET_KEY_TAGS = frozenset({0x94, 0x95, 0x96, 0x97, 0xC5})  # old- and new-format secret-key packet headers
-_PUBLIC_KEY_TAGS = frozenset({0x98, 0x99, 0x9A, 0x9B, 0xC6})
+_ARMOR_BLOCK_RE = re.compile(rb"-----BEGIN PGP PUBLIC KEY BLOCK-----\r?\n(.*?)-----END PGP PUBLIC KEY BLOCK-----",
+                             re.DOTALL)
+_KEYBOX_MAGIC = b"KBXf"  # at offset 8 of a GnuPG keybox (pubring.kbx)
+_PUBLIC_KEY_TAG = 6
+_SECRET_KEY_TAGS = frozenset({5, 7})  # secret key, secret subkey
 
 
 def key_armored(data: bytes) -> bool:
     return data.lstrip().startswith(_ARMOR_BEGIN)
 
 
-def key_problem(data: bytes, *, public_key_only: bool = True) -> str | None:
-    """None for an OpenPGP public key (armored or binary). A secret key is refused outright: it would be copied
-    into the template and shipped to every container made from it."""
-    if b"PRIVATE KEY" in data or (data and data[0] in _SECRET_KEY_TAGS):
+def packet_tags(data: bytes) -> list[int] | None:
+    """The tags of the OpenPGP packets in binary `data` (RFC 4880 4.2, headers only), or None if it is not a
+    sequence of whole packets. Reads no key material; cheap enough for any file a recipe may name."""
+    tags: list[int] = []
+    i = 0
+    try:
+        while i < len(data):
+            ctb = data[i]
+            if not ctb & 0x80:
+                return None
+            if ctb & 0x40:  # new format: one, two or five length octets; partial lengths never occur in keys
+                tag, first = ctb & 0x3F, data[i + 1]
+                if first < 192:
+                    length, i = first, i + 2
+                elif first < 224:
+                    length, i = ((first - 192) << 8) + data[i + 2] + 192, i + 3
+                elif first == 255:
+                    length, i = int.from_bytes(data[i + 2 : i + 6], "big"), i + 6
+                else:
+                    return None
+            else:  # old format: the low two bits give 1, 2 or 4 length octets, or 3: up to the end
+                tag, size = (ctb >> 2) & 0x0F, ctb & 0x03
+                if size == 3:
+                    length, i = len(data) - i - 1, i + 1
+                else:
+                    n = 1 << size
+                    if i + 1 + n > len(data):
+                        return None
+                    length, i = int.from_bytes(data[i + 1 : i + 1 + n], "big"), i + 1 + n
+            if tag == 0 or i + length > len(data):
+                return None
+            tags.append(tag)
+            i += length
+    except IndexError:
+        return None
+    return tags
+
+
+def _dearmor(data: bytes) -> bytes | None:
+    """The packets of every public key block in armored `data`, or None if a block's body is not base64."""
+    out = b""
+    for block in _ARMOR_BLOCK_RE.findall(data):
+        header, _, body = block.replace(b"\r\n", b"\n").partition(b"\n\n")
+        if not body and b":" not in header:  # no armor headers and no blank line: the block is all body
+            body = header
+        lines = [ln.strip() for ln in body.split(b"\n") if ln.strip() and not ln.startswith(b"=")]
+        try:
+            out += base64.b64decode(b"".join(lines), validate=True)
+        except binascii.Error:
+            return None
+    return out
+
+
+def key_problem(data: bytes, *, armor_ok: bool = True) -> str | None:
+    """None for an OpenPGP public key or keyring (armored, if `armor_ok`, or binary): whole packets, the first a
+    public key. A secret key is refused outright, wherever it sits in the file: it would be copied into the
+    template and shipped to every container made from it."""
+    if b"PRIVATE KEY" in data:
         return "found a PRIVATE key, expected a public key (never put a secret key into a recipe)"
     if not data.strip():
         return "found an empty file, expected an OpenPGP public key"
-    if public_key_only and not key_armored(data) and data[0] not in _PUBLIC_KEY_TAGS:
-        return "found neither an armored public key block nor a binary OpenPGP public key"
+    armored = key_armored(data)
+    if armored and not armor_ok:
+        return ("found an ASCII-armored key, expected a binary OpenPGP keyring (gpgv reads no armor;"
+                " convert it with gpg --dearmor)")
+    if data[8:12] == _KEYBOX_MAGIC:
+        return "found a GnuPG keybox, expected an OpenPGP keyring (write one with gpg --export KEY)"
+    packets = _dearmor(data) if armored else data
+    tags = packet_tags(packets) if packets else None
+    if tags is None:
+        what = "an armored public key block whose packets" if armored else "a file whose bytes"
+        return f"found {what} are not whole OpenPGP packets, expected an OpenPGP public key"
+    if _SECRET_KEY_TAGS & set(tags):
+        return "found a secret key packet, expected public keys only (never put a secret key into a recipe)"
+    if tags[0] != _PUBLIC_KEY_TAG:
+        return f"found OpenPGP packet type {tags[0]} first, expected a public key (type {_PUBLIC_KEY_TAG})"
     return None
 
 
@@ -249,20 +322,38 @@ def unique_list(v: Val, item: Callable[[Val], str], what: str, *, non_empty: boo
     return tuple(v.value)
 
 
-def local_path(v: Val) -> Path:
-    """A path from the recipe, relative to the directory of the file that set it."""
+SYSTEM_KEYRINGS = Path("/usr/share/keyrings")  # the archive keyrings Debian's packages install
+_PATH_SHOWN = 1024  # a refused path is shown whole: the user must see which one
+
+
+def local_path(v: Val, *, system_dir: Path | None = None) -> Path:
+    """A path from the recipe, relative to the directory of the file that set it, and inside that directory once
+    symlinks are resolved: a recipe must not publish an arbitrary file of the building host. `system_dir`
+    also admits an absolute path into that directory (the bootstrap keyring)."""
     raw = text(v)
     if not raw.isprintable():
         raise v.found("a file path without control characters")
-    return v.src.dir / raw
+    path = v.src.dir / raw
+    try:
+        base, resolved = v.src.dir.resolve(), path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise v.error(f"found {quote(raw, _PATH_SHOWN)}, which cannot be resolved ({e}); expected a file path") from e
+    if resolved.is_relative_to(base):
+        return path
+    if system_dir is not None and Path(raw).is_absolute() and resolved.is_relative_to(system_dir.resolve()):
+        return path
+    shown = "" if resolved == Path(os.path.normpath(path)) else f" (resolving to {resolved})"
+    inside = f", or an absolute path into {system_dir}" if system_dir is not None else ""
+    raise v.error(f"{quote(raw, _PATH_SHOWN)}{shown} is outside the recipe's directory {base}; expected a path"
+                  f" inside it{inside}")
 
 
 MAX_FILE_BYTES = 64 * 1024 * 1024  # a recipe input larger than this is a mistake, not a config file
 
 
-def read_input(v: Val, what: str) -> tuple[Path, bytes]:
+def read_input(v: Val, what: str, *, system_dir: Path | None = None) -> tuple[Path, bytes]:
     """Reads a file the recipe names, at load time, so the input hash covers its bytes."""
-    path = local_path(v)
+    path = local_path(v, system_dir=system_dir)
     try:
         if not path.exists():
             raise v.error(f"{what} file not found: {path}")
@@ -273,6 +364,11 @@ def read_input(v: Val, what: str) -> tuple[Path, bytes]:
         return path, path.read_bytes()
     except OSError as e:
         raise v.error(f"cannot read {what} file {path}: {e.strerror or e}") from e
+
+
+# A file placed there would land on the kernel's or the container manager's file systems, mounted over the
+# template's own tree when a container runs: it can only be a mistake (or an attempt to write to the host).
+FORBIDDEN_DEST_ROOTS = ("dev", "proc", "sys")
 
 
 def dest_path(val: Val) -> str:
@@ -287,6 +383,9 @@ def dest_path(val: Val) -> str:
         raise val.found("a path without . or .. components")
     if not parts:
         raise val.found("the path of a file, not /")
+    if parts[0] in FORBIDDEN_DEST_ROOTS:
+        roots = ", ".join(f"/{r}" for r in FORBIDDEN_DEST_ROOTS)
+        raise val.found(f"a path outside {roots} (kernel and device file systems, mounted over the template)")
     return "/" + "/".join(parts)
 
 
