@@ -245,14 +245,17 @@ def test_verifier_refuses_pinned_key_not_supplied(key: tuple[Path, str]) -> None
 
 
 @pytest.mark.parametrize("armored", [True, False])
-def test_verifier_refuses_secret_key_material(key: tuple[Path, str], armored: bool) -> None:
+def test_verifier_refuses_secret_key_material(key: tuple[Path, str], armored: bool, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     home, fpr = key
     secret = gpg(home, "--export-secret-keys", *(["--armor"] if armored else []), fpr).stdout
-    before = set(os.listdir("/tmp"))
+    # A temporary directory of its own: other processes' verifiers come and go in /tmp meanwhile.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     for material in (secret, export_public(fpr, home, armored=True) + secret):
         with pytest.raises(UsageError, match="secret key"):
             Verifier(material, [fpr])
-    assert not {n for n in set(os.listdir("/tmp")) - before if n.startswith("tmplbuild-verify-")}
+    assert not os.listdir(tmp_path / "tmp")
 
 
 def test_signer_refuses_unknown_or_malformed_fingerprint(key: tuple[Path, str], tmp_path: Path) -> None:
@@ -286,3 +289,89 @@ def test_signing_subkey(homes: Callable[[str], Path]) -> None:
         assert (verified.fingerprint, verified.signer) == (primary, subkey)
         with pytest.raises(UsageError, match="not among"):
             Verifier(export_public(primary, home, armored=False), [subkey])  # pins name primary keys only
+
+
+# --- garbage signatures over large data: always a refusal, never an internal error -----------------------------
+
+def garbage_signatures(home: Path, fpr: str, data: bytes) -> dict[str, bytes]:
+    """Signature files gpg gives up on before reading all the data: it exits while the data is still being
+    written to its stdin (python-gnupg's copier thread then met EPIPE, and the BrokenPipeError surfaced as an
+    internal error, exit 1, whenever the thread had noticed before gpg's output was collected)."""
+    real = Signer(home, fpr).sign(data, armored=False)
+    return {
+        "empty": b"",
+        "public key block": export_public(fpr, home, armored=True),
+        "random bytes": os.urandom(4096),
+        "truncated signature packet": real[:len(real) // 2],
+        "huge": os.urandom(8 << 20),
+    }
+
+
+def test_garbage_signatures_over_large_data_are_refused_every_time(key: tuple[Path, str], tmp_path: Path) -> None:
+    home, fpr = key
+    data = os.urandom(6 << 20)  # far more than a pipe holds: gpg exits with most of it unread
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    garbage = garbage_signatures(home, fpr, data)
+    with Verifier(export_public(fpr, home, armored=True), [fpr]) as verifier:
+        for _ in range(30):
+            for name, signature in garbage.items():
+                with pytest.raises(AuthenticityError) as info:
+                    verifier.verify(data, signature)
+                assert info.value.check == "signature", name
+        for name, signature in garbage.items():
+            with pytest.raises(AuthenticityError):
+                verifier.verify_file(path, signature)
+
+
+def test_verifier_runs_few_gpg_processes_and_no_gpgconf(key: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client verifies on every fetch: python-gnupg's version probe, one --list-packets, one --import and one
+    listing at construction, one --verify per signature; no second listing, no gpgconf --kill (no agent is
+    ever started)."""
+    home, fpr = key
+    public, signature = export_public(fpr, home, armored=True), Signer(home, fpr).sign(DATA, armored=True)
+    launched: list[str] = []
+    original = subprocess.Popen._execute_child
+
+    def counting(self, args, *rest, **kw):  # type: ignore[no-untyped-def]
+        launched.append(" ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args))
+        return original(self, args, *rest, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", counting)
+    with Verifier(public, [fpr]) as verifier:
+        assert len(launched) <= 4, launched
+        launched.clear()
+        verifier.verify(DATA, signature)
+        verifier.verify(DATA, signature)
+        assert len(launched) == 2, launched
+    assert not [cmd for cmd in launched if "gpgconf" in cmd], launched
+
+
+def test_cli_refuses_garbage_index_signatures_with_exit_3_every_time(key: tuple[Path, str], tmp_path: Path) -> None:
+    """The client path: `tmplbuild list` fetches a several-MB index.json and a garbage index.json.asc (twice:
+    a failed pair is fetched once more) and must exit 3 with one line, never 1 (internal error)."""
+    from tests.test_client import CLIENT, Server
+
+    home, fpr = key
+    data = os.urandom(3 << 20)
+    garbage = garbage_signatures(home, fpr, data)
+    del garbage["huge"]  # above the client's signature size cap: refused before gpg sees it (also exit 3)
+    pub = tmp_path / "pub.asc"
+    pub.write_bytes(export_public(fpr, home, armored=True))
+    (tmp_path / "repo").mkdir()
+    server = Server(tmp_path / "repo")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "GNUPGHOME"}
+    env.update(TMPLBUILD_CONFIG_DIR=str(tmp_path / "config"), TMPLBUILD_SYSTEM_CONFIG_DIR=str(tmp_path / "etc"),
+               TMPLBUILD_STATE_DIR=str(tmp_path / "state"), NO_PROXY="*")
+    try:
+        names = sorted(garbage)
+        for i in range(30):
+            name = names[i % len(names)]
+            server.override = {"index.json": data, "index.json.asc": garbage[name]}
+            proc = subprocess.run([*CLIENT, "list", "--url", server.url, "--key", str(pub), "--fingerprint", fpr],
+                                  capture_output=True, text=True, env=env, timeout=120)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 3 and len(lines) == 1, (name, proc.returncode, proc.stderr)
+            assert lines[0].startswith("tmplbuild: signature: "), (name, proc.stderr)
+    finally:
+        server.stop()

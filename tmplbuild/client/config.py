@@ -12,7 +12,8 @@ entry of the same name. `$TMPLBUILD_SYSTEM_CONFIG_DIR` moves the system director
 
 Keys are never fetched from the network or taken from ~/.gnupg: `remote add` copies the key file the admin
 got out of band into `keys/NAME.asc` next to the config, after checking the pinned fingerprints are primary
-keys in it.
+keys in it and that those keys are strong enough (keys.STRENGTH_RULE: RSA of at least 2048 bits, ECC on
+ed25519/NIST/Brainpool curves; DSA and ElGamal refused), the same checks every later run makes.
 """
 from __future__ import annotations
 
@@ -205,7 +206,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 def add(name: str, urls: list[str], key_file: Path, fingerprints: list[str], repo_id: str | None,
         system: bool) -> tuple[Remote, Path]:
     """Check and record a remote: the URLs, that every pinned fingerprint is a primary key in the key file (and
-    that it holds public keys only), then copy the key to keys/NAME.asc and rewrite the config atomically.
+    that it holds public keys only), that each pinned key and its usable signing subkeys meet the strength rule,
+    then copy the key to keys/NAME.asc and rewrite the config atomically.
     Returns the remote and the config file. Raises UsageError (exit 2), LocalIOError (exit 7)."""
     from tmplbuild.sign.verify import Verifier
 
@@ -219,7 +221,8 @@ def add(name: str, urls: list[str], key_file: Path, fingerprints: list[str], rep
     except OSError as exc:
         raise UsageError("key", f"cannot read {key_file}: {exc.strerror}") from None
     # The same checks the verifier makes on every run: fails with "pinned fingerprint ... is not among the
-    # supplied public keys" or a refusal of secret key material.
+    # supplied public keys", a refusal of secret key material, or "key strength: pinned key FPR is RSA 1024
+    # bits: ..." for a key below the strength rule.
     with Verifier(material, pins):
         pass
     directory = system_dir() if system else user_dir()

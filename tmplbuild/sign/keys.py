@@ -18,7 +18,6 @@ from tmplbuild.run import run
 
 _FPR_RE = re.compile(r"[0-9A-F]{40}")
 _EXPIRE_RE = re.compile(r"never|none|0|[1-9][0-9]{0,5}[dwmy]?|[0-9]{4}-[0-9]{2}-[0-9]{2}")
-_ALGO_RE = re.compile(r"[a-z][a-z0-9]{1,31}")
 _ARMOR_RE = re.compile(rb"-----BEGIN PGP [A-Z0-9 ,]+-----.*?-----END PGP [A-Z0-9 ,]+-----", re.S)
 _PACKET_RE = re.compile(r"^:(.+?) packet:", re.M)
 
@@ -37,6 +36,27 @@ class KeyRecord:
     validity: str  # field 2: 'e' expired, 'r' revoked, 'd' disabled, 'i' invalid
     caps: str  # field 12: own capabilities lower case, the whole key's usable ones upper case
     token: str  # field 15 of secret listings: '+' secret present, '#' stub only
+    algo: str = ""  # field 4: OpenPGP public key algorithm number (1 RSA, 17 DSA, 22 EdDSA, ...)
+    length: int = 0  # field 3: key length in bits (RSA modulus, DSA p, curve size for ECC)
+    curve: str = ""  # field 17: curve name for ECC keys (ed25519, nistp256, brainpoolP256r1, ...)
+    expires: int = 0  # field 7: expiry as seconds since the epoch; 0 = never
+
+
+# The strength rule (README "Key strength"): RSA at least 2048 bits; DSA and ElGamal refused whatever their
+# size; ECC on ed25519/ed448, NIST P-256/384/521 or Brainpool P-256/384/512. Checked for a pinned primary key
+# and for the subkey that signs; unknown algorithms and curves are refused.
+MIN_RSA_BITS = 2048
+_RSA_ALGOS = {"1", "2", "3"}  # RSA, RSA encrypt-only, RSA sign-only
+_REFUSED_ALGOS = {"16": "ElGamal", "20": "ElGamal", "17": "DSA"}
+_ECC_ALGOS = {"18": "ECDH", "19": "ECDSA", "22": "EdDSA"}
+STRONG_CURVES = ("ed25519", "ed448", "cv25519", "cv448", "nistp256", "nistp384", "nistp521", "brainpoolP256r1",
+                 "brainpoolP384r1", "brainpoolP512r1")
+_STRONG_CURVES = {c.lower() for c in STRONG_CURVES}
+GENERATE_ALGOS = ("ed25519", "nistp256", "nistp384", "nistp521", "brainpoolP256r1", "brainpoolP384r1",
+                  "brainpoolP512r1", "rsa2048", "rsa3072", "rsa4096")  # `tmplbuild key generate --algo`
+_GENERATE_ALGOS = {a.lower(): a for a in GENERATE_ALGOS}
+STRENGTH_RULE = (f"RSA of at least {MIN_RSA_BITS} bits, or ECC on ed25519, ed448, nistp256/384/521 or "
+                 "brainpoolP256r1/384r1/512r1; DSA and ElGamal are refused")
 
 
 def default_gnupghome() -> Path:
@@ -88,27 +108,62 @@ def kill_agents(home: Path) -> None:
         pass
 
 
+def describe_key(record: KeyRecord) -> str:
+    """'RSA 1024 bits', 'EdDSA ed25519 255 bits', 'DSA 3072 bits', 'algorithm 99 255 bits'. Raises nothing."""
+    if record.algo in _RSA_ALGOS:
+        return f"RSA {record.length} bits"
+    if record.algo in _ECC_ALGOS:
+        return f"{_ECC_ALGOS[record.algo]} {record.curve or 'on an unnamed curve'} {record.length} bits"
+    name = _REFUSED_ALGOS.get(record.algo) or f"algorithm {record.algo or '?'}"
+    return f"{name} {record.length} bits"
+
+
+def strength_problem(record: KeyRecord) -> str | None:
+    """Why the key `record` is too weak to be trusted or used (see STRENGTH_RULE), or None. Raises nothing."""
+    if record.algo in _RSA_ALGOS:
+        return None if record.length >= MIN_RSA_BITS else f"RSA keys need at least {MIN_RSA_BITS} bits"
+    if record.algo in _ECC_ALGOS:
+        return None if record.curve.lower() in _STRONG_CURVES else \
+            f"ECC keys must use one of {', '.join(STRONG_CURVES)}"
+    if record.algo in _REFUSED_ALGOS:
+        return f"{_REFUSED_ALGOS[record.algo]} keys are refused whatever their size"
+    return "unknown public key algorithm"
+
+
 def status_lines(stderr: str) -> list[list[str]]:
-    """The `[GNUPG:]` status lines (python-gnupg runs gpg with --status-fd 2), split into fields."""
+    """The `[GNUPG:]` status lines, split into fields (python-gnupg runs gpg with --status-fd 2: its result's
+    stderr); other lines are skipped."""
     return [ln[9:].split() for ln in stderr.splitlines() if ln.startswith("[GNUPG:] ") and ln[9:].strip()]
 
 
 def list_key_records(gpg: gnupg.GPG, *, secret: bool = False, fingerprint: str | None = None) -> list[KeyRecord]:
     """Primary keys and subkeys of the handle's keyring (or of one keyblock). Raises nothing; none found → []."""
     listing = gpg.list_keys(secret=secret, keys=[fingerprint] if fingerprint else None)
+    return parse_key_listing(listing.data.decode("utf-8", "replace"))
+
+
+def parse_key_listing(listing: str) -> list[KeyRecord]:
+    """The keys of a `--with-colons --fixed-list-mode` listing (other lines, status lines included, are
+    skipped). Raises nothing."""
     records: list[KeyRecord] = []
     pending: list[str] | None = None
     primary = ""
-    for line in listing.data.decode("utf-8", "replace").splitlines():
+    for line in listing.splitlines():
         fields = line.split(":")
         if fields[0] in ("pub", "sec", "sub", "ssb"):
-            pending = fields + [""] * 16
+            pending = fields + [""] * 17
         elif fields[0] == "fpr" and pending is not None and len(fields) > 9:
             is_primary = pending[0] in ("pub", "sec")
             primary = fields[9] if is_primary else primary
-            records.append(KeyRecord(primary, fields[9], is_primary, pending[1], pending[11], pending[14]))
+            records.append(KeyRecord(primary, fields[9], is_primary, pending[1], pending[11], pending[14],
+                                     algo=pending[3], length=_int(pending[2]), curve=pending[16],
+                                     expires=_int(pending[6])))
             pending = None
     return records
+
+
+def _int(field: str) -> int:
+    return int(field) if field.isdigit() else 0
 
 
 def list_secret_fingerprints(gnupghome: Path) -> list[str]:
@@ -119,13 +174,16 @@ def list_secret_fingerprints(gnupghome: Path) -> list[str]:
 def generate_key(name: str, gnupghome: Path, expire: str = "2y", algo: str = "ed25519") -> str:
     """Create `gnupghome` (0700; an existing one is tightened to 0700) and in it a signing-only primary key with
     no passphrase (CI signs unattended; the directory's permissions protect the key). Returns its fingerprint.
+    `algo` is one of GENERATE_ALGOS: never a key the verifier would refuse (STRENGTH_RULE).
     Raises UsageError for a bad name/expire/algo or a gpg failure, LocalIOError if the home cannot be made."""
     if not name.strip() or not name.isprintable() or len(name) >= 200:
         raise UsageError("key name", f"{name!r}: must be printable, one line, non-empty and under 200 characters")
     if not _EXPIRE_RE.fullmatch(expire):
         raise UsageError("key expiry", f"{expire!r}: use gpg's forms, e.g. 2y, 30d, 0 or never")
-    if not _ALGO_RE.fullmatch(algo):
-        raise UsageError("key algorithm", f"{algo!r} is not a gpg algorithm name such as ed25519 or rsa4096")
+    if algo.lower() not in _GENERATE_ALGOS:
+        raise UsageError("key algorithm", f"found {algo!r}, expected one of {', '.join(GENERATE_ALGOS)} "
+                                          f"(keys must be {STRENGTH_RULE})")
+    algo = _GENERATE_ALGOS[algo.lower()]
     try:
         gnupghome.mkdir(mode=0o700, parents=True, exist_ok=True)
         if gnupghome.stat().st_mode & 0o077:
@@ -139,7 +197,16 @@ def generate_key(name: str, gnupghome: Path, expire: str = "2y", algo: str = "ed
     created = [s for s in status_lines(done.stdout.decode("utf-8", "replace")) if s[:1] == ["KEY_CREATED"]]
     if not created or len(created[-1]) < 3 or not _FPR_RE.fullmatch(created[-1][2]):
         raise UsageError("generate key", "gpg reported no new key")
-    return created[-1][2]
+    fpr = created[-1][2]
+    # Belt and braces: whatever gpg made of the name, a key the verifier would refuse does not stay.
+    made = [r for r in list_key_records(open_gpg(gnupghome), secret=True, fingerprint=fpr) if r.primary == fpr]
+    problem = strength_problem(made[0]) if made else "gpg lists no such key"
+    if problem:
+        run(["gpg", "--homedir", str(gnupghome), "--batch", "--yes", *UNATTENDED, "--delete-secret-and-public-key",
+             "--", fpr], check="generate key", capture=True, error=UsageError)
+        raise UsageError("key strength", f"gpg made {fpr} as {describe_key(made[0]) if made else algo}: {problem}; "
+                                         "the key was deleted")
+    return fpr
 
 
 def export_public(fingerprint: str, gnupghome: Path, armored: bool) -> bytes:
@@ -175,8 +242,8 @@ def packet_kinds(material: bytes, scratch_home: Path) -> set[str]:
     kinds: set[str] = set()
     for part in split_key_material(material):
         # --list-only: an encrypted packet is listed, never decrypted (no passphrase prompt, no agent).
-        listed = run(["gpg", "--homedir", str(scratch_home), "--batch", "--list-only", *UNATTENDED,
-                      "--list-packets"], check="keys", input=part, capture=True, error=UsageError)
+        listed = run(["gpg", "--homedir", str(scratch_home), "--batch", "--no-autostart", "--list-only",
+                      *UNATTENDED, "--list-packets"], check="keys", input=part, capture=True, error=UsageError)
         kinds.update(_PACKET_RE.findall(listed.stdout.decode("utf-8", "replace")))
     return kinds
 

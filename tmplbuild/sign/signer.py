@@ -7,8 +7,8 @@ from types import TracebackType
 import gnupg
 
 from tmplbuild.errors import LocalIOError, UsageError
-from tmplbuild.sign.keys import (UNATTENDED, KeyRecord, kill_agents, list_key_records, normalise_fingerprint,
-                                 open_gpg, status_lines)
+from tmplbuild.sign.keys import (STRENGTH_RULE, UNATTENDED, KeyRecord, describe_key, kill_agents,
+                                 list_key_records, normalise_fingerprint, open_gpg, status_lines, strength_problem)
 
 # SHA256 (OpenPGP hash id 8, as SIG_CREATED reports it): what gpg picks for ed25519 anyway, and with the
 # CPU's SHA extensions about twice as fast as SHA512 over a 60 MB template (bench/publish.py).
@@ -23,7 +23,8 @@ class Signer:
 
     def __init__(self, gnupghome: Path, fingerprint: str) -> None:
         """Raises UsageError if the fingerprint is malformed, `gnupghome` is not a directory, or it holds no
-        usable secret key with that primary fingerprint (missing, expired, revoked, or unable to sign)."""
+        usable secret key with that primary fingerprint (missing, expired, revoked, or unable to sign), or the
+        key is weaker than verifiers accept (keys.STRENGTH_RULE: its primary, or every usable signing key)."""
         self.fingerprint = normalise_fingerprint(fingerprint)
         self.gnupghome = gnupghome
         self._gpg: gnupg.GPG = open_gpg(gnupghome, UNATTENDED)
@@ -39,6 +40,16 @@ class Signer:
             raise UsageError("key", f"key {fpr} is {_REFUSED_VALIDITY[primary.validity]}")
         if "S" not in primary.caps:
             raise UsageError("key", f"key {fpr} has no usable signing (sub)key")
+        # Verifiers refuse signatures by weak keys: signing with one would publish what no client accepts.
+        problem = strength_problem(primary)
+        if problem:
+            raise UsageError("key strength", f"key {fpr} is {describe_key(primary)}: {problem} "
+                                             f"(keys must be {STRENGTH_RULE})")
+        weak = [r for r in block if "s" in r.caps and r.validity not in _REFUSED_VALIDITY and strength_problem(r)]
+        if weak:
+            raise UsageError("key strength", f"signing subkey {weak[0].fingerprint} of key {fpr} is "
+                                             f"{describe_key(weak[0])}: {strength_problem(weak[0])} (keys must be "
+                                             f"{STRENGTH_RULE}; revoke or remove it)")
         usable = frozenset(r.fingerprint for r in block if _can_sign(r))
         if not usable:
             raise UsageError("key", f"key {fpr}: no signing (sub)key has its secret part in {self.gnupghome}")
