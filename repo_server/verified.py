@@ -6,7 +6,6 @@ inode) of both index files: any swap (store.write_index renames new files in) ch
 cached too, so a broken index costs one gpg run per change, not one per request."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -14,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tmplbuild import strictjson
 from tmplbuild.errors import TmplbuildError
+from tmplbuild.repo import accept
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import store
 from tmplbuild.sign import Verifier
@@ -28,11 +29,12 @@ class IndexUnavailable(Exception):
 class Snapshot:
     index: idx.Index
     data: bytes  # the verified bytes of index.json
-    doc: dict[str, Any]  # json.loads(data): entries exactly as in index.json, for the API
+    doc: dict[str, Any]  # strictjson.loads(data): entries exactly as in index.json, for the API
 
     @property
     def expired(self) -> bool:
-        return idx.parse_stamp(self.index.expires) < time.time()
+        """What every client decides right now (tmplbuild.repo.accept: expired iff now >= expires)."""
+        return accept.is_expired(self.index, time.time())
 
 
 Key = tuple[tuple[int, int, int], tuple[int, int, int]]
@@ -59,9 +61,8 @@ def verify_pair(root: Path, data: bytes, sig: bytes) -> Snapshot:
     (UsageError: no keys; AuthenticityError: signature or schema)."""
     keys = store.read_keys(root)
     with Verifier(keys.public_keys, keys.fingerprints) as verifier:
-        verifier.verify(data, sig)
-    index = idx.parse(data)
-    return Snapshot(index=index, data=data, doc=json.loads(data))
+        index, _ = accept.verify_and_parse(data, sig, verifier)
+    return Snapshot(index=index, data=data, doc=strictjson.loads(data, what="index.json", max_depth=idx.MAX_DEPTH))
 
 
 class IndexCache:

@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tmplbuild import strictjson
 from tmplbuild.client.config import write_atomic
 from tmplbuild.client.trust import Seen
+from tmplbuild.repo.index import VERSION_MAX, VERSION_MIN
 from tmplbuild.files import exclusive_lock
 from tmplbuild.errors import LocalIOError
 
@@ -52,21 +54,24 @@ def _path(key: str) -> Path:
 
 def load(key: str) -> Seen | None:
     """The last index accepted for `key`, or None on first use. Raises LocalIOError for an unreadable or
-    malformed state file: ignoring it would silently switch rollback protection off."""
+    malformed state file: ignoring it would silently switch rollback protection off. Read as strictly as a
+    signed document (tmplbuild.strictjson: no duplicate keys, NaN or deep nesting), the version within the
+    index's range."""
     path = _path(key)
+    reason = ""
     try:
-        doc = json.loads(path.read_bytes())
+        doc = strictjson.loads(path.read_bytes(), what=str(path), max_depth=4)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise LocalIOError("state", f"cannot read {path}: {exc.strerror}") from None
-    except ValueError:
-        doc = None
+    except ValueError as exc:
+        doc, reason = None, f" ({str(exc).removeprefix(f'{path}: ')})"
     if (not isinstance(doc, dict) or not isinstance(doc.get("repo_id"), str)
-            or not isinstance(doc.get("version"), int) or isinstance(doc.get("version"), bool)
+            or type(doc.get("version")) is not int or not VERSION_MIN <= doc["version"] <= VERSION_MAX
             or not isinstance(doc.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", doc["sha256"])):
-        raise LocalIOError("state", f"{path}: malformed, expected {{repo_id, version, sha256}}; remove it only if "
-                                    "you accept that rollback protection starts again from the next index")
+        raise LocalIOError("state", f"{path}: malformed{reason}, expected {{repo_id, version, sha256}}; remove it "
+                                    "only if you accept that rollback protection starts again from the next index")
     return Seen(repo_id=doc["repo_id"], version=doc["version"], sha256=doc["sha256"])
 
 
@@ -87,7 +92,10 @@ def _locked(directory: Path) -> Iterator[None]:
 def record(key: str, seen: Seen, remote: str) -> None:
     """Remember `seen` as the last accepted index for `key`. Call only after every check of the run passed.
     Keeps what is there when a concurrent run already recorded a newer version (or the same version: it
-    passed the same checks). Raises LocalIOError."""
+    passed the same checks). Raises LocalIOError; ValueError for a version outside the index's range (the
+    index parse refuses those, so this is a bug guard, never a state file nothing can read back)."""
+    if type(seen.version) is not int or not VERSION_MIN <= seen.version <= VERSION_MAX:
+        raise ValueError(f"state: index version {seen.version!r} outside {VERSION_MIN}..{VERSION_MAX}")
     path = _path(key)
     with _locked(path.parent):
         current = load(key)

@@ -1,12 +1,14 @@
 """The client's trust decisions, pure: bytes and the remembered state in, verified objects out. No I/O here
 beyond the Verifier's own gpg run; downloading, state and files belong to the callers.
 
-The order is DESIGN.md's "Client checks, in this order", and each check raises its own typed error:
+The order is DESIGN.md's "Client checks, in this order", and each check raises its own typed error. Checks 2
+to 6 are tmplbuild.repo.accept's (the one index acceptance module, shared with the server and `repo verify`):
   1 size caps (index 16 MiB, signature 64 KiB)                        TransportError    5
   2 the signature over the exact index bytes (Verifier)               AuthenticityError 3
-  3 schema (index.parse)                                              AuthenticityError 3
+  3 schema (index.parse: strict JSON, integer ranges, lifetime)       AuthenticityError 3
   4 repo_id equals the pinned one (config, else first use)            AuthenticityError 3
-  5 not expired, not generated more than 5 minutes in the future      FreshnessError    4
+  5 not expired (now >= expires is expired), not generated more than
+    5 minutes in the future                                           FreshnessError    4
   6 version not below the last seen; same version, same bytes         FreshnessError    4
   7 the signed entry is what was asked for                            UsageError 2 (absent) / AuthenticityError 3
   9 size, sha256 and sha512 of the downloaded file                    AuthenticityError 3
@@ -14,42 +16,16 @@ The order is DESIGN.md's "Client checks, in this order", and each check raises i
 """
 from __future__ import annotations
 
-import hashlib
-import time
 from dataclasses import dataclass
-from typing import Protocol
 
-from tmplbuild.errors import AuthenticityError, FreshnessError, TransportError, UsageError
+from tmplbuild.errors import AuthenticityError, TransportError, UsageError
+from tmplbuild.repo import accept
 from tmplbuild.repo import index as idx
+from tmplbuild.repo.accept import MAX_CLOCK_SKEW, Seen, SignatureChecker, TrustedIndex  # noqa: F401 (re-exported)
 
 INDEX_CAP = 16 << 20
 SIGNATURE_CAP = 64 << 10
-MAX_CLOCK_SKEW = 300  # seconds an index's `generated` may be ahead of our clock
 FORMATS = idx.FORMATS
-
-
-class SignatureChecker(Protocol):
-    def verify(self, data: bytes, signature: bytes): ...  # tmplbuild.sign.verify.Verifier
-
-
-@dataclass(frozen=True)
-class Seen:
-    """The last index a remote's client accepted (kept in tmplbuild.client.state)."""
-
-    repo_id: str
-    version: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class TrustedIndex:
-    index: idx.Index
-    sha256: str  # of the exact bytes that were verified
-    signer: str  # primary fingerprint of the key that signed them
-
-    @property
-    def seen(self) -> Seen:
-        return Seen(self.index.repo_id, self.index.version, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -78,29 +54,9 @@ def check_index(data: bytes, signature: bytes, verifier: SignatureChecker, *, pi
     repo_id recorded in `last` is the pin; with neither, this is first use and any repo_id is accepted (the
     caller records it only once the whole run passed). Raises TransportError, AuthenticityError,
     FreshnessError as listed in the module docstring."""
-    now = time.time() if now is None else now
     check_cap("index.json", len(data), INDEX_CAP)
     check_cap("index.json.asc", len(signature), SIGNATURE_CAP)
-    verified = verifier.verify(data, signature)
-    index = idx.parse(data)
-    expected = pinned_repo_id or (last.repo_id if last else None)
-    if expected is not None and index.repo_id != expected:
-        raise AuthenticityError("repo id", f"found {index.repo_id!r}, expected {expected!r} (pinned)")
-    generated, expires = idx.parse_stamp(index.generated), idx.parse_stamp(index.expires)
-    if now >= expires:
-        raise FreshnessError("index expired", f"expired at {index.expires}, now {stamp(now)}")
-    if generated > now + MAX_CLOCK_SKEW:
-        raise FreshnessError("index from the future", f"generated {index.generated}, now {stamp(now)} (more than "
-                                                      f"{MAX_CLOCK_SKEW // 60} minutes ahead: check the clock)")
-    digest = hashlib.sha256(data).hexdigest()
-    if last is not None and last.repo_id == index.repo_id:
-        if index.version < last.version:
-            raise FreshnessError("rollback", f"index version {index.version}, expected at least {last.version} "
-                                             "(the last one seen)")
-        if index.version == last.version and digest != last.sha256:
-            raise FreshnessError("rollback", f"index version {index.version} has sha256 {digest}, expected "
-                                             f"{last.sha256} (the index seen before under the same version)")
-    return TrustedIndex(index=index, sha256=digest, signer=verified.fingerprint)
+    return accept.accept_index(data, signature, verifier, pinned_repo_id=pinned_repo_id, last=last, now=now)
 
 
 def file_name(name: str, version: str, arch: str, fmt: str) -> str:

@@ -10,10 +10,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tmplbuild.errors import AuthenticityError
+from tmplbuild import strictjson
+from tmplbuild.errors import AuthenticityError, UsageError
 from tmplbuild.recipe.model import Compression
 
 SCHEMA = 1
+# The documented range of every integer in an index; anything outside is refused as "index schema" (exit 3)
+# and never remembered by a client. Bools are not integers here.
+VERSION_MIN, VERSION_MAX = 1, 2**53 - 1  # JSON-safe: every JSON reader holds it exactly
+SIZE_MIN, SIZE_MAX = 0, 2**40  # bytes (1 TiB): of a template file or a manifest
+# expires - generated: at most this long, and positive. A signed index that lives longer is refused as "index
+# schema" (exit 3): it is a property of the signed bytes, whatever the clock says. `--expires-in` defaults to
+# 30d and 1y (365 days) is the longest duration the CLI's units express within this.
+MAX_LIFETIME = 366 * 86400
+MAX_DEPTH = 16  # nesting of [ and { in index.json (the index itself is 5 deep)
+STAMP = re.compile(r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z\Z")
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 HEX128 = re.compile(r"\A[0-9a-f]{128}\Z")
 NAME = re.compile(r"\A[a-z0-9][a-z0-9.+-]*\Z")
@@ -79,10 +90,19 @@ class Index:
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     def successor(self, templates: tuple[Entry, ...], expires_in: int, now: float | None = None) -> "Index":
-        """The next index: version + 1, fresh generated and expires stamps."""
+        """The next index: version + 1, fresh generated and expires stamps. Raises UsageError when
+        `expires_in` is outside 1 second..MAX_LIFETIME (clients would refuse the index)."""
+        check_lifetime(expires_in)
         now = time.time() if now is None else now
         return Index(repo_id=self.repo_id, version=self.version + 1, generated=stamp(now),
                      expires=stamp(now + expires_in), templates=templates, extra=self.extra)
+
+
+def check_lifetime(expires_in: int) -> None:
+    """What `--expires-in` may ask for: a new index that clients accept. Raises UsageError."""
+    if not 0 < expires_in <= MAX_LIFETIME:
+        raise UsageError("duration", f"index lifetime {expires_in}s, expected 1s to {MAX_LIFETIME // 86400}d "
+                                     "(clients refuse an index that lives longer)")
 
 
 def stamp(t: float) -> str:
@@ -90,9 +110,11 @@ def stamp(t: float) -> str:
 
 
 def parse_stamp(value: str) -> int:
-    """Seconds since the epoch of a `YYYY-MM-DDTHH:MM:SSZ` stamp. Raises ValueError."""
+    """Seconds since the epoch of a `YYYY-MM-DDTHH:MM:SSZ` stamp (exactly that form). Raises ValueError."""
     import calendar
 
+    if not isinstance(value, str) or not STAMP.match(value):
+        raise ValueError(f"stamp {str(value)[:40]!r}: expected YYYY-MM-DDTHH:MM:SSZ")
     return calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ"))
 
 
@@ -126,26 +148,45 @@ def parse(data: bytes) -> Index:
     """A strict parse of verified index bytes. Raises AuthenticityError("index schema", ...) naming the field
     that is wrong: a signed index that does not parse is still not something to act on."""
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = strictjson.loads(data, what="index.json", max_depth=MAX_DEPTH)
         if not isinstance(doc, dict):
             raise _Bad("top level is not an object")
-        if doc.get("schema") != SCHEMA:
-            raise _Bad(f"schema: found {doc.get('schema')!r}, expected {SCHEMA}")
+        schema = doc.get("schema")
+        if type(schema) is not int or schema != SCHEMA:
+            raise _Bad(f"schema: found {schema!r}, expected {SCHEMA}")
         templates = tuple(_entry(t, i) for i, t in enumerate(_get(doc, "templates", list)))
         keys = [t.key for t in templates]
         if len(set(keys)) != len(keys):
             raise _Bad("templates: the same name/version/arch is listed twice")
-        version = _get(doc, "version", int)
-        if version < 1:
-            raise _Bad(f"version: found {version}, expected a positive integer")
-        for name in ("generated", "expires"):
-            parse_stamp(_get(doc, name, str))
+        version = _int(doc, "version", VERSION_MIN, VERSION_MAX)
+        generated, expires = (_stamp_field(doc, name) for name in ("generated", "expires"))
+        if expires <= generated:
+            raise _Bad(f"expires {doc['expires']}: not after generated {doc['generated']}")
+        if expires - generated > MAX_LIFETIME:
+            raise _Bad(f"lifetime (expires - generated) {expires - generated}s, expected at most "
+                       f"{MAX_LIFETIME}s ({MAX_LIFETIME // 86400} days)")
         known = {"schema", "repo_id", "version", "generated", "expires", "templates"}
         return Index(repo_id=_get(doc, "repo_id", str), version=version, generated=doc["generated"],
                      expires=doc["expires"], templates=templates,
                      extra={k: v for k, v in doc.items() if k not in known})
     except (_Bad, ValueError, UnicodeDecodeError) as exc:
         raise AuthenticityError("index schema", str(exc)) from None
+
+
+def _int(doc: dict[str, Any], key: str, low: int, high: int, where: str = "") -> int:
+    """An integer field within its documented range (bools refused)."""
+    value = _get(doc, key, int, where)
+    if not low <= value <= high:
+        raise _Bad(f"{where}{key}: found {value}, expected {low} to {high}")
+    return value
+
+
+def _stamp_field(doc: dict[str, Any], key: str) -> int:
+    value = _get(doc, key, str)
+    try:
+        return parse_stamp(value)
+    except ValueError:
+        raise _Bad(f"{key}: found {value[:40]!r}, expected YYYY-MM-DDTHH:MM:SSZ") from None
 
 
 def _get(doc: dict[str, Any], key: str, kind: type, where: str = "") -> Any:
@@ -158,12 +199,12 @@ def _get(doc: dict[str, Any], key: str, kind: type, where: str = "") -> Any:
 def _ref(doc: Any, where: str, with_sha512: bool) -> FileRef:
     if not isinstance(doc, dict):
         raise _Bad(f"{where}: expected an object")
-    path, size, sha256 = _get(doc, "path", str, where + "."), _get(doc, "size", int, where + "."), \
+    path, size, sha256 = _get(doc, "path", str, where + "."), _int(doc, "size", SIZE_MIN, SIZE_MAX, where + "."), \
         _get(doc, "sha256", str, where + ".")
     sha512 = _get(doc, "sha512", str, where + ".") if with_sha512 else doc.get("sha512", "")
     if not PATH.match(path):
         raise _Bad(f"{where}.path: found {path!r}, expected templates/<name>/<version>/<file>")
-    if size < 0 or not HEX64.match(sha256) or (with_sha512 and not HEX128.match(sha512)):
+    if not HEX64.match(sha256) or (with_sha512 and not HEX128.match(sha512)):
         raise _Bad(f"{where}: malformed size or hash")
     return FileRef(path=path, size=size, sha256=sha256, sha512=sha512, format=doc.get("format", ""))
 
@@ -178,6 +219,13 @@ def _entry(doc: Any, i: int) -> Entry:
     files = tuple(_ref(f, f"{where}.files[{j}]", True) for j, f in enumerate(_get(doc, "files", list, where + ".")))
     if not files:
         raise _Bad(f"{where}.files: empty")
+    if "size" in doc:  # the primary file's size, repeated at the top level for simple readers
+        _int(doc, "size", SIZE_MIN, SIZE_MAX, where + ".")
+    primary = _ref_doc(files[0])
+    for key in ("path", "size", "sha256", "sha512", "format"):  # repeated: must say the same as files[0]
+        if key in doc and doc[key] != primary.get(key, ""):
+            raise _Bad(f"{where}.{key}: found {str(doc[key])[:80]!r}, expected {str(primary.get(key, ''))[:80]!r} "
+                       "(files[0], the primary file)")
     entry = Entry(
         name=name, version=version, arch=_get(doc, "arch", str, where + "."),
         distribution=_get(doc, "distribution", str, where + "."), release=_get(doc, "release", str, where + "."),
