@@ -147,5 +147,5 @@ def test_a_fresh_archive_passes_the_freshness_check(tmp_path, throwaway_key, arc
     code, stderr, out, cache = run_build(tmp_path, url, keyring, monkeypatch)
     assert code == 5, stderr
     assert "archive freshness" not in stderr and "bookworm-security: Release of" in stderr
-    assert last_line(stderr).startswith("tmplbuild: fetch: ") and "main/binary-amd64/Packages" in stderr
+    assert last_line(stderr).startswith("tmplbuild: http: ") and "main/binary-amd64/Packages" in stderr
     assert_nothing_left(out, cache)

@@ -86,6 +86,16 @@ class LocalIOError(TmplbuildError):
     exit_code = ExitCode.LOCAL_IO
 
 
+class PublishConflictError(TmplbuildError):
+    """`publish --to`: every attempt until the publish deadline lost the race to another publisher (409). Not a
+    transport failure (5): every request got a well-formed answer. It is DESIGN.md's "lock held" (7): the
+    repository was held by other publishers for the whole wait, exactly what a local publish reports when it
+    cannot get the repository lock within its wait (store.locked, exit 7), so scripts see one code for "busy,
+    try later" whether they publish with --repo or --to."""
+
+    exit_code = ExitCode.LOCAL_IO
+
+
 class BuildError(TmplbuildError):
     """A build step (debootstrap, a stage script, apt) failed. Not a bug in tmplbuild, so not exit 1:
     the recipe or its scripts are at fault, which DESIGN.md files under 'recipe error' (exit 2)."""

@@ -14,15 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
 from tmplbuild.errors import AuthenticityError, FreshnessError, LocalIOError, TransportError
 from tmplbuild.files import atomic_write
 from tmplbuild.run import run
+from tmplbuild.transport import Broken, Transport
 
 INRELEASE_CAP = 16 << 20
 PACKAGES_CAP = 512 << 20
-TIMEOUT = (10, 60)
 CHUNK = 1 << 20
 MAX_FUTURE_SECONDS = 10  # apt's Acquire::Max-FutureTime default: how far a Release's Date may be ahead of now
 
@@ -59,29 +57,38 @@ class Package:
 
 
 class Fetcher:
-    """HTTP(S) and file:// reads with size caps, mapping failures to TransportError."""
+    """The builder's reads from the mirror, over tmplbuild.transport (the one set of HTTP rules: caps, the
+    overall deadline from the expected size, same-origin redirects, identity encoding), plus file:// for local
+    mirrors. Connection failures are retried twice (a mirror's CDN drops idle connections)."""
 
-    def __init__(self) -> None:
-        self.session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=8, max_retries=2)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+    def __init__(self, transport: Transport | None = None) -> None:
+        self.transport = transport or Transport(allow_file=True, retries=2, pool=8)
 
     def to_file(self, url: str, dest: Path, cap: int, sha256: str | None = None) -> None:
         """Download url to dest through a temporary file; the final path appears only after size and hash
-        (when given) match. Raises TransportError, AuthenticityError, LocalIOError."""
+        (when given) match. The deadline is that of `cap` bytes (the signed size). Raises TransportError,
+        AuthenticityError, LocalIOError."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
         digest = hashlib.sha256()
         total = 0
         try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in self._chunks(url):
-                    total += len(chunk)
-                    if total > cap:
-                        raise TransportError("download size", f"{url}: more than {cap} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
+            with os.fdopen(fd, "wb") as out, self.transport.open(url, what=url, size=cap) as reply:
+                reply.expect((200,))
+                length = reply.content_length()
+                if length is not None and length > cap:
+                    raise TransportError("download size", f"{url}: more than {cap} bytes")
+                try:
+                    for chunk in reply.body():
+                        total += len(chunk)
+                        if total > cap:
+                            raise TransportError("download size", f"{url}: more than {cap} bytes")
+                        digest.update(chunk)
+                        out.write(chunk)
+                except Broken as exc:
+                    raise TransportError("truncated", f"{url}: {total} bytes, then {exc}") from None
+                if length is not None and total != length:
+                    raise TransportError("truncated", f"{url}: {total} bytes, expected {length} (Content-Length)")
             if sha256 is not None and digest.hexdigest() != sha256:
                 raise AuthenticityError("sha256", f"{url}: got {digest.hexdigest()}, expected {sha256}")
             os.replace(tmp, dest)
@@ -92,29 +99,11 @@ class Fetcher:
                 os.unlink(tmp)
 
     def get(self, url: str, cap: int) -> bytes:
-        data = bytearray()
-        for chunk in self._chunks(url):
-            data += chunk
-            if len(data) > cap:
-                raise TransportError("download size", f"{url}: more than {cap} bytes")
-        return bytes(data)
+        """The body of `url`, at most `cap` bytes, within the deadline of `cap` bytes. Raises TransportError."""
+        return self.transport.get_bytes(url, cap, url)
 
-    def _chunks(self, url: str):
-        if url.startswith("file://"):
-            try:
-                with open(url[len("file://"):], "rb") as f:
-                    while chunk := f.read(CHUNK):
-                        yield chunk
-            except OSError as exc:
-                raise TransportError("fetch", f"{url}: {exc.strerror}") from None
-            return
-        try:
-            with self.session.get(url, stream=True, timeout=TIMEOUT, allow_redirects=False) as resp:
-                if resp.status_code != 200:
-                    raise TransportError("fetch", f"{url}: HTTP {resp.status_code}, expected 200")
-                yield from resp.iter_content(CHUNK)
-        except requests.RequestException as exc:
-            raise TransportError("fetch", f"{url}: {type(exc).__name__}: {exc}") from None
+    def close(self) -> None:
+        self.transport.close()
 
 
 def verify_inrelease(data: bytes, keyring: Path, what: str) -> bytes:

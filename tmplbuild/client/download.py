@@ -1,6 +1,10 @@
-"""HTTP for the client: capped reads, same-origin redirects only, and the template download into a dot-prefixed
-`.part` file in the destination, hashed (sha256 and sha512) while it arrives, resumed with Range after a
-transport failure, checked, then renamed into place.
+"""The template download: into a dot-prefixed `.part` file in the destination, hashed (sha256 and sha512) while
+it arrives, resumed with Range after a transport failure, checked, then renamed into place. HTTP itself (caps,
+same-origin redirects, identity encoding, the per-read timeout and the overall deadline) is tmplbuild.transport's.
+
+Each GET gets the deadline of the bytes it is expected to bring: the signed size for a fresh download, the bytes
+still missing for a resumed one (extended to the whole signed size if the server answers a Range with the whole
+file).
 
 Nothing here decides what is trusted: the caps and hashes come from the verified index (tmplbuild.client.trust).
 """
@@ -8,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import http.client
 import os
 import queue
 import re
@@ -16,140 +19,17 @@ import stat
 import sys
 import threading
 import time
-import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
-import requests
-import urllib3
-
-from tmplbuild import __version__
 from tmplbuild.client import trust
 from tmplbuild.errors import AuthenticityError, LocalIOError, TransportError
 from tmplbuild.files import fsync_path
 from tmplbuild.repo.index import FileRef
+from tmplbuild.transport import CHUNK, Broken, Reply, Transport, expect_status
 
-TIMEOUT = (10, 30)  # connect, read (between two bytes): seconds
-MAX_REDIRECTS = 3
-CHUNK = 1 << 20
-_REDIRECTS = {301, 302, 303, 307, 308}
+__all__ = ["Transport", "Hasher", "Progress", "hash_file", "present", "install"]
+
 _CONTENT_RANGE = re.compile(r"\Abytes (\d+)-(\d+)/(\d+|\*)\Z")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(parts.scheme.lower(), -1)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
-        return f"timed out (connect {TIMEOUT[0]} s, read {TIMEOUT[1]} s)"
-    if isinstance(exc, requests.ConnectionError):
-        return "cannot connect" if "connect" in str(exc).lower() else f"connection failed: {exc}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-class Transport:
-    """One HTTP session. GETs never follow redirects on their own: `open` follows at most three, and only to
-    the same scheme, host and port as the URL it was given."""
-
-    def __init__(self) -> None:
-        self.session = requests.Session()
-        # identity: the bytes hashed are the bytes served, and Range offsets mean file offsets.
-        self.session.headers.update({"User-Agent": f"tmplbuild/{__version__}", "Accept-Encoding": "identity"})
-
-    def close(self) -> None:
-        self.session.close()
-
-    def __enter__(self) -> Transport:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def open(self, url: str, headers: dict[str, str] | None = None) -> requests.Response:
-        """A streaming response for `url` after same-origin redirects (any final status: callers judge it).
-        Raises TransportError("http") when no answer comes, ("redirect refused") for a redirect elsewhere or
-        too many of them."""
-        first, origin = url, _origin(url)
-        for hop in range(MAX_REDIRECTS + 1):
-            try:
-                resp = self.session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=TIMEOUT)
-            except requests.RequestException as exc:
-                raise TransportError("http", f"{url}: {_reason(exc)}") from None
-            if resp.status_code not in _REDIRECTS:
-                return resp
-            location = resp.headers.get("Location", "")
-            resp.close()
-            target = urllib.parse.urljoin(url, location)
-            if not location or _origin(target) != origin or "@" in urllib.parse.urlsplit(target).netloc:
-                raise TransportError("redirect refused", f"{url} redirects to {target or 'nowhere'}, expected "
-                                                         f"the same scheme, host and port ({origin[0]}://"
-                                                         f"{origin[1]}:{origin[2]})")
-            if hop == MAX_REDIRECTS:
-                raise TransportError("redirect refused", f"{first}: more than {MAX_REDIRECTS} redirects")
-            url = target
-        raise AssertionError("unreachable")
-
-    def get_bytes(self, url: str, cap: int, what: str) -> bytes:
-        """The whole body of a 200 answer, at most `cap` bytes. Raises TransportError: HTTP status, more than
-        `cap` bytes ("download size"), fewer bytes than announced ("truncated"), a broken connection."""
-        with self.open(url) as resp:
-            _expect_status(resp, url, (200,))
-            length = _content_length(resp, url)
-            if length is not None:
-                trust.check_cap(what, length, cap)
-            data = bytearray()
-            try:
-                for chunk in _body(resp):
-                    data += chunk
-                    trust.check_cap(what, len(data), cap)
-            except _Broken as exc:
-                raise TransportError("truncated", f"{url}: {len(data)} bytes, then {exc}") from None
-            if length is not None and len(data) != length:
-                raise TransportError("truncated", f"{url}: {len(data)} bytes, expected {length} (Content-Length)")
-            return bytes(data)
-
-
-def _expect_status(resp: requests.Response, url: str, ok: tuple[int, ...]) -> None:
-    if resp.status_code not in ok:
-        raise TransportError("http", f"{url}: HTTP {resp.status_code}, expected {' or '.join(map(str, ok))}")
-    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise TransportError("http", f"{url}: Content-Encoding {encoding}, expected identity (none)")
-
-
-def _content_length(resp: requests.Response, url: str) -> int | None:
-    value = resp.headers.get("Content-Length")
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise TransportError("http", f"{url}: Content-Length {value!r}, expected a number")
-    return int(value)
-
-
-class _Broken(Exception):
-    """The connection broke (or a read timed out) before the end of the body."""
-
-
-def _body(resp: requests.Response) -> Iterator[bytes]:
-    """The raw body, exactly as served (no decoding), in chunks. Raises _Broken."""
-    raw = resp.raw
-    while True:
-        try:
-            chunk = raw.read(CHUNK, decode_content=False)
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-            if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
-                raise _Broken(f"no data for {TIMEOUT[1]} s") from None
-            raise _Broken("connection closed early") from None
-        if not chunk:
-            return
-        yield chunk
 
 
 class Hasher:
@@ -303,26 +183,30 @@ class _Part:
         """One GET from `offset`. Returns True when it must be redone from 0 (Range misanswered)."""
         ref, url = self.ref, self.url
         headers = {"Range": f"bytes={offset}-"} if offset else None
-        with self.transport.open(url, headers) as resp:
+        # The deadline of the bytes still missing (all of them for a fresh download).
+        what = ref.path.rsplit("/", 1)[-1]
+        with self.transport.open(url, headers, what=what, size=ref.size - offset) as resp:
             if offset and resp.status_code == 200:
-                # Range ignored: this answer is the whole file, so it replaces the part from byte 0.
+                # Range ignored: this answer is the whole file, so it replaces the part from byte 0, and the
+                # deadline is that of the whole file.
+                resp.deadline.extend(ref.size)
                 return self._fetch_body(resp, self._restart())
             if offset and resp.status_code == 416:
                 return True
             if offset:
-                _expect_status(resp, url, (206,))
+                expect_status(resp, url, (206,))
                 m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
                 if not m or int(m.group(1)) != offset or int(m.group(2)) != ref.size - 1 \
                         or m.group(3) not in ("*", str(ref.size)):
                     return True
             else:
-                _expect_status(resp, url, (200,))
+                expect_status(resp, url, (200,))
             return self._fetch_body(resp, offset)
 
-    def _fetch_body(self, resp: requests.Response, offset: int) -> bool:
+    def _fetch_body(self, resp: Reply, offset: int) -> bool:
         ref, url, f = self.ref, self.url, self.f
         expected = ref.size - offset
-        length = _content_length(resp, url)
+        length = resp.content_length()
         if length is not None and length > expected:
             raise TransportError("download size", f"{url}: server announces {length} bytes, expected {expected} "
                                                   f"(signed size {ref.size})")
@@ -333,14 +217,14 @@ class _Part:
         self.progress.begin(offset)
         done = 0
         try:
-            for chunk in _body(resp):
+            for chunk in resp.body():
                 if done + len(chunk) > expected:
                     raise TransportError("download size", f"{url}: more than the signed {ref.size} bytes")
                 f.write(chunk)
                 self.hasher.update(chunk)
                 done += len(chunk)
                 self.progress.update(len(chunk))
-        except _Broken as exc:
+        except Broken as exc:
             raise TransportError("truncated", f"{url}: {offset + done} of {ref.size} bytes, then {exc}") from None
         if done < expected:
             raise TransportError("truncated", f"{url}: {offset + done} of {ref.size} bytes")

@@ -4,24 +4,75 @@ The publisher does everything a local publish does, in a private staging directo
 current index and verifies it with pinned keys (never keys from the server), signs the new files and the next
 index (version + 1), verifies every signature, and uploads the lot as one tar. The server checks it all again
 against its own pinned keys before anything goes live; a 409 (another publisher got there first) means
-fetch, rebuild and retry."""
+fetch, rebuild, re-sign and retry, after a jittered exponential backoff, until the publish deadline
+(retry_conflicts)."""
 from __future__ import annotations
 
+import json
+import os
+import random
 import shutil
 import tarfile
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-import requests
-
-from tmplbuild.errors import AuthenticityError, TransportError, UsageError
+from tmplbuild.errors import AuthenticityError, PublishConflictError, TransportError, UsageError
 from tmplbuild.repo import index as idx
 from tmplbuild.repo.publish import Published, _add, load_artifact, stage_additions
 from tmplbuild.sign import Signer, Verifier
+from tmplbuild.transport import Transport, parse_seconds
 
 INDEX_CAP = 16 << 20
-TIMEOUT = (10, 300)
-RETRIES = 3
+SIGNATURE_CAP = 64 << 10
+CONFLICT_DEADLINE = 120.0  # seconds a publisher keeps retrying 409 conflicts (TMPLBUILD_PUBLISH_DEADLINE)
+BACKOFF_FIRST = 0.25  # seconds: the first backoff's ceiling, doubled per conflict ...
+BACKOFF_MAX = 8.0  # ... up to this; the actual sleep is uniformly random below the ceiling ("full jitter")
+ENV_CONFLICT_DEADLINE = "TMPLBUILD_PUBLISH_DEADLINE"
+RETRIES = 3  # kept for callers of the old loop; conflicts now retry until CONFLICT_DEADLINE (retry_conflicts)
+T = TypeVar("T")
+
+
+class Conflict(Exception):
+    """The server answered 409: another publisher's index went live first."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+def conflict_deadline() -> float:
+    value = os.environ.get(ENV_CONFLICT_DEADLINE, "").strip()
+    return parse_seconds(value, ENV_CONFLICT_DEADLINE) if value else CONFLICT_DEADLINE
+
+
+def retry_conflicts(attempt: Callable[[int], T], deadline: float | None = None,
+                    sleep: Callable[[float], None] = time.sleep) -> T:
+    """`attempt(n)` (n = 1, 2, ...) until it returns. Each attempt reads the server's current index, builds
+    and signs its successor and uploads it; when it raises Conflict (409: another publisher's index went live
+    first), the next one starts over after a jittered exponential backoff (full jitter: uniform in [0, ceiling),
+    the ceiling doubling from BACKOFF_FIRST up to BACKOFF_MAX), for up to `deadline` seconds (default
+    CONFLICT_DEADLINE or $TMPLBUILD_PUBLISH_DEADLINE). Conflicts that outlast it raise PublishConflictError
+    (exit 7, as a local publish that cannot get the repository lock); any other failure is raised at once."""
+    limit = conflict_deadline() if deadline is None else deadline
+    start = time.monotonic()
+    n = 0
+    while True:
+        n += 1
+        try:
+            return attempt(n)
+        except Conflict as exc:
+            elapsed = time.monotonic() - start
+            ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (n - 1))
+            pause = random.uniform(0, ceiling)
+            if elapsed + pause >= limit:
+                raise PublishConflictError("publish conflict", (
+                    f"{n} attempts in {elapsed:.0f} s each lost the race to another publisher (the server answered "
+                    f"409: {exc.reply or 'version conflict'}); gave up after the {limit:g} s publish deadline "
+                    f"({ENV_CONFLICT_DEADLINE} changes it): nothing of this publish went live")) from None
+            sleep(pause)
 
 
 def read_token(path: Path) -> str:
@@ -34,39 +85,45 @@ def read_token(path: Path) -> str:
     return token
 
 
-def fetch_verified_index(session: requests.Session, base: str, verifier: Verifier) -> idx.Index:
+def _transport(session) -> Transport:
+    """The shared transport; a caller still holding a requests.Session gets a fresh Transport instead."""
+    return session if isinstance(session, Transport) else Transport()
+
+
+def fetch_verified_index(session: Transport, base: str, verifier: Verifier) -> idx.Index:
     """A server's current index, after its signature over the exact bytes verified with pinned keys. Raises
     TransportError, AuthenticityError."""
-    data = get_capped(session, f"{base}/index.json")
-    verifier.verify(data, get_capped(session, f"{base}/index.json.asc"))
+    transport = _transport(session)
+    for attempt in (1, 2, 3):
+        data = transport.get_bytes(f"{base}/index.json", INDEX_CAP, "index.json")
+        sig = transport.get_bytes(f"{base}/index.json.asc", SIGNATURE_CAP, "index.json.asc")
+        try:
+            verifier.verify(data, sig)
+            break
+        except AuthenticityError as exc:
+            # The pair cannot be swapped in one step: a read racing another publisher's renames can see the
+            # new index with the old signature for a moment. Read it again before calling it a failure.
+            if exc.check != "signature" or attempt == 3:
+                raise
+            time.sleep(0.1 * attempt)
     return idx.parse(data)
 
 
-def get_capped(session: requests.Session, url: str) -> bytes:
-    try:
-        with session.get(url, timeout=TIMEOUT, stream=True, allow_redirects=False) as resp:
-            if resp.status_code != 200:
-                raise TransportError("fetch", f"{url}: HTTP {resp.status_code}, expected 200")
-            data = bytearray()
-            for chunk in resp.iter_content(1 << 16):
-                data += chunk
-                if len(data) > INDEX_CAP:
-                    raise TransportError("download size", f"{url}: more than {INDEX_CAP} bytes")
-            return bytes(data)
-    except requests.RequestException as exc:
-        raise TransportError("fetch", f"{url}: {type(exc).__name__}: {exc}") from None
+def get_capped(session: Transport, url: str) -> bytes:
+    """At most INDEX_CAP bytes of `url` (an index or manifest), within the deadline of INDEX_CAP bytes."""
+    return _transport(session).get_bytes(url, INDEX_CAP, url.rsplit("/", 1)[-1])
 
 
 def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: bytes, pinned: tuple[str, ...],
                    token: str, expires_in: int) -> Published:
     """Raises UsageError (artifacts, token refused), AuthenticityError (the server's index, an artifact, or
-    the server's verdict on the upload), TransportError (HTTP), LocalIOError."""
+    the server's verdict on the upload), PublishConflictError (409 conflicts past the publish deadline),
+    TransportError (HTTP), LocalIOError."""
     artifacts = [load_artifact(p) for p in paths]
     base = url.rstrip("/")
-    session = requests.Session()
-    with Verifier(pinned_keys, pinned) as verifier:
-        for attempt in range(1, RETRIES + 1):
-            current = fetch_verified_index(session, base, verifier)
+    with Transport() as transport, Verifier(pinned_keys, pinned) as verifier:
+        def attempt(n: int) -> Published:
+            current = fetch_verified_index(transport, base, verifier)
             staging = Path(tempfile.mkdtemp(prefix="tmplbuild-upload-"))
             try:
                 added, unchanged = stage_additions(
@@ -82,17 +139,16 @@ def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: byt
                 body = staging.parent / f"{staging.name}.tar"
                 _tar(staging, body)
                 try:
-                    status, reply = _upload(session, f"{base}/api/v1/publish", body, token)
+                    status, reply = _upload(transport, f"{base}/api/v1/publish", body, token)
                 finally:
                     body.unlink(missing_ok=True)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             if status == 200:
                 return Published(new, added, unchanged)
-            if status == 409 and attempt < RETRIES:
-                continue  # another publisher won the race: start again from its index
             raise _refusal(status, reply)
-    raise AssertionError("unreachable")
+
+        return retry_conflicts(attempt)
 
 
 def _tar(staging: Path, dest: Path) -> None:
@@ -105,23 +161,25 @@ def _tar(staging: Path, dest: Path) -> None:
                 tar.addfile(info, f)
 
 
-def _upload(session: requests.Session, url: str, body: Path, token: str) -> tuple[int, str]:
+def _upload(session: Transport, url: str, body: Path, token: str) -> tuple[int, str]:
+    """POST the tar `body`; (status, the server's error text). The upload's deadline is the transport's: its
+    size at the minimum rate plus the fixed allowances. Raises TransportError."""
+    status, data = _transport(session).post_file(url, body, {
+        "Authorization": f"Bearer {token}", "Content-Type": "application/x-tar"})
+    if status == 200:
+        return status, ""
     try:
-        with open(body, "rb") as f:
-            resp = session.post(url, data=f, timeout=TIMEOUT, allow_redirects=False, headers={
-                "Authorization": f"Bearer {token}", "Content-Type": "application/x-tar",
-                "Content-Length": str(body.stat().st_size)})
-    except requests.RequestException as exc:
-        raise TransportError("upload", f"{url}: {type(exc).__name__}: {exc}") from None
-    try:
-        reply = resp.json().get("error", "") if resp.status_code != 200 else ""
-    except ValueError:
-        reply = resp.text[:200]
-    return resp.status_code, reply
+        reply = json.loads(data).get("error", "")
+    except (ValueError, AttributeError):
+        reply = data[:200].decode("utf-8", errors="replace")
+    return status, str(reply)
 
 
 def _refusal(status: int, reply: str) -> Exception:
+    """The error for a non-200 answer; a 409 is a Conflict, which retry_conflicts retries."""
     what = f"the server answered {status}" + (f": {reply}" if reply else "")
+    if status == 409:
+        return Conflict(reply)
     if status in (401, 403):
         return UsageError("upload", what)
     if status in (400, 422):
