@@ -79,7 +79,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     # A crash mid-upload leaves REPO/.upload-*: swept before the scan (an upload in it is never served).
     safety.sweep_uploads(root, app.logger)
-    safety.refuse_private_keys(root)
+    safety.refuse_private_keys(root)  # before the clean-up: a private key in the tree is refused, not tidied away
+    converge_at_start(root, app.logger)
 
     state = ServerState(root=root, root_real=os.path.realpath(root), token=token, max_upload=max_upload,
                         idle_timeout=float(app.config["UPLOAD_IDLE_TIMEOUT"]), index=IndexCache(root))
@@ -92,6 +93,31 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.logger.warning("%s; the page and the API answer 503 until it verifies", exc)
     app.register_blueprint(bp)
     return app
+
+
+START_LOCK_TIMEOUT = 10.0  # seconds the start waits for a publisher's lock before it skips the clean-up
+
+
+def converge_at_start(root: Path, log: logging.Logger) -> list[str]:
+    """What a publish that died between moving its files in and swapping the index in left behind (served, but
+    in no signed index), removed under the repository lock against the index as verified with the pinned keys
+    (tmplbuild.repo.converge). Nothing is removed when the index does not verify or the lock stays held (a local
+    publisher at work, which converges itself): the server starts anyway and says so."""
+    from tmplbuild.repo.converge import converge
+    from tmplbuild.sign import Verifier
+
+    try:
+        with store.locked(root, timeout=START_LOCK_TIMEOUT) as done:
+            keys = store.read_keys(root)
+            with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+                current, _ = store.load_index(root, verifier)
+            done = done + converge(root, current)
+    except (TmplbuildError, OSError) as exc:
+        log.warning("start-up: leftovers of interrupted publishes not cleaned up: %s", exc)
+        return []
+    for line in done:
+        log.warning("start-up: %s, left by an interrupted publish", line)
+    return done
 
 
 def _repo(value: Any) -> Path:

@@ -12,7 +12,10 @@ its own. So a stolen token alone cannot publish anything a client accepts: witho
 
 Nothing is moved into the served tree before every check has passed, and the index pair is swapped in last
 through store.write_index (journaled), under the repository lock: a server killed at any point leaves the
-previous index and everything it lists intact."""
+previous index and everything it lists intact. A publish that fails after its files moved in (a full disk while
+writing the index: 507) takes them out again at once; one killed there leaves them to the next publish or the
+server's next start, which converge the tree on the signed index (tmplbuild.repo.converge) under the same
+lock. A full disk is 507 Insufficient Storage, whichever write hit it, with nothing of the upload left behind."""
 from __future__ import annotations
 
 import errno
@@ -30,6 +33,8 @@ from typing import Any, BinaryIO
 
 from tmplbuild.files import hash_file
 from tmplbuild.errors import AuthenticityError, LocalIOError, TmplbuildError
+from tmplbuild.repo import accept
+from tmplbuild.repo import converge
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import store
 from tmplbuild.sign import Verifier
@@ -41,7 +46,7 @@ CHUNK = 1 << 20
 TAR_BUFSIZE = 64 << 10  # how much tarfile asks of the request stream at a time (gunicorn waits for all of it)
 MAX_MEMBERS = 10_000
 MAX_SMALL_FILE = 64 << 20  # index.json, signatures, SHA256SUMS: read into memory, so capped
-FUTURE_SKEW = 300  # seconds a new index's `generated` may lie ahead of the server's clock
+FUTURE_SKEW = accept.MAX_CLOCK_SKEW  # seconds a new index's `generated` may lie ahead of the server's clock
 SUMS, SUMS_SIG = "SHA256SUMS", "SHA256SUMS.gpg"
 SUMS_LINE = re.compile(r"\A([0-9a-f]{64})  ([A-Za-z0-9][A-Za-z0-9._+~-]*)\Z")
 
@@ -176,18 +181,33 @@ def receive(root: Path, cache: IndexCache, stream: BinaryIO, cap: int, log) -> d
     """The whole upload: extract into REPO/.upload-<random>/, check, move into place, swap the index. Returns
     the 200 body {"version", "added"}. Raises Refused. Always removes the temporary directory."""
     tmp = root / f"{safety.UPLOAD_PREFIX}{secrets.token_hex(8)}"
-    tmp.mkdir(mode=0o700)
-    fd = safety.lock_dir(tmp)  # marks it as in use: a sweep by another process leaves it alone
+    try:
+        tmp.mkdir(mode=0o700)
+    except OSError as exc:
+        if store.disk_full(exc):
+            raise Refused(507, _disk_full_message(exc)) from None
+        raise
+    try:
+        fd = safety.lock_dir(tmp)  # marks it as in use: a sweep by another process leaves it alone
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         upload = extract(stream, cap, tmp)
         return _check_and_publish(root, cache, upload, log)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise Refused(507, f"the server's disk is full: {exc.strerror}") from None
+        if store.disk_full(exc):
+            raise Refused(507, _disk_full_message(exc)) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         os.close(fd)
+
+
+def _disk_full_message(exc: BaseException) -> str:
+    code = getattr(exc, "errno", None) or errno.ENOSPC  # the strerror only: no server paths in the answer
+    return (f"the server's disk is full ({os.strerror(code)}): nothing was published and nothing of the upload "
+            f"was kept")
 
 
 def _check_and_publish(root: Path, cache: IndexCache, upload: Upload, log) -> dict[str, Any]:
@@ -239,17 +259,20 @@ def _check_and_publish(root: Path, cache: IndexCache, upload: Upload, log) -> di
                     locked_current, _ = store.load_index(root, verifier)
                 except TmplbuildError as exc:
                     raise Refused(503, f"the current index does not verify: {exc}") from None
+                # What an earlier publish moved in but never listed (it died, or the disk filled) goes first.
+                for line in converge.converge(root, locked_current):
+                    log.warning("publish: %s, left by an interrupted publish", line)
                 if new.repo_id != locked_current.repo_id:
                     raise Refused(422, f"index.json: repo_id {new.repo_id!r}, expected "
                                        f"{locked_current.repo_id!r}")
-                if new.version != locked_current.version + 1:
+                if not accept.is_successor(locked_current, new):
                     raise Refused(409, f"index.json: version {new.version}, expected "
                                        f"{locked_current.version + 1} (current + 1): fetch the current index, "
                                        f"add to it and sign again", current_version=locked_current.version)
                 now = time.time()  # what every client would refuse next
-                if idx.parse_stamp(new.expires) <= now:
+                if accept.is_expired(new, now):  # the one boundary: now >= expires
                     raise Refused(422, f"index.json: expired at {new.expires}")
-                if idx.parse_stamp(new.generated) > now + FUTURE_SKEW:
+                if accept.is_from_the_future(new, now, FUTURE_SKEW):
                     raise Refused(422, f"index.json: generated {new.generated}, in the future")
                 # 4. Every listed file, uploaded or already served, with its signed size and hashes; then the
                 # per-file signatures; then the SHA256SUMS pairs.
@@ -258,10 +281,18 @@ def _check_and_publish(root: Path, cache: IndexCache, upload: Upload, log) -> di
                 _check_unuploaded_signatures(root, upload, listed, verifier, problems.get("signatures"))
                 if problems.get("sums"):
                     raise Refused(422, problems["sums"])
-                # 5. Only now does anything reach the served tree.
-                added = _move_into_place(root, upload, old)
-                store.write_index(root, data, sig)
+                # 5. Only now does anything reach the served tree. Should the index not get in, what was moved
+                # is taken out again: nothing half-published stays served (no files, no empty directories).
+                try:
+                    added = _move_into_place(root, upload, old)
+                    store.write_index(root, data, sig)
+                except Exception:
+                    converge.roll_back(root, verifier, log)
+                    raise
+                converge.settle(root, new)  # the SHA256SUMS backups, now that the new index lists the new pairs
         except LocalIOError as exc:
+            if store.disk_full(exc):
+                raise Refused(507, _disk_full_message(exc)) from None
             raise Refused(503, str(exc)) from None
     log.info("publish: index version %d in place (%d files added)", new.version, len(added))
     return {"version": new.version, "added": added}
@@ -416,23 +447,29 @@ def _move_into_place(root: Path, upload: Upload, old: dict[str, idx.FileRef]) ->
         name = rel.rsplit("/", 1)[-1]
         return (2 if name == SUMS else 1 if name == SUMS_SIG else 0, rel)
 
-    moved, dirs = [], set()
+    moved, dirs, backed_up = [], set(), set()
     for rel in sorted((r for r in upload.files if r not in (store.INDEX, store.INDEX_SIG)), key=order):
         got, dest = upload.files[rel], root / rel
         if _is_data(rel) and rel in old and (old[rel].size, old[rel].sha256) == (got.size, got.sha256):
             continue  # already published, byte for byte (checked against the signed index)
         if not _is_data(rel) and _same_small_file(dest, got.path):
             continue
+        if dest.name in (SUMS, SUMS_SIG) and dest.parent not in backed_up:
+            converge.backup_sums(dest.parent)  # the pair the current index relies on, until the new one is in
+            backed_up.add(dest.parent)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(got.path, 0o644)
             os.replace(got.path, dest)
         except OSError as exc:
-            raise LocalIOError("write", f"{dest}: {exc.strerror}") from None
+            raise store.io_error("write", dest, exc) from None
         moved.append(rel)
         dirs.update(p for p in dest.parents if p == root or root in p.parents)  # new directories too
-    for d in sorted(dirs, reverse=True):
-        store.fsync_dir(d)
+    try:
+        for d in sorted(dirs, reverse=True):
+            store.fsync_dir(d)
+    except OSError as exc:
+        raise store.io_error("write", d, exc) from None
     return moved
 
 

@@ -4,6 +4,8 @@ that need no build (re-signing, a broken recipe, an architecture this host canno
 recipe changed, one recipe broken."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import secrets
 import subprocess
@@ -15,6 +17,8 @@ import pytest
 from tests.conftest import ROOT, can_build, recipe_dir
 from tests.test_repo import index_of
 from tests.test_server import init_repo, kill_agents, make_key
+from tmplbuild.manifest import Manifest, Package
+from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.rebuild import changelog, changelog_summary, newest, pick_version, same_content
 from tmplbuild.repo import index as idx
 
@@ -61,10 +65,10 @@ def rows(proc) -> dict[str, list[str]]:
 
 
 def test_changelog_added_removed_upgraded_downgraded():
-    old = [{"name": "a", "version": "1.0-1"}, {"name": "b", "version": "2.0"}, {"name": "c", "version": "1:1.0"},
-           {"name": "d", "version": "1.0~rc1"}, {"name": "gone", "version": "3"}]
-    new = [{"name": "a", "version": "1.0-1"}, {"name": "b", "version": "2.0+deb12u1"},
-           {"name": "c", "version": "9.9"}, {"name": "d", "version": "1.0"}, {"name": "new", "version": "0.1-2"}]
+    old = (Package("a", "1.0-1"), Package("b", "2.0"), Package("c", "1:1.0"), Package("d", "1.0~rc1"),
+           Package("gone", "3"))
+    new = (Package("a", "1.0-1"), Package("b", "2.0+deb12u1"), Package("c", "9.9"), Package("d", "1.0"),
+           Package("new", "0.1-2"))
     log = changelog(old, new, "12-20261101")
     assert log == {
         "previous_version": "12-20261101",
@@ -95,12 +99,16 @@ def test_pick_version_and_newest():
 
 
 def test_unchanged_rule_ignores_the_archive_bytes_but_not_packages_or_recipe():
-    base = {"build": {"recipe_sha256": "r", "tmplbuild": "0.1", "archive": [{"inrelease_sha256": "a"}]},
-            "packages": [{"name": "a", "version": "1", "arch": "amd64"}]}
-    resigned = {**base, "build": {**base["build"], "archive": [{"inrelease_sha256": "b"}]}}
+    base = Manifest("x", "1", "amd64", build={"recipe_sha256": "r", "tmplbuild": "0.1",
+                                              "archive": [{"inrelease_sha256": "a"}]},
+                    packages=(Package("a", "1", "amd64"),), apt_sources=("deb http://m/debian bookworm main",))
+    resigned = replace(base, build={**base.build, "archive": [{"inrelease_sha256": "b"}]})
     assert same_content(resigned, base)
-    assert not same_content({**base, "packages": [{"name": "a", "version": "2", "arch": "amd64"}]}, base)
-    assert not same_content({**base, "build": {**base["build"], "recipe_sha256": "s"}}, base)
+    assert not same_content(replace(base, packages=(Package("a", "2", "amd64"),)), base)
+    assert not same_content(replace(base, build={**base.build, "recipe_sha256": "s"}), base)
+    assert not same_content(replace(base, apt_sources=("deb http://other/debian bookworm main",)), base)
+    # What the builder writes reads back as the same value.
+    assert parse_manifest(resigned.to_bytes()) == resigned
 
 
 # ---------------------------------------------------------------------------------------------- no build

@@ -40,7 +40,7 @@ def make_artifact(out: Path, name: str = "demo", version: str = "12-20261120", a
         "schema": 1, "name": name, "version": version, "arch": arch, "distribution": "debian", "release": "12",
         "suite": "bookworm", "variant": "demo", "description": "demo template", "created": "2026-05-28T00:00:00Z",
         "build": {"input_hash": "sha256:" + "0" * 64}, "packages": [],
-        "artifacts": [{"file": a.path.name, "format": a.format.value, "size": a.size, "sha256": a.sha256,
+        "artifacts": [{"file": a.path.name, "format": a.format, "size": a.size, "sha256": a.sha256,
                        "sha512": a.sha512} for a in artifacts],
     }
     path = out / f"{stem}.manifest.json"

@@ -137,6 +137,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.files)}")
     for key in result.unchanged:
         print(f"unchanged {' '.join(key)}: already published with the same content")
+    for line in result.cleaned:
+        print(f"cleaned up: {line}")
     print(f"index version {result.index.version}, expires {result.index.expires}")
     return 0
 
@@ -144,7 +146,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def _test_before_publishing(paths: list[Path], skip: bool) -> None:
     """Every template boots in every container manager here before it is published; the result goes into its
     manifest (signed through the index). Raises TemplateTestError (exit 8) before anything is published."""
-    import json
+    import dataclasses
 
     from tmplbuild.boot.gate import test_record
     from tmplbuild.files import atomic_write
@@ -153,9 +155,8 @@ def _test_before_publishing(paths: list[Path], skip: bool) -> None:
     for path in paths:
         artifact = load_artifact(path)
         record = test_record(artifact.manifest, artifact.manifest_path, skip=skip)
-        if artifact.manifest.get("test") != record:
-            manifest = {**artifact.manifest, "test": record}
-            atomic_write(artifact.manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        if artifact.manifest.test != record:
+            atomic_write(artifact.manifest_path, dataclasses.replace(artifact.manifest, test=record).to_bytes())
 
 
 def cmd_repo_init(args: argparse.Namespace) -> int:
@@ -171,7 +172,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
 def cmd_repo_verify(args: argparse.Namespace) -> int:
     from tmplbuild.errors import ExitCode
     from tmplbuild.repo import store
-    from tmplbuild.repo.manage import audit, fingerprints_in
+    from tmplbuild.repo.manage import audit, fingerprints_in, repair, repair_hint
 
     repo = Path(args.dir)
     if args.key:
@@ -180,9 +181,15 @@ def cmd_repo_verify(args: argparse.Namespace) -> int:
     else:
         keys = store.read_keys(repo)
         data, pinned = keys.public_keys, keys.fingerprints
+    if args.repair:
+        for line in repair(repo, data, pinned):
+            print(f"repaired: {line}")
     findings = audit(repo, data, pinned)
     for line in findings:
         print(f"tmplbuild: repo verify: {line}", file=sys.stderr)
+    hint = None if args.repair else repair_hint(repo, findings)
+    if hint:
+        print(f"tmplbuild: repo verify: {hint}", file=sys.stderr)
     if not findings:
         print(f"{repo}: ok")
         return 0
@@ -343,6 +350,9 @@ def parser() -> argparse.ArgumentParser:
     rv.add_argument("dir")
     rv.add_argument("--key", help="public key file to verify with (default: the repository's keys/)")
     rv.add_argument("--fingerprint", action="append", help="pin only this fingerprint of --key (repeatable)")
+    rv.add_argument("--repair", action="store_true",
+                    help="first remove what the signed index does not list (files an interrupted publish left, "
+                         "empty directories, staging) under the repository lock, then audit")
     rv.set_defaults(func=cmd_repo_verify)
     rp = r.add_parser("prune", help="keep the newest N versions of each template and architecture")
     rp.add_argument("dir")

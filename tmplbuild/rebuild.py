@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -29,7 +30,10 @@ from pathlib import Path
 
 from tmplbuild.builder.archive import version_compare
 from tmplbuild.errors import AuthenticityError, ExitCode, TmplbuildError, UsageError
+from tmplbuild.files import atomic_write
 from tmplbuild.log import say
+from tmplbuild.manifest import Manifest, ManifestError, Package
+from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.repo import index as idx
 
 SKIPPED, UNCHANGED, PUBLISHED, FAILED = "skipped", "unchanged", "published", "failed"
@@ -38,10 +42,10 @@ SKIPPED, UNCHANGED, PUBLISHED, FAILED = "skipped", "unchanged", "published", "fa
 # ----------------------------------------------------------------------------------------------- pure parts
 
 
-def changelog(old: list[dict] | None, new: list[dict], previous_version: str | None) -> dict:
-    """What changed between two package lists (manifest `packages`: dicts with name and version)."""
-    before = {p["name"]: str(p["version"]) for p in (old or [])}
-    after = {p["name"]: str(p["version"]) for p in new}
+def changelog(old: tuple[Package, ...] | None, new: tuple[Package, ...], previous_version: str | None) -> dict:
+    """What changed between two package lists (a manifest's `packages`)."""
+    before = {p.name: p.version for p in (old or ())}
+    after = {p.name: p.version for p in new}
     log: dict = {"previous_version": previous_version, "added": [], "removed": [], "upgraded": [], "downgraded": []}
     for name in sorted(after.keys() - before.keys()):
         log["added"].append({"name": name, "version": after[name]})
@@ -61,16 +65,12 @@ def changelog_summary(log: dict) -> str:
             + (f" since {log['previous_version']}" if log.get("previous_version") else " (first version)"))
 
 
-def package_set(manifest: dict) -> set[tuple[str, str, str]]:
-    return {(str(p["name"]), str(p["version"]), str(p.get("arch", ""))) for p in manifest.get("packages", [])}
-
-
-def same_content(new: dict, old: dict) -> bool:
+def same_content(new: Manifest, old: Manifest) -> bool:
     """The "unchanged" rule (see the module docstring): same recipe, same tmplbuild, same package set, same apt
     sources in the template (the host's mirror, when the recipe leaves them to it, may have changed)."""
-    nb, ob = new.get("build", {}), old.get("build", {})
+    nb, ob = new.build, old.build
     return (nb.get("recipe_sha256") == ob.get("recipe_sha256") and nb.get("tmplbuild") == ob.get("tmplbuild")
-            and package_set(new) == package_set(old) and new.get("apt_sources") == old.get("apt_sources"))
+            and new.package_set() == old.package_set() and new.apt_sources == old.apt_sources)
 
 
 def newest(entries: list[idx.Entry]) -> idx.Entry | None:
@@ -144,7 +144,7 @@ class LocalRepo:
             current, _ = store.load_index(self.root, verifier)
         return current
 
-    def manifest(self, entry: idx.Entry) -> dict:
+    def manifest(self, entry: idx.Entry) -> Manifest:
         try:
             data = (self.root / entry.manifest.path).read_bytes()
         except OSError as exc:
@@ -171,11 +171,11 @@ class RemoteRepo:
     """A repository server: its index verified with the signing key only (as `publish --to` does)."""
 
     def __init__(self, url: str, signer, pinned_keys: bytes, token: str, expires_in: int) -> None:
-        import requests
+        from tmplbuild.transport import Transport
 
         self.base = url.rstrip("/")
         self.signer, self.pinned_keys, self.token, self.expires_in = signer, pinned_keys, token, expires_in
-        self.session = requests.Session()
+        self.session = Transport()
 
     def _verified_index(self, verifier) -> idx.Index:
         from tmplbuild.repo.remote import fetch_verified_index
@@ -188,7 +188,7 @@ class RemoteRepo:
         with Verifier(self.pinned_keys, (self.signer.fingerprint,)) as verifier:
             return self._verified_index(verifier)
 
-    def manifest(self, entry: idx.Entry) -> dict:
+    def manifest(self, entry: idx.Entry) -> Manifest:
         from tmplbuild.repo.remote import get_capped
 
         return _checked_manifest(entry, get_capped(self.session, f"{self.base}/{entry.manifest.path}"))
@@ -202,11 +202,11 @@ class RemoteRepo:
     def resign(self) -> idx.Index:
         """The same catalogue, version + 1, fresh expiry, uploaded as an upload holding only the index pair
         (the server accepts it: every listed file is already served and checked against its signed hashes)."""
-        from tmplbuild.repo.remote import RETRIES, _refusal, _tar, _upload
+        from tmplbuild.repo.remote import _refusal, _tar, _upload, retry_conflicts
         from tmplbuild.sign import Verifier
 
         with Verifier(self.pinned_keys, (self.signer.fingerprint,)) as verifier:
-            for attempt in range(1, RETRIES + 1):
+            def attempt(n: int) -> idx.Index:
                 current = self._verified_index(verifier)
                 new = current.successor(current.templates, self.expires_in)
                 data = new.to_bytes()
@@ -224,24 +224,23 @@ class RemoteRepo:
                     shutil.rmtree(staging, ignore_errors=True)
                 if status == 200:
                     return new
-                if status == 409 and attempt < RETRIES:
-                    continue
-                raise _refusal(status, reply)
-        raise AssertionError("unreachable")
+                raise _refusal(status, reply)  # a 409 is a Conflict: retried with backoff until the deadline
+
+            return retry_conflicts(attempt)
 
     def prune(self, keep: int):
         raise UsageError("prune", "not supported over --to; run `tmplbuild repo prune` on the server's directory")
 
 
-def _checked_manifest(entry: idx.Entry, data: bytes) -> dict:
+def _checked_manifest(entry: idx.Entry, data: bytes) -> Manifest:
     got = hashlib.sha256(data).hexdigest()
     if len(data) != entry.manifest.size or got != entry.manifest.sha256:
         raise AuthenticityError("manifest hash", f"{entry.manifest.path}: size/sha256 {len(data)}/{got[:16]}…, the "
                                                  f"signed index says {entry.manifest.size}/{entry.manifest.sha256[:16]}…")
     try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise AuthenticityError("manifest", f"{entry.manifest.path}: not JSON ({exc})") from None
+        return parse_manifest(data)
+    except ManifestError as exc:
+        raise AuthenticityError("manifest", f"{entry.manifest.path}: not a manifest ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -343,17 +342,17 @@ def _one_build(repo, recipe, arch: str, opts: RebuildOptions, out: Path) -> Row:
     if old is not None and same_content(result.manifest, old):
         return Row(recipe.name, arch, UNCHANGED, last.version,
                    f"same recipe and packages as {last.version}; not published")
-    manifest = dict(result.manifest)
-    manifest["changelog"] = changelog(old["packages"] if old else None, manifest["packages"],
-                                      last.version if last else None)
+    manifest = dataclasses.replace(result.manifest, changelog=changelog(
+        old.packages if old else None, result.manifest.packages, last.version if last else None))
     # Nothing untested is published: a failing check raises TemplateTestError (exit 8), the row fails, and the
     # last good version stays the newest in the index.
-    manifest["test"] = test_record(manifest, result.manifest_path, skip=opts.skip_test)
+    manifest = dataclasses.replace(manifest, test=test_record(manifest, result.manifest_path,
+                                                              skip=opts.skip_test))
     # The manifest is signed through its sha256 in the index: the changelog and the test result go in before
     # publishing.
-    result.manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write(result.manifest_path, manifest.to_bytes())
     published = repo.publish([result.manifest_path])
     if not published.added:
         return Row(recipe.name, arch, UNCHANGED, bopts.version, "already published with the same content")
-    return Row(recipe.name, arch, PUBLISHED, bopts.version, changelog_summary(manifest["changelog"]),
-               changelog=manifest["changelog"])
+    return Row(recipe.name, arch, PUBLISHED, bopts.version, changelog_summary(manifest.changelog),
+               changelog=manifest.changelog)

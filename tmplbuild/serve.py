@@ -4,7 +4,8 @@ gunicorn is embedded through its BaseApplication, with the gthread worker: each 
 pool of threads, so many large downloads proceed at once, and a file response goes out with sendfile(2)
 (gunicorn does that for `wsgi.file_wrapper` responses, which is what Flask's send_file returns). The app is
 created once, in the master, before any worker forks: its start-up checks (repository, token, private key
-scan, leftover uploads) run exactly once and fail before anything listens."""
+scan, leftover uploads) run exactly once and fail before anything listens; then, under the repository lock, what
+an interrupted publish left served but unlisted is removed (repo_server.app.converge_at_start)."""
 from __future__ import annotations
 
 import errno

@@ -11,23 +11,24 @@ from pathlib import Path
 from tmplbuild import __version__
 from tmplbuild.errors import AuthenticityError, EnvironmentUnfitError, TemplateTestError, UsageError
 from tmplbuild.files import hash_file
+from tmplbuild.manifest import Manifest
 from tmplbuild.repo.index import ROOTFS_FORMATS
 
 
-def primary_file(manifest: dict, manifest_path: Path) -> tuple[Path, str]:
+def primary_file(manifest: Manifest, manifest_path: Path) -> tuple[Path, str]:
     """The template file a test boots (the first root-filesystem format the manifest lists) and its sha256."""
-    for a in manifest.get("artifacts", []):
-        if a.get("format") in ROOTFS_FORMATS:
-            return manifest_path.with_name(a["file"]), a["sha256"]
+    for a in manifest.artifacts:
+        if a.format in ROOTFS_FORMATS:
+            return manifest_path.with_name(a.file), a.sha256
     raise EnvironmentUnfitError("template test", f"{manifest_path.name}: lists no .tar.zst or .tar.xz to boot")
 
 
-def already_tested(manifest: dict, sha256: str) -> bool:
-    record = manifest.get("test") or {}
+def already_tested(manifest: Manifest, sha256: str) -> bool:
+    record = manifest.test or {}
     return record.get("result") == "pass" and record.get("sha256") == sha256
 
 
-def test_record(manifest: dict, manifest_path: Path, *, skip: bool, apt_mirror: str | None = "named") -> dict:
+def test_record(manifest: Manifest, manifest_path: Path, *, skip: bool, apt_mirror: str | None = "named") -> dict:
     """The manifest's `test` record for publishing: an existing passing record of the same file, a new run of
     every manager available here, or, with skip, a record saying it was not tested. Raises TemplateTestError
     (exit 8: a check failed; nothing may be published) and EnvironmentUnfitError (exit 2: no manager could boot
@@ -35,14 +36,14 @@ def test_record(manifest: dict, manifest_path: Path, *, skip: bool, apt_mirror: 
     from tmplbuild.boot.runner import ALL, TestOptions, render, test_artifact
 
     path, sha256 = primary_file(manifest, manifest_path)
-    what = f"{manifest.get('name')} {manifest.get('version')} {manifest.get('arch')}"
+    what = " ".join(manifest.key)
     if skip:
         print(f"tmplbuild: --skip-test: {what} is published UNTESTED: no container booted it; the manifest "
               "says so", file=sys.stderr, flush=True)
         return {"result": "skipped", "reason": "--skip-test", "file": path.name, "sha256": sha256,
                 "date": _now(), "tmplbuild": __version__}
     if already_tested(manifest, sha256):
-        return manifest["test"]
+        return dict(manifest.test or {})
     try:
         _, actual, _ = hash_file(path)
     except OSError as exc:

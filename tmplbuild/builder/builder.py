@@ -23,6 +23,7 @@ from tmplbuild.builder.plan import BootstrapPlan, debootstrap_argv, lists_name, 
 from tmplbuild.errors import AuthenticityError, BuildError, LocalIOError, UsageError
 from tmplbuild.files import atomic_write
 from tmplbuild.log import say, step
+from tmplbuild.manifest import Manifest, ManifestArtifact, Package
 from tmplbuild.recipe.model import Compression, Recipe, Stage
 from tmplbuild.run import run
 
@@ -49,7 +50,7 @@ class BuildOptions:
 class BuildResult:
     artifacts: list[pack.Artifact]
     manifest_path: Path
-    manifest: dict
+    manifest: Manifest
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -207,13 +208,11 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
     artifacts = [pack.Artifact(path=final, format=a.format, size=a.size, sha256=a.sha256, sha512=a.sha512)
                  for a, final in zip(staged, finals)]
 
-    manifest = {
-        "schema": 1,
-        "name": recipe.name, "version": version, "arch": opts.arch,
-        "distribution": recipe.distribution, "release": recipe.release, "suite": recipe.suite,
-        "variant": recipe.variant, "description": recipe.description,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)), "source_date_epoch": epoch,
-        "build": {
+    manifest = Manifest(
+        name=recipe.name, version=version, arch=opts.arch, distribution=recipe.distribution,
+        release=recipe.release, suite=recipe.suite, variant=recipe.variant, description=recipe.description,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)), source_date_epoch=epoch,
+        build={
             "input_hash": planned.input_hash,
             "recipe_sha256": hashlib.sha256(recipe.canonical).hexdigest(),
             "extends": list(recipe.extends),
@@ -227,13 +226,13 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
             "xz_level": opts.xz_level if Compression.XZ in recipe.formats else None,
             "tmplbuild": __version__,
         },
-        "apt_sources": planned.sources.splitlines(),
-        "tree": {"entries": entries, "content_bytes": content_bytes},
-        "packages": packages,
-        "artifacts": [{"file": a.path.name, "format": getattr(a.format, "value", a.format), "size": a.size,
-                       "sha256": a.sha256, "sha512": a.sha512} for a in artifacts],
-    }
-    _write_json(manifest_path, manifest)
+        apt_sources=tuple(planned.sources.splitlines()),
+        tree={"entries": entries, "content_bytes": content_bytes},
+        packages=tuple(Package(**p) for p in packages),
+        artifacts=tuple(ManifestArtifact(file=a.path.name, format=a.format, size=a.size, sha256=a.sha256,
+                                         sha512=a.sha512) for a in artifacts),
+    )
+    atomic_write(manifest_path, manifest.to_bytes())
     for a in artifacts:
         say(f"==> {a.path} {a.size / 1e6:.1f} MB sha256 {a.sha256}")
     say(f"==> {manifest_path} ({len(packages)} packages)")

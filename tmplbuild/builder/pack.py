@@ -36,7 +36,7 @@ KEPT_XATTRS = ("security.capability",)  # ping and friends need it; other xattrs
 @dataclass(frozen=True)
 class Artifact:
     path: Path
-    format: Compression
+    format: str  # a file format of tmplbuild.repo.index.FORMATS: "tar.zst", "tar.xz", "lxc-meta.tar.xz"
     size: int
     sha256: str
     sha512: str
@@ -164,7 +164,7 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
                 raise BuildError("compress", f"xz exited {proc.returncode}: {err.decode().strip()}")
         for f in files:
             f.close()
-        artifacts = [Artifact(dest, fmt, *hash_file(dest)) for fmt, dest in outputs]
+        artifacts = [Artifact(dest, Compression(fmt).value, *hash_file(dest)) for fmt, dest in outputs]
     except BaseException as exc:
         for proc in procs:
             proc.kill()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tmplbuild.errors import AuthenticityError, UsageError
 from tmplbuild.files import hash_file
+from tmplbuild.repo import accept
+from tmplbuild.repo.converge import converge
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import store
 from tmplbuild.sign import Signer, Verifier, export_public
@@ -16,6 +18,7 @@ from tmplbuild.sign import Signer, Verifier, export_public
 def init(root: Path, signer: Signer, gnupghome: Path, repo_id: str, expires_in: int) -> idx.Index:
     """A new, empty, signed repository (index version 1) with the signing key's public half in keys/.
     Raises UsageError when root already holds a repository."""
+    idx.check_lifetime(expires_in)
     if (root / store.INDEX).exists():
         raise UsageError("repo init", f"{root} already holds a repository")
     if not idx.NAME.match(repo_id):
@@ -32,11 +35,13 @@ def init(root: Path, signer: Signer, gnupghome: Path, repo_id: str, expires_in: 
 
 
 def resign(root: Path, signer: Signer, expires_in: int) -> idx.Index:
-    """The same catalogue, version + 1, a fresh expiry: what CI runs when nothing changed."""
+    """The same catalogue, version + 1, a fresh expiry: what CI runs when nothing changed. Leftovers of an
+    interrupted publish or prune go first (converge), SHA256SUMS pairs that match no index re-signed."""
     with store.locked(root):
         keys = store.read_keys(root)
         with Verifier(keys.public_keys, keys.fingerprints) as verifier:
             current, _ = store.load_index(root, verifier)
+            converge(root, current, write_sums=lambda d, entries: _write_sums(d, entries, signer, verifier))
         new = current.successor(current.templates, expires_in)
         _sign_and_write(root, new, signer, keys)
         return new
@@ -51,6 +56,7 @@ def prune(root: Path, keep: int, signer: Signer, expires_in: int) -> tuple[idx.I
         keys = store.read_keys(root)
         with Verifier(keys.public_keys, keys.fingerprints) as verifier:
             current, _ = store.load_index(root, verifier)
+            converge(root, current, write_sums=lambda d, entries: _write_sums(d, entries, signer, verifier))
         groups: dict[tuple[str, str], list[idx.Entry]] = {}
         for e in current.templates:
             groups.setdefault((e.name, e.arch), []).append(e)
@@ -101,6 +107,36 @@ def _sign_and_write(root: Path, index: idx.Index, signer: Signer, keys: store.Re
     store.write_index(root, data, sig)
 
 
+UNLISTED = "served but not listed in the index"
+
+
+def repair(root: Path, public_keys: bytes, pinned: tuple[str, ...]) -> list[str]:
+    """`repo verify --repair`: under the repository lock, finish or discard an interrupted index swap, remove
+    upload directories no server process holds, then converge the served tree on the index (verified with
+    `public_keys`/`pinned`; nothing is touched when it does not verify): unlisted files under templates/ and
+    empty directories are deleted, SHA256SUMS pairs put back from a publisher's backup, anything else unlisted
+    moved to .quarantine/. Returns what was done, one line each. Raises UsageError, AuthenticityError (the
+    index), LocalIOError (lock)."""
+    with store.locked(root) as done:
+        with Verifier(public_keys, pinned) as verifier:
+            current, _ = store.load_index(root, verifier)
+        try:
+            from repo_server.safety import sweep_uploads
+        except ImportError:  # pragma: no cover - the server is part of the same distribution
+            pass
+        else:
+            done = done + [f"removed {name}/, left by an interrupted upload" for name in sweep_uploads(root)]
+        return done + converge(root, current, repair=True)
+
+
+def repair_hint(root: Path, findings: list[str]) -> str | None:
+    """The line `repo verify` adds when --repair would fix some of its findings."""
+    if any(f.endswith(UNLISTED) for f in findings):
+        return (f"files are served that the signed index does not list (left by an interrupted publish?): "
+                f"`tmplbuild repo verify --repair {root}` removes them")
+    return None
+
+
 def audit(root: Path, public_keys: bytes, pinned: tuple[str, ...], now: float | None = None) -> list[str]:
     """Every finding in the repository, one line each; empty when all is well. Checks the index signature
     and schema, freshness, that every listed file exists with its signed size and hashes and a good .asc,
@@ -113,7 +149,7 @@ def audit(root: Path, public_keys: bytes, pinned: tuple[str, ...], now: float | 
             current, _ = store.load_index(root, verifier)
         except (AuthenticityError, UsageError) as exc:
             return [f"{store.INDEX}: {exc}"]
-        if idx.parse_stamp(current.expires) < now:
+        if accept.is_expired(current, now):  # the one boundary: now >= expires
             findings.append(f"{store.INDEX}: expired at {current.expires}")
         allowed = {store.INDEX, store.INDEX_SIG} | {f"keys/{f}.asc" for f in store.read_keys(root).fingerprints}
         by_dir: dict[str, list[idx.Entry]] = {}
@@ -130,7 +166,7 @@ def audit(root: Path, public_keys: bytes, pinned: tuple[str, ...], now: float | 
             for name in sorted(filenames):
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
                 if not name.startswith(".") and rel not in allowed:
-                    findings.append(f"{rel}: served but not listed in the index")
+                    findings.append(f"{rel}: {UNLISTED}")
     return findings
 
 

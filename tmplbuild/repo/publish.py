@@ -4,20 +4,24 @@ Order, under the repository lock: verify the current index with the repository's
 to a hidden temporary name while hashing it (it must match its build manifest); sign it; verify every new
 signature with the same verifier clients use; only then rename the files into place, then the directory's
 SHA256SUMS pair, then the new index (version + 1) last. A crash at any point leaves the previous index and
-everything it lists intact; what was added but not yet listed is harmless and replaced by the next publish."""
+everything it lists intact. What was moved in but never listed (a crash, a full disk) is removed again: at once
+when the publish fails with an error, else by the next publish, which first converges the repository on its
+signed index (tmplbuild.repo.converge), as the server's start and `repo verify --repair` do."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
 
-from tmplbuild.errors import AuthenticityError, LocalIOError, UsageError
+from tmplbuild.errors import AuthenticityError, UsageError
 from tmplbuild.files import fsync_path
+from tmplbuild.manifest import Manifest, ManifestError
+from tmplbuild.manifest import parse as parse_manifest
+from tmplbuild.repo import converge
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import store
 from tmplbuild.sign import Signer, Verifier
@@ -32,12 +36,12 @@ class Artifact:
 
     manifest_path: Path
     manifest_bytes: bytes
-    manifest: dict
+    manifest: Manifest
     files: tuple[tuple[str, Path, int, str, str], ...]  # (format, path, size, sha256, sha512)
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.manifest["name"], self.manifest["version"], self.manifest["arch"])
+        return self.manifest.key
 
 
 def load_artifact(path: Path) -> Artifact:
@@ -50,15 +54,16 @@ def load_artifact(path: Path) -> Artifact:
     manifest_path = path.with_name(f"{stem}.manifest.json")
     try:
         data = manifest_path.read_bytes()
-        manifest = json.loads(data)
-        name, version, arch = manifest["name"], manifest["version"], manifest["arch"]
-        files = tuple(
-            (a["format"], manifest_path.with_name(a["file"]), int(a["size"]), a["sha256"], a["sha512"])
-            for a in manifest["artifacts"])
+        manifest = parse_manifest(data)
+        name, version, arch = manifest.key
+        files = tuple((a.format, manifest_path.with_name(a.file), a.size, a.sha256, a.sha512)
+                      for a in manifest.artifacts)
     except FileNotFoundError:
         raise UsageError("artifact", f"{manifest_path}: no such manifest (publish takes what `tmplbuild build` "
                                      f"wrote: the .tar.zst or its .manifest.json)") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except OSError as exc:
+        raise UsageError("artifact", f"{manifest_path}: {exc.strerror}") from None
+    except ManifestError as exc:
         raise UsageError("artifact", f"{manifest_path}: not a tmplbuild manifest ({exc})") from None
     if not (idx.NAME.match(name) and idx.VERSION.match(version) and re.fullmatch(r"[a-z0-9]+", arch)):
         raise UsageError("artifact", f"{manifest_path}: malformed name, version or arch")
@@ -73,28 +78,41 @@ class Published:
     index: idx.Index
     added: list[idx.Entry]
     unchanged: list[tuple[str, str, str]]
+    cleaned: list[str] = field(default_factory=list)  # leftovers of an interrupted publish, removed first
 
 
 def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int) -> Published:
     """Raises UsageError, AuthenticityError (current index, artifact hashes, a new signature that does not
-    verify), LocalIOError (lock, disk)."""
+    verify), LocalIOError (lock, disk). On any of these, nothing it wrote stays behind: no file, no empty
+    directory, the previous SHA256SUMS pairs."""
     artifacts = [load_artifact(p) for p in paths]
-    with store.locked(root):
+    with store.locked(root) as recovered:
         keys = store.read_keys(root)
         if signer.fingerprint not in keys.fingerprints:
             raise UsageError("key", f"{signer.fingerprint} is not one of the repository's keys "
                                     f"({', '.join(keys.fingerprints)})")
         with Verifier(keys.public_keys, keys.fingerprints) as verifier:
             current, _ = store.load_index(root, verifier)
-            added, unchanged = stage_additions(
-                current, artifacts, lambda art, neighbours: _add(root, art, signer, verifier, neighbours))
-            new = current.successor(tuple(current.templates) + tuple(added), expires_in)
-            data = new.to_bytes()
-            sig = signer.sign(data, armored=True)
-            verifier.verify(data, sig)
-            _fault("before-index")
-            store.write_index(root, data, sig)
-            return Published(new, added, unchanged)
+
+            def write_sums(directory: Path, entries: list[idx.Entry]) -> None:
+                from tmplbuild.repo.manage import _write_sums
+                _write_sums(directory, entries, signer, verifier)
+
+            cleaned = recovered + converge.converge(root, current, write_sums=write_sums)
+            try:
+                added, unchanged = stage_additions(
+                    current, artifacts, lambda art, neighbours: _add(root, art, signer, verifier, neighbours))
+                new = current.successor(tuple(current.templates) + tuple(added), expires_in)
+                data = new.to_bytes()
+                sig = signer.sign(data, armored=True)
+                verifier.verify(data, sig)
+                _fault("before-index")
+                store.write_index(root, data, sig)
+            except Exception:
+                converge.roll_back(root, verifier)
+                raise
+            converge.settle(root, new)  # the SHA256SUMS backups, now that the new index lists the new pairs
+            return Published(new, added, unchanged, cleaned)
 
 
 def stage_additions(current: idx.Index, artifacts: list[Artifact],
@@ -120,7 +138,7 @@ def stage_additions(current: idx.Index, artifacts: list[Artifact],
 
 
 def _directory(art: Artifact) -> str:
-    return f"templates/{art.manifest['name']}/{art.manifest['version']}"
+    return f"templates/{art.manifest.name}/{art.manifest.version}"
 
 
 def _add(root: Path, art: Artifact, signer: Signer, verifier: Verifier, neighbours: list[idx.Entry]) -> idx.Entry:
@@ -128,7 +146,10 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier: Verifier, neighbou
     name, version, arch = art.key
     rel_dir = _directory(art)
     directory = root / rel_dir
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise store.io_error("mkdir", directory, exc) from None
     manifest_name = f"{name}_{version}_{arch}.manifest.json"
     staged: list[tuple[Path, Path]] = []  # (temporary, final)
     pool = ThreadPoolExecutor(max_workers=2)
@@ -172,23 +193,31 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier: Verifier, neighbou
             store.write_durable(tmp, content)
             staged.append((tmp, directory / fname))
         _fault("before-files")
-        for tmp, _ in staged:
-            fsync_path(tmp)  # deferred from the copy: the kernel wrote back while gpg was signing
+        try:
+            for tmp, _ in staged:
+                fsync_path(tmp)  # deferred from the copy: the kernel wrote back while gpg was signing
+        except OSError as exc:
+            raise store.io_error("write", tmp, exc) from None
+        # The pair the current index relies on is kept (hard links) until the new index is in: if that never
+        # happens, converge.converge puts it back.
+        converge.backup_sums(directory)
         # Template files, manifests and their signatures first; then SHA256SUMS.gpg before SHA256SUMS, so a
         # reader never pairs new sums with an old signature that would pass.
         order = sorted(staged, key=lambda s: (s[1].name == "SHA256SUMS", s[1].name == "SHA256SUMS.gpg"))
-        for tmp, final in order:
-            os.replace(tmp, final)
-        store.fsync_dir(directory)
+        try:
+            for tmp, final in order:
+                os.replace(tmp, final)
+            store.fsync_dir(directory)
+        except OSError as exc:
+            raise store.io_error("write", directory, exc) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
     return idx.Entry(
-        name=name, version=version, arch=arch, distribution=art.manifest.get("distribution", ""),
-        release=art.manifest.get("release", ""), variant=art.manifest.get("variant", ""),
-        description=art.manifest.get("description", ""), created=art.manifest.get("created", ""),
-        input_hash=art.manifest.get("build", {}).get("input_hash", ""), files=tuple(refs), manifest=manifest_ref)
+        name=name, version=version, arch=arch, distribution=art.manifest.distribution,
+        release=art.manifest.release, variant=art.manifest.variant, description=art.manifest.description,
+        created=art.manifest.created, input_hash=art.manifest.input_hash, files=tuple(refs), manifest=manifest_ref)
 
 
 def _copy_hashing(src: Path, dest: Path) -> tuple[int, str]:
@@ -213,7 +242,7 @@ def _copy_hashing(src: Path, dest: Path) -> tuple[int, str]:
                     fout.write(chunk)
                 size += len(chunk)
     except OSError as exc:
-        raise LocalIOError("write", f"{dest}: {exc.strerror}") from None
+        raise store.io_error("write", dest, exc) from None
     return size, h256.hexdigest()
 
 

@@ -3,9 +3,12 @@
 index.json and index.json.asc are two files, and two renames cannot be one atomic step. So a new pair is
 written to .pending/ (fsynced) first and only then renamed into place; whoever takes the lock next finishes
 an interrupted swap (roll forward) or discards a pending pair that was never complete. Dot-paths are never
-served, so .pending, .staging-* and .lock are invisible to clients."""
+served, so .pending, .staging-* and .lock are invisible to clients.
+What a publish that died between its renames and the index swap leaves behind is removed by
+tmplbuild.repo.converge, under this same lock."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -22,6 +25,9 @@ FPR = re.compile(r"\A[0-9A-F]{40}\Z")
 INDEX, INDEX_SIG = "index.json", "index.json.asc"
 PENDING = ".pending"
 COMPLETE = "COMPLETE"  # marker written last into .pending: the pair there is whole and verified
+TEMPLATES = "templates"
+SUMS, SUMS_SIG = "SHA256SUMS", "SHA256SUMS.gpg"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -38,41 +44,68 @@ def read_keys(root: Path) -> RepoKeys:
     return RepoKeys(b"".join(p.read_bytes() for p in files), tuple(p.stem for p in files))
 
 
+def io_error(check: str, path: Path | str, exc: OSError) -> LocalIOError:
+    """LocalIOError (exit 7) for an OSError, keeping its errno (`disk_full` reads it)."""
+    error = LocalIOError(check, f"{path}: {exc.strerror or exc}")
+    error.errno = exc.errno  # type: ignore[attr-defined]
+    return error
+
+
+def disk_full(exc: BaseException) -> bool:
+    """The error is ENOSPC or EDQUOT (an OSError, or a LocalIOError made by io_error)."""
+    return getattr(exc, "errno", None) in DISK_FULL
+
+
 @contextmanager
-def locked(root: Path, timeout: float = 120.0) -> Iterator[None]:
+def locked(root: Path, timeout: float = 120.0) -> Iterator[list[str]]:
     """Exclusive lock on the repository for one publisher; waits up to `timeout`, then LocalIOError (exit 7).
-    Finishes or discards an interrupted index swap before yielding."""
+    Finishes or discards an interrupted index swap before yielding; yields what that did (one line each)."""
     try:
         fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise LocalIOError("lock", f"{root / '.lock'}: {exc.strerror}") from None
     try:
         with exclusive_lock(fd, timeout, "lock", f"{root}: another publisher holds the lock"):
-            recover(root)
-            yield
+            yield recover(root)
     finally:
         os.close(fd)
 
 
-def recover(root: Path) -> None:
+def recover(root: Path) -> list[str]:
+    """Finish (complete pair) or discard (incomplete) an interrupted index swap, and drop the .part files of a
+    publish killed before its renames. Call with the lock held. Returns what it did, one line each."""
+    done = []
     pending = root / PENDING
     if pending.is_dir():
         if (pending / COMPLETE).exists():
             _swap(root)
+            done.append(f"finished the interrupted index swap in {PENDING}/")
         else:
-            shutil.rmtree(pending)
-    for stale in root.glob("templates/*/*/.*.part"):  # a publish killed before its renames
+            shutil.rmtree(pending, ignore_errors=True)
+            done.append(f"removed {PENDING}/, an index pair that was never complete")
+    for stale in sorted(root.glob("templates/*/*/.*.part")):
         stale.unlink(missing_ok=True)
+        done.append(f"removed {stale.relative_to(root).as_posix()}")
+    return done
 
 
 def write_index(root: Path, data: bytes, signature: bytes) -> None:
-    """Replace the index pair. Call with the lock held, after the signature was verified."""
+    """Replace the index pair. Call with the lock held, after the signature was verified. When the pair cannot
+    be written whole (a full disk), .pending is removed again and the previous pair stays in place; once the
+    swap has begun, a failure leaves it for `recover` to finish."""
     pending = root / PENDING
-    shutil.rmtree(pending, ignore_errors=True)
-    pending.mkdir()
-    for name, content in ((INDEX, data), (INDEX_SIG, signature), (COMPLETE, b"")):
-        write_durable(pending / name, content)
-    fsync_dir(pending)
+    try:
+        shutil.rmtree(pending, ignore_errors=True)
+        pending.mkdir()
+        for name, content in ((INDEX, data), (INDEX_SIG, signature), (COMPLETE, b"")):
+            write_durable(pending / name, content)
+        fsync_dir(pending)
+    except OSError as exc:
+        shutil.rmtree(pending, ignore_errors=True)
+        raise io_error("write", pending, exc) from None
+    except BaseException:
+        shutil.rmtree(pending, ignore_errors=True)
+        raise
     _swap(root)
 
 
@@ -94,7 +127,7 @@ def write_durable(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        raise LocalIOError("write", f"{path}: {exc.strerror}") from None
+        raise io_error("write", path, exc) from None
 
 
 def fsync_dir(path: Path) -> None:
