@@ -22,4 +22,16 @@ def test_help_imports_nothing_heavy():
 
 
 def test_fetch_offers_exactly_the_index_formats():
+    from tmplbuild.recipe.model import Compression
+
     assert commands.FORMATS == index.FORMATS
+    assert index.ROOTFS_FORMATS == tuple(c.value for c in Compression)
+
+
+def test_the_client_path_imports_no_recipe_parser():
+    probe = ("import sys\n"
+             "import tmplbuild.client.updater, tmplbuild.client.download, tmplbuild.sign.verify\n"
+             "print(sorted(m for m in ('tmplbuild.recipe.load', 'tmplbuild.recipe.model', 'tomllib') "
+             "if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout

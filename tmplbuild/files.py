@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import os
 import hashlib
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,36 @@ from pathlib import Path
 from tmplbuild.errors import LocalIOError
 
 CHUNK = 1 << 20
+
+
+class Writeback:
+    """Gets a file that is being written onto the disk while it is written: after every `every` bytes, a
+    background thread runs fdatasync, so the fsync that must precede the file's rename into place waits for
+    the last few megabytes only, not for the whole file (a 53 MB template: about 0.1 s of a slow disk).
+    Durability is unchanged: the caller still fsyncs before renaming. Raises nothing; call `close()`."""
+
+    def __init__(self, fd: int, every: int = 8 << 20) -> None:
+        self.fd, self.every = fd, every
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def wrote(self, n: int) -> None:
+        self._pending += n
+        if self._pending >= self.every and (self._thread is None or not self._thread.is_alive()):
+            self._pending = 0
+            self._thread = threading.Thread(target=self._sync, daemon=True)
+            self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError:
+            pass  # the caller's own fsync reports any error
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def hash_file(path: Path) -> tuple[int, str, str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +89,8 @@ def check_repo_id(value: str, where: str = "repo id") -> str:
 
 def load_file(path: Path) -> dict[str, Remote]:
     """The remotes of one file; {} when it does not exist. Raises UsageError naming the file and field."""
+    import tomllib  # only where a remotes file is read: `fetch --url` needs none
+
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)

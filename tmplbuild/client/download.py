@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tmplbuild.client import trust
 from tmplbuild.errors import AuthenticityError, LocalIOError, TransportError
-from tmplbuild.files import fsync_path
+from tmplbuild.files import Writeback, fsync_path
 from tmplbuild.repo.index import FileRef
 from tmplbuild.transport import CHUNK, Broken, Reply, Transport, expect_status
 
@@ -141,6 +141,7 @@ class _Part:
         self.transport, self.url, self.ref, self.f, self.progress = transport, url, ref, f, progress
         self.resumed = False  # True while the part's content comes partly from an earlier answer
         self.hasher = Hasher()
+        self.writeback = Writeback(f.fileno())
 
     def run(self, resume: bool) -> tuple[str, str]:
         """Fill the part up to the signed size; return its (sha256, sha512), over the whole file. Raises
@@ -167,9 +168,11 @@ class _Part:
                 # A server that answered for another range: start again from byte 0.
                 offset = self._restart()
             f.flush()
+            self.writeback.close()
             os.fsync(f.fileno())
             return self.hasher.hexdigests()
         finally:
+            self.writeback.close()
             self.hasher.close()
 
     def _restart(self) -> int:
@@ -222,6 +225,7 @@ class _Part:
                     raise TransportError("download size", f"{url}: more than the signed {ref.size} bytes")
                 f.write(chunk)
                 self.hasher.update(chunk)
+                self.writeback.wrote(len(chunk))
                 done += len(chunk)
                 self.progress.update(len(chunk))
         except Broken as exc:

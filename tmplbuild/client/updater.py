@@ -12,12 +12,16 @@ Failures are typed (tmplbuild.errors); nothing here branches on a message's text
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from tmplbuild.client import state, trust
 from tmplbuild.errors import (AuthenticityError, FreshnessError, SignatureError, TransportError, UsageError)
+
+if TYPE_CHECKING:
+    from tmplbuild.sign.verify import Verifier
 
 T = TypeVar("T")
 
@@ -66,22 +70,50 @@ class Updater:
     """One run against one source. Use as a context manager."""
 
     def __init__(self, source: Source) -> None:
-        from tmplbuild.client.download import Transport
-        from tmplbuild.sign.verify import Verifier
-
         self.source = source
         self.last = state.load(source.state_key)
-        self.verifier = Verifier(source.keys, source.fingerprints)
+        self.warnings: list[str] = []
+        # The pinned verifier is made (gpg imports and lists the keys) on another thread while this one loads
+        # the HTTP stack and fetches the first index: the two overlap instead of adding up. Its result, or its
+        # error, is taken before the first signature is checked, so nothing is checked any later or any less.
+        self._making = threading.Thread(target=self._make_verifier, daemon=True)
+        self._verifier: Verifier | BaseException | None = None
+        self._making.start()
         try:
+            from tmplbuild.client.download import Transport
+
             self.transport = Transport()
         except BaseException:
-            self.verifier.close()
+            self._close_verifier()
             raise
-        self.warnings: list[str] = []
+
+    def _make_verifier(self) -> None:
+        from tmplbuild.sign.verify import Verifier
+
+        try:
+            self._verifier = Verifier(self.source.keys, self.source.fingerprints)
+        except BaseException as exc:  # handed to the main thread by `verifier`
+            self._verifier = exc
+
+    @property
+    def verifier(self) -> Verifier:
+        """The pinned verifier. Raises what making it raised (UsageError for a bad or weak pinned key)."""
+        self._making.join()
+        if isinstance(self._verifier, BaseException):
+            raise self._verifier
+        assert self._verifier is not None
+        return self._verifier
+
+    def _close_verifier(self) -> None:
+        self._making.join()
+        if self._verifier is not None and not isinstance(self._verifier, BaseException):
+            self._verifier.close()
 
     def close(self) -> None:
-        self.transport.close()
-        self.verifier.close()
+        try:
+            self.transport.close()
+        finally:
+            self._close_verifier()
 
     def __enter__(self) -> Updater:
         return self

@@ -12,7 +12,6 @@ from typing import Any
 
 from tmplbuild import strictjson
 from tmplbuild.errors import AuthenticityError, UsageError
-from tmplbuild.recipe.model import Compression
 
 SCHEMA = 1
 # The documented range of every integer in an index; anything outside is refused as "index schema" (exit 3)
@@ -35,7 +34,9 @@ PATH = re.compile(r"\Atemplates/[a-z0-9][a-z0-9.+-]*/[0-9A-Za-z][0-9A-Za-z.+~-]*
 
 # What a template entry may list, each as <name>_<version>_<arch>.<format>: the root file system for Proxmox and
 # LXC (zstd), for lxc-create -t local and systemd 252 (xz), and LXC's metadata tarball for lxc-create -t local.
-ROOTFS_FORMATS = tuple(c.value for c in Compression)
+# The rootfs formats are the recipe's `formats` (tmplbuild.recipe.model.Compression; a test keeps them equal),
+# written out so that reading an index does not import the recipe parser.
+ROOTFS_FORMATS = ("tar.zst", "tar.xz")
 LXC_META_FORMAT = "lxc-meta.tar.xz"
 FORMATS = (*ROOTFS_FORMATS, LXC_META_FORMAT)
 
