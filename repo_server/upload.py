@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import secrets
 import shutil
 import stat
@@ -36,7 +35,7 @@ from tmplbuild.errors import AuthenticityError, LocalIOError, TmplbuildError
 from tmplbuild.repo import accept
 from tmplbuild.repo import converge
 from tmplbuild.repo import index as idx
-from tmplbuild.repo import store
+from tmplbuild.repo import store, sums
 from tmplbuild.sign import Verifier
 
 from repo_server import safety
@@ -47,8 +46,7 @@ TAR_BUFSIZE = 64 << 10  # how much tarfile asks of the request stream at a time 
 MAX_MEMBERS = 10_000
 MAX_SMALL_FILE = 64 << 20  # index.json, signatures, SHA256SUMS: read into memory, so capped
 FUTURE_SKEW = accept.MAX_CLOCK_SKEW  # seconds a new index's `generated` may lie ahead of the server's clock
-SUMS, SUMS_SIG = "SHA256SUMS", "SHA256SUMS.gpg"
-SUMS_LINE = re.compile(r"\A([0-9a-f]{64})  ([A-Za-z0-9][A-Za-z0-9._+~-]*)\Z")
+SUMS, SUMS_SIG = sums.NAME, sums.SIG
 
 
 class Refused(Exception):
@@ -305,13 +303,8 @@ def _is_data(rel: str) -> bool:
 
 
 def _matches(got: Received, ref: idx.FileRef) -> str | None:
-    if got.size != ref.size:
-        return f"{ref.path}: size {got.size}, the signed index says {ref.size}"
-    if got.sha256 != ref.sha256:
-        return f"{ref.path}: sha256 {got.sha256}, the signed index says {ref.sha256}"
-    if ref.sha512 and got.sha512 != ref.sha512:
-        return f"{ref.path}: sha512 {got.sha512}, the signed index says {ref.sha512}"
-    return None
+    problem = accept.file_problem(ref, got.size, got.sha256, got.sha512)
+    return problem.message if problem else None
 
 
 def _upload_checks(upload: Upload, new: idx.Index, listed: dict[str, idx.FileRef],
@@ -356,32 +349,18 @@ def _upload_checks(upload: Upload, new: idx.Index, listed: dict[str, idx.FileRef
 
 
 def _check_sums(upload: Upload, directory: str, new: idx.Index, verifier: Verifier, required: bool) -> str | None:
-    sums, sums_sig = upload.files.get(f"{directory}/{SUMS}"), upload.files.get(f"{directory}/{SUMS_SIG}")
-    if sums is None or sums_sig is None:
-        missing = SUMS if sums is None else SUMS_SIG
+    text_file, sig_file = upload.files.get(f"{directory}/{SUMS}"), upload.files.get(f"{directory}/{SUMS_SIG}")
+    if text_file is None or sig_file is None:
+        missing = SUMS if text_file is None else SUMS_SIG
         why = "files of this directory are uploaded" if required else "it comes with its pair"
         return f"{directory}/{missing}: missing from the upload ({why})"
-    text = sums.path.read_bytes()
+    text = text_file.path.read_bytes()
     try:
-        verifier.verify(text, sums_sig.path.read_bytes())
+        verifier.verify(text, sig_file.path.read_bytes())
     except AuthenticityError as exc:
         return f"{directory}/{SUMS_SIG}: {exc}"
-    expected = {ref.path.rsplit("/", 1)[-1]: ref.sha256 for e in new.templates if e.directory == directory
-                for ref in (*e.files, e.manifest)}
-    found: dict[str, str] = {}
-    try:
-        lines = text.decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        return f"{directory}/{SUMS}: not UTF-8 text"
-    for line in lines:
-        m = SUMS_LINE.match(line)
-        if not m or m.group(2) in found:
-            return f"{directory}/{SUMS}: malformed or repeated line {line[:100]!r}"
-        found[m.group(2)] = m.group(1)
-    if found != expected:
-        differ = sorted(set(found.items()) ^ set(expected.items()))
-        return f"{directory}/{SUMS}: does not match the new index (first difference: {differ[0][1]})"
-    return None
+    problem = sums.difference(text, sums.expected(e for e in new.templates if e.directory == directory))
+    return f"{directory}/{SUMS}: does not match the new index ({problem})" if problem else None
 
 
 def _served_file(root: Path, rel: str) -> Path | None:

@@ -117,10 +117,6 @@ def find_file(index: idx.Index, filename: str) -> Selected | None:
 
 
 def check_file(ref: idx.FileRef, size: int, sha256: str, sha512: str, what: str) -> None:
-    """Check 9. Raises AuthenticityError naming the first of size, sha256, sha512 that differs."""
-    if size != ref.size:
-        raise AuthenticityError("size", f"{what}: {size} bytes, expected {ref.size} (signed)")
-    if sha256 != ref.sha256:
-        raise AuthenticityError("sha256", f"{what}: found {sha256}, expected {ref.sha256} (signed)")
-    if sha512 != ref.sha512:
-        raise AuthenticityError("sha512", f"{what}: found {sha512}, expected {ref.sha512} (signed)")
+    """Check 9 (tmplbuild.repo.accept.check_file). Raises AuthenticityError naming the first of size, sha256,
+    sha512 that differs; the entry was checked to carry a sha512 (check_entry)."""
+    accept.check_file(ref, size, sha256, sha512, what)

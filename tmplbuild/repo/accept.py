@@ -14,6 +14,8 @@ The checks, in DESIGN.md's order (size caps come before, and belong to whoever d
   successor   client: version not below the last one seen, same version same      FreshnessError 4
               bytes (check_not_rolled_back); upload: version exactly the current
               one + 1 (check_successor)
+  a file      its size, sha256 and sha512 against the entry that lists it      AuthenticityError 3
+              (file_problem / check_file: the client's download, `verify FILE`, the audit and the upload)
 
 Pure: no I/O beyond the Verifier's own gpg run."""
 from __future__ import annotations
@@ -128,3 +130,25 @@ def accept_index(data: bytes, signature: bytes, verifier: SignatureChecker, *, p
     digest = hashlib.sha256(data).hexdigest()
     check_not_rolled_back(last, index, digest)
     return TrustedIndex(index=index, sha256=digest, signer=verified.fingerprint)
+
+
+def file_problem(ref: idx.FileRef, size: int, sha256: str, sha512: str, what: str | None = None) -> \
+        AuthenticityError | None:
+    """The one "file against its signed entry" check: the first of size, sha256 and sha512 that differs (sha512
+    when the entry carries one: a manifest's reference has size and sha256 only), as an AuthenticityError whose
+    check names it; None when all match."""
+    what = what or ref.path
+    if size != ref.size:
+        return AuthenticityError("size", f"{what}: size {size}, expected {ref.size} (signed)")
+    if sha256 != ref.sha256:
+        return AuthenticityError("sha256", f"{what}: sha256 {sha256}, expected {ref.sha256} (signed)")
+    if ref.sha512 and sha512 != ref.sha512:
+        return AuthenticityError("sha512", f"{what}: sha512 {sha512}, expected {ref.sha512} (signed)")
+    return None
+
+
+def check_file(ref: idx.FileRef, size: int, sha256: str, sha512: str, what: str | None = None) -> None:
+    """`file_problem`, raised."""
+    problem = file_problem(ref, size, sha256, sha512, what)
+    if problem is not None:
+        raise problem

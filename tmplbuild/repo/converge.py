@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tmplbuild.repo import index as idx
+from tmplbuild.repo import sums
 from tmplbuild.repo.store import (FPR, INDEX, INDEX_SIG, SUMS, SUMS_SIG, TEMPLATES, fsync_dir, io_error,
                                   load_index, recover)
 
@@ -57,18 +58,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _sums_match(path: Path, entries: list[idx.Entry]) -> bool:
     """`path` (a SHA256SUMS) names exactly the files and hashes the index lists for its directory."""
-    try:
-        text = path.read_bytes()
-    except OSError:
-        return False
-    expected = {Path(r.path).name: r.sha256 for e in entries for r in (*e.files, e.manifest)}
-    found = {}
-    for line in text.decode("utf-8", "replace").splitlines():
-        digest, sep, name = line.partition("  ")
-        if not sep or name in found:
-            return False
-        found[name] = digest
-    return found == expected
+    return sums.matches(path, sums.expected(entries))
 
 
 def converge(root: Path, current: idx.Index, repair: bool = False,

@@ -11,7 +11,7 @@ from tmplbuild.files import hash_file
 from tmplbuild.repo import accept
 from tmplbuild.repo.converge import converge
 from tmplbuild.repo import index as idx
-from tmplbuild.repo import store
+from tmplbuild.repo import store, sums
 from tmplbuild.sign import Signer, Verifier, export_public
 
 
@@ -89,8 +89,7 @@ def prune(root: Path, keep: int, signer: Signer, expires_in: int) -> tuple[idx.I
 
 
 def _write_sums(directory: Path, entries: list[idx.Entry], signer: Signer, verifier: Verifier) -> None:
-    text = "".join(f"{h}  {n}\n" for n, h in sorted(
-        (Path(r.path).name, r.sha256) for e in entries for r in (*e.files, e.manifest))).encode()
+    text = sums.render(sums.expected(entries))
     sig = signer.sign(text, armored=False)
     verifier.verify(text, sig)
     for name, content in (("SHA256SUMS.gpg", sig), ("SHA256SUMS", text)):
@@ -174,12 +173,8 @@ def _check_file(root: Path, ref: idx.FileRef, verifier: Verifier) -> list[str]:
     path = root / ref.path
     if not path.is_file():
         return [f"{ref.path}: listed in the index but missing"]
-    size, sha256, sha512 = hash_file(path)
-    out = []
-    if size != ref.size:
-        out.append(f"{ref.path}: size {size}, the index says {ref.size}")
-    elif sha256 != ref.sha256 or (ref.sha512 and sha512 != ref.sha512):
-        out.append(f"{ref.path}: sha256 {sha256}, the index says {ref.sha256}")
+    problem = accept.file_problem(ref, *hash_file(path))
+    out = [problem.message] if problem else []
     try:
         verifier.verify_file(path, (root / (ref.path + ".asc")).read_bytes())
     except FileNotFoundError:
@@ -197,11 +192,8 @@ def _check_sums(root: Path, directory: str, entries: list[idx.Entry], verifier: 
         return [f"{directory}/{Path(exc.filename).name}: missing"]
     except AuthenticityError as exc:
         return [f"{directory}/SHA256SUMS.gpg: {exc}"]
-    listed = dict(reversed(line.split("  ", 1)) for line in text.decode().splitlines() if "  " in line)
-    expected = {Path(r.path).name: r.sha256 for e in entries for r in (*e.files, e.manifest)}
-    if listed != expected:
-        return [f"{directory}/SHA256SUMS: does not match the index"]
-    return []
+    problem = sums.difference(text, sums.expected(entries))
+    return [f"{directory}/{sums.NAME}: does not match the index ({problem})"] if problem else []
 
 
 def fingerprints_in(key_data: bytes) -> list[str]:

@@ -23,6 +23,7 @@ from tmplbuild.manifest import Manifest, ManifestError
 from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.repo import converge
 from tmplbuild.repo import index as idx
+from tmplbuild.repo import sums
 from tmplbuild.repo import store
 from tmplbuild.sign import Signer, Verifier
 
@@ -183,9 +184,9 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier: Verifier, neighbou
             store.write_durable(asc_tmp, sig)
             staged.append((asc_tmp, final.with_name(final.name + ".asc")))
         # SHA256SUMS covers every template file and manifest of this version directory, all arches.
-        sums = {Path(r.path).name: r.sha256 for e in neighbours for r in (*e.files, e.manifest)}
-        sums.update({Path(r.path).name: r.sha256 for r in (*refs, manifest_ref)})
-        text = "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())).encode()
+        listed = sums.expected(neighbours)
+        listed.update({Path(r.path).name: r.sha256 for r in (*refs, manifest_ref)})
+        text = sums.render(listed)
         sums_sig = signer.sign(text, armored=False)
         verifier.verify(text, sums_sig)
         for fname, content in (("SHA256SUMS", text), ("SHA256SUMS.gpg", sums_sig)):

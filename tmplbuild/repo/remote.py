@@ -86,7 +86,8 @@ def read_token(path: Path) -> str:
 
 
 def _transport(session) -> Transport:
-    """The shared transport; a caller still holding a requests.Session gets a fresh Transport instead."""
+    """The shared transport; a caller passing anything else (an older caller's HTTP session) gets a fresh
+    Transport instead."""
     return session if isinstance(session, Transport) else Transport()
 
 

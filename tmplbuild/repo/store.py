@@ -20,13 +20,14 @@ from pathlib import Path
 from tmplbuild.files import exclusive_lock, fsync_path
 from tmplbuild.errors import LocalIOError, UsageError
 from tmplbuild.repo import index as idx
+from tmplbuild.repo import sums
 
 FPR = re.compile(r"\A[0-9A-F]{40}\Z")
 INDEX, INDEX_SIG = "index.json", "index.json.asc"
 PENDING = ".pending"
 COMPLETE = "COMPLETE"  # marker written last into .pending: the pair there is whole and verified
 TEMPLATES = "templates"
-SUMS, SUMS_SIG = "SHA256SUMS", "SHA256SUMS.gpg"
+SUMS, SUMS_SIG = sums.NAME, sums.SIG
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
