@@ -183,3 +183,36 @@ def test_trust_keeps_its_public_names():
     for name in ("check_index", "select", "check_file", "check_cap", "find_file", "created_time", "INDEX_CAP",
                  "SIGNATURE_CAP"):
         assert hasattr(trust, name), name
+
+
+def test_publish_refuses_an_overlong_lifetime_before_booting_or_writing_anything(tmp_path, key, repo):  # noqa: F811
+    from tests.test_repo import make_artifact
+
+    home, fpr = key
+    manifest = make_artifact(tmp_path / "out")
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    # Without --skip-test the publish would boot the template first: the lifetime is refused before that.
+    proc = tmplbuild("publish", str(manifest), "--repo", str(repo), "--key", fpr, "--gnupghome", str(home),
+                     "--expires-in", "400d")
+    assert proc.returncode == 2 and "lifetime" in proc.stderr and "template test" not in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
+
+
+def test_repo_verify_reports_an_index_from_the_future_as_freshness(tmp_path, key, repo):  # noqa: F811
+    """A finding's kind, not its wording, decides the exit code: only freshness findings give 4."""
+    import time
+
+    from tmplbuild.repo import manage, store
+
+    keys = store.read_keys(repo)
+    current = idx.parse((repo / "index.json").read_bytes())
+    generated = idx.parse_stamp(current.generated)
+    found = manage.audit(repo, keys.public_keys, keys.fingerprints, now=generated - accept.MAX_CLOCK_SKEW - 60)
+    assert [f.kind for f in found] == [manage.Finding.FRESHNESS] and "ahead of this clock" in found[0]
+    assert manage.audit(repo, keys.public_keys, keys.fingerprints, now=time.time()) == []
+    (repo / "templates").mkdir(exist_ok=True)
+    (repo / "templates" / "stray").write_text("x")
+    found = manage.audit(repo, keys.public_keys, keys.fingerprints)
+    assert [f.kind for f in found] == [manage.Finding.UNLISTED]
+    proc = tmplbuild("repo", "verify", str(repo))
+    assert proc.returncode == 3 and "--repair" in proc.stderr, proc.stderr

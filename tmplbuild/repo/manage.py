@@ -128,44 +128,60 @@ def repair(root: Path, public_keys: bytes, pinned: tuple[str, ...]) -> list[str]
         return done + converge(root, current, repair=True)
 
 
-def repair_hint(root: Path, findings: list[str]) -> str | None:
+def repair_hint(root: Path, findings: list[Finding]) -> str | None:
     """The line `repo verify` adds when --repair would fix some of its findings."""
-    if any(f.endswith(UNLISTED) for f in findings):
+    if any(f.kind == Finding.UNLISTED for f in findings):
         return (f"files are served that the signed index does not list (left by an interrupted publish?): "
                 f"`tmplbuild repo verify --repair {root}` removes them")
     return None
 
 
-def audit(root: Path, public_keys: bytes, pinned: tuple[str, ...], now: float | None = None) -> list[str]:
+class Finding(str):
+    """One line of `repo verify`, with its kind: FRESHNESS (exit 4 when every finding is one), UNLISTED (what
+    `--repair` removes) or AUTHENTICITY (everything else: exit 3). A str, so it prints and compares as its line."""
+
+    FRESHNESS, UNLISTED, AUTHENTICITY = "freshness", "unlisted", "authenticity"
+    kind: str
+
+    def __new__(cls, line: str, kind: str = "authenticity") -> Finding:
+        self = super().__new__(cls, line)
+        self.kind = kind
+        return self
+
+
+def audit(root: Path, public_keys: bytes, pinned: tuple[str, ...], now: float | None = None) -> list[Finding]:
     """Every finding in the repository, one line each; empty when all is well. Checks the index signature
     and schema, freshness, that every listed file exists with its signed size and hashes and a good .asc,
     that each directory's SHA256SUMS pair verifies and agrees with the index, and that nothing unlisted is
     served."""
-    findings: list[str] = []
+    findings: list[Finding] = []
     now = time.time() if now is None else now
     with Verifier(public_keys, pinned) as verifier:
         try:
             current, _ = store.load_index(root, verifier)
         except (AuthenticityError, UsageError) as exc:
-            return [f"{store.INDEX}: {exc}"]
+            return [Finding(f"{store.INDEX}: {exc}")]
         if accept.is_expired(current, now):  # the one boundary: now >= expires
-            findings.append(f"{store.INDEX}: expired at {current.expires}")
+            findings.append(Finding(f"{store.INDEX}: expired at {current.expires}", Finding.FRESHNESS))
+        if accept.is_from_the_future(current, now):
+            findings.append(Finding(f"{store.INDEX}: generated {current.generated}, more than "
+                                    f"{accept.MAX_CLOCK_SKEW} s ahead of this clock", Finding.FRESHNESS))
         allowed = {store.INDEX, store.INDEX_SIG} | {f"keys/{f}.asc" for f in store.read_keys(root).fingerprints}
         by_dir: dict[str, list[idx.Entry]] = {}
         for e in current.templates:
             by_dir.setdefault(e.directory, []).append(e)
             for ref in (*e.files, e.manifest):
                 allowed |= {ref.path, ref.path + ".asc"}
-                findings += _check_file(root, ref, verifier)
+                findings += map(Finding, _check_file(root, ref, verifier))
         for directory, entries in by_dir.items():
             allowed |= {f"{directory}/SHA256SUMS", f"{directory}/SHA256SUMS.gpg"}
-            findings += _check_sums(root, directory, entries, verifier)
+            findings += map(Finding, _check_sums(root, directory, entries, verifier))
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # dot-paths are never served
             for name in sorted(filenames):
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
                 if not name.startswith(".") and rel not in allowed:
-                    findings.append(f"{rel}: {UNLISTED}")
+                    findings.append(Finding(f"{rel}: {UNLISTED}", Finding.UNLISTED))
     return findings
 
 
