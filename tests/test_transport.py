@@ -9,15 +9,18 @@ catches, is cut off after about two seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from tmplbuild import __version__
 from tmplbuild.builder import archive
 from tmplbuild.errors import ExitCode, PublishConflictError, TransportError
 from tmplbuild.repo import remote
+from tmplbuild import transport
 from tmplbuild.transport import Limits, Transport
 
 FAST = {"TMPLBUILD_DEADLINE_BASE": "2", "TMPLBUILD_MIN_RATE": "1G", "TMPLBUILD_UPLOAD_ALLOWANCE": "1"}
@@ -40,8 +44,10 @@ FAST = {"TMPLBUILD_DEADLINE_BASE": "2", "TMPLBUILD_MIN_RATE": "1G", "TMPLBUILD_U
 
 class Tricky(ThreadingHTTPServer):
     """Serves `root` (GET), with switches: trickle (one byte every 0.2 s after honest headers), redirect (302 to
-    a Location), gzip (a Content-Encoding the client never asked for); POST answers 409 (`conflict`) or holds the
-    answer back for good (`hold`)."""
+    a Location), gzip (a Content-Encoding the client never asked for), chunked (Transfer-Encoding: chunked),
+    unsized (no Content-Length: the body ends when the connection closes), drop (the connection is closed after
+    the answer without a word); POST answers 409 (`conflict`) or holds the answer back for good (`hold`).
+    `peers` lists the client port of every GET: one port, one connection."""
 
     daemon_threads = True
 
@@ -50,6 +56,10 @@ class Tricky(ThreadingHTTPServer):
         self.trickle: set[str] = set()
         self.redirect: dict[str, str] = {}
         self.gzip: set[str] = set()
+        self.chunked: set[str] = set()
+        self.unsized: set[str] = set()
+        self.drop: set[str] = set()
+        self.peers: list[int] = []
         self.conflict = False
         self.hold = False
         self.log: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers)
@@ -89,6 +99,7 @@ class _Tricky(BaseHTTPRequestHandler):
         srv = self.server
         path = urllib.parse.unquote(self.path.partition("?")[0]).lstrip("/")
         srv.log.append(("GET", path, dict(self.headers)))
+        srv.peers.append(self.client_address[1])
         if path in srv.redirect:
             return self._send(302, b"", {"Location": srv.redirect[path]})
         file = srv.root / path
@@ -97,6 +108,25 @@ class _Tricky(BaseHTTPRequestHandler):
         data = file.read_bytes()
         if path in srv.gzip:
             return self._send(200, data, {"Content-Encoding": "gzip"})
+        if path in srv.chunked:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(data), 1000):
+                piece = data[i:i + 1000]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if path in srv.unsized:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(data)
+            self.close_connection = True
+            return
+        if path in srv.drop:
+            self._send(200, data)
+            self.close_connection = True
+            return
         if path in srv.trickle:
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
@@ -210,6 +240,192 @@ def test_file_urls_for_the_builder_only_and_capped(tmp_path):
     assert dest.read_bytes() == b"x" * 100
     with pytest.raises(TransportError, match="not accepted here"):
         Transport().get_bytes(local.as_uri(), 100, "index.json")
+
+
+def test_connections_are_kept_alive_reused_and_shared_by_threads(tricky):
+    srv = tricky()
+    for i in range(8):
+        (srv.root / f"p{i}.deb").write_bytes(bytes([i]) * 100_000)
+    srv.redirect["moved.deb"] = "/p0.deb"
+    with Transport() as t:
+        for _ in range(3):
+            assert t.get_bytes(f"{srv.url}/p0.deb", 1 << 20, "p0.deb") == b"\0" * 100_000
+        assert t.get_bytes(f"{srv.url}/moved.deb", 1 << 20, "moved.deb") == b"\0" * 100_000  # 302, then 200
+        assert len(srv.peers) == 5 and len(set(srv.peers)) == 1  # one connection for all five
+        # Eight threads at once through one transport (the builder's .deb downloads): each gets its bytes.
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                for _ in range(4):
+                    assert t.get_bytes(f"{srv.url}/p{i}.deb", 1 << 20, "deb") == bytes([i]) * 100_000
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not errors and len(srv.peers) == 5 + 32
+        assert len(set(srv.peers)) <= 8  # connections reused, never more than one per thread
+
+
+def test_chunked_and_unsized_answers_and_an_idle_connection_the_server_closed(tricky, monkeypatch):
+    srv = tricky()
+    data = os.urandom(5000)
+    for name in ("chunked", "unsized", "dropped", "plain"):
+        (srv.root / name).write_bytes(data)
+    srv.chunked.add("chunked")
+    srv.unsized.add("unsized")
+    srv.drop.add("dropped")
+    with Transport() as t:
+        def get(name: str) -> bytes:
+            return t.get_bytes(f"{srv.url}/{name}", 1 << 20, name)
+
+        assert get("chunked") == data and get("plain") == data
+        assert srv.peers[0] == srv.peers[1]  # a chunked answer read to its end keeps its connection
+        assert get("unsized") == data and get("plain") == data
+        assert srv.peers[3] != srv.peers[2]  # an answer that ends with the connection does not
+        assert get("dropped") == data
+        time.sleep(0.2)
+        assert get("plain") == data  # the server closed the idle connection: a new one, no error
+        with monkeypatch.context() as m:  # ...even when the close is not yet seen before the request is sent
+            m.setattr(transport, "_dropped", lambda conn: False)
+            assert get("dropped") == data
+            time.sleep(0.2)
+            assert get("plain") == data
+        with pytest.raises(TransportError, match="download size"):
+            t.get_bytes(f"{srv.url}/chunked", 4999, "chunked")  # no Content-Length to refuse early: cut at the cap
+    with Transport() as t, t.open(f"{srv.url}/chunked") as reply:
+        reply.expect()
+        assert reply.content_length() is None and b"".join(reply.body()) == data
+
+
+def test_connection_failures_keep_their_checks_and_messages(tmp_path):
+    with socket_closed() as port:
+        url = f"http://127.0.0.1:{port}/index.json"
+        for t in (Transport(), Transport(retries=2)):
+            with pytest.raises(TransportError) as caught:
+                t.get_bytes(url, 100, "index.json")
+            assert (caught.value.check, caught.value.message) == ("http", f"{url}: cannot connect")
+        body = tmp_path / "upload.tar"
+        body.write_bytes(b"x" * 10)
+        with pytest.raises(TransportError) as caught:
+            Transport().post_file(url, body, {})
+        assert (caught.value.check, caught.value.message) == ("upload", f"{url}: cannot connect")
+
+
+@contextlib.contextmanager
+def socket_closed() -> Iterator[int]:
+    """A port on 127.0.0.1 where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port
+
+
+class Forwarder(ThreadingHTTPServer):
+    """A tiny forwarding HTTP proxy: GET in absolute form is fetched from its origin and answered; CONNECT is
+    logged and refused (403). `log` lists (method, target)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str]] = []
+        super().__init__(("127.0.0.1", 0), _Forward)
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Forward(BaseHTTPRequestHandler):
+    server: Forwarder
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        import http.client
+
+        self.server.log.append(("GET", self.path))
+        target = urllib.parse.urlsplit(self.path)
+        upstream = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=10)
+        try:
+            upstream.request("GET", target.path or "/", headers={
+                k: v for k, v in self.headers.items() if k.lower() not in ("connection", "proxy-authorization")})
+            answer = upstream.getresponse()
+            data = answer.read()
+        finally:
+            upstream.close()
+        self.send_response(answer.status)
+        for k, v in answer.getheaders():
+            if k.lower() not in ("connection", "content-length", "transfer-encoding", "date", "server"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_CONNECT(self) -> None:  # noqa: N802
+        self.server.log.append(("CONNECT", self.path))
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.close_connection = True
+
+
+@pytest.fixture
+def forwarder(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    proxy = Forwarder()
+    yield proxy
+    proxy.stop()
+
+
+def test_http_goes_through_the_proxy_the_environment_names_unless_no_proxy_covers_the_host(tricky, forwarder,
+                                                                                            monkeypatch):
+    srv = tricky()
+    (srv.root / "InRelease").write_bytes(b"release\n")
+    url = f"{srv.url}/InRelease"
+    monkeypatch.setenv("HTTP_PROXY", forwarder.url)
+    with Transport() as t:
+        assert t.get_bytes(url, 1 << 20, "InRelease") == b"release\n"
+    assert forwarder.log == [("GET", url)]  # the absolute form, to the proxy
+    headers = srv.requests("GET", "InRelease")[-1]
+    assert headers["User-Agent"] == f"tmplbuild/{__version__}" and headers["Accept-Encoding"] == "identity"
+    for no_proxy in ("127.0.0.1", "localhost,127.0.0.0/8", "*"):
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        with Transport() as t:
+            assert t.get_bytes(url, 1 << 20, "InRelease") == b"release\n"
+    assert len(forwarder.log) == 1 and len(srv.requests("GET", "InRelease")) == 4  # asked directly
+    # https goes through a CONNECT tunnel to the origin (this proxy refuses it).
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("https_proxy", forwarder.url)
+    with socket_closed() as port, pytest.raises(TransportError) as caught:
+        Transport().get_bytes(f"https://127.0.0.1:{port}/index.json", 100, "index.json")
+    assert forwarder.log[-1] == ("CONNECT", f"127.0.0.1:{port}")
+    assert caught.value.check == "http" and ": cannot connect (through the proxy 127.0.0.1:" in caught.value.message
+
+
+def test_the_fetch_path_imports_neither_requests_nor_urllib3():
+    probe = ("import sys\n"
+             "import tmplbuild.transport, tmplbuild.client.updater, tmplbuild.client.download\n"
+             "import tmplbuild.client.commands, tmplbuild.repo.remote\n"
+             "print(sorted(m for m in ('requests', 'urllib3', 'urllib.request') if m in sys.modules))\n")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT,
+                          env=env)
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 # -- 2. the overall deadline --------------------------------------------------------------------------------------

@@ -20,25 +20,29 @@ Every failure is a TransportError (exit 5) naming what failed; deadline failures
 
 The deadline is enforced by a watchdog timer: when it passes, the sockets of the request in flight are shut down,
 which wakes any read or write blocked on them; the reader then reports the deadline, not a broken connection.
+
+The backend is the standard library's http.client (no third-party HTTP stack: `tmplbuild fetch` starts faster).
+Connections are kept alive in a small LIFO pool per (scheme, host, port, proxy), shared by threads; one goes back
+to the pool only when its answer was read to the end and the server did not announce a close. HTTPS verifies the
+certificate and the host name against the system's CAs (ssl.create_default_context(); OpenSSL's SSL_CERT_FILE and
+SSL_CERT_DIR apply). Proxies come from the environment as curl and apt read them: http_proxy / HTTP_PROXY,
+https_proxy / HTTPS_PROXY, all_proxy, and no_proxy / NO_PROXY (host names, domain suffixes, `*`, IP networks);
+plain http goes to the proxy in absolute form, https through a CONNECT tunnel.
 """
 from __future__ import annotations
 
 import http.client
 import os
 import re
+import select
 import socket
+import ssl  # already imported by http.client; the CA store is loaded only for the first https URL
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import requests
-import requests.adapters
-import urllib3
-import urllib3.connectionpool
-import urllib3.poolmanager
 
 from tmplbuild import __version__
 from tmplbuild.errors import TransportError, UsageError
@@ -54,6 +58,8 @@ DEFAULT_DEADLINE_BASE = 30.0  # seconds every request gets on top of its size at
 DEFAULT_MIN_RATE = 256 << 10  # bytes/s (2 Mbit/s): slower than this on average, a download is given up
 UPLOAD_SERVER_ALLOWANCE = 120.0  # seconds added to an upload's deadline: the server waits up to this for its lock
 REPLY_CAP = 64 << 10  # bytes of an upload's JSON answer
+SEND_BLOCK = 1 << 20  # bytes of an upload's body per write
+DRAIN_CAP = 64 << 10  # bytes of a redirect's body read to keep its connection alive
 ENV_BASE = "TMPLBUILD_DEADLINE_BASE"
 ENV_RATE = "TMPLBUILD_MIN_RATE"
 ENV_UPLOAD = "TMPLBUILD_UPLOAD_ALLOWANCE"
@@ -106,9 +112,6 @@ class Limits:
         return self.base + extra + max(size, 0) / self.min_rate
 
 
-_local = threading.local()  # the Deadline of the request this thread is making, for the connection pools
-
-
 class Deadline:
     """The overall time allowed for one request and its body. Armed as a context manager: a timer then shuts
     down the sockets the request uses when the time is up."""
@@ -153,6 +156,7 @@ class Deadline:
             f"{self.size} bytes at {self.limits.min_rate} bytes/s; {env} change this)"))
 
     def watch(self, conn: object) -> None:
+        """Shut `conn` (a socket, or a connection whose socket it is at that moment) down when the time is up."""
         with self._lock:
             self._conns.append(conn)
             if self.fired:
@@ -191,7 +195,7 @@ class Deadline:
 
 
 def _shutdown(conn: object) -> None:
-    sock = getattr(conn, "sock", None)
+    sock = conn if isinstance(conn, socket.socket) else getattr(conn, "sock", None)
     if sock is None:
         return
     try:
@@ -200,37 +204,127 @@ def _shutdown(conn: object) -> None:
         pass
 
 
-# -- connection pools that report their connections to the current deadline ------------------------------------
+# -- connections --------------------------------------------------------------------------------------------------
 
-def _watched(conn):
-    deadline = getattr(_local, "deadline", None)
-    if deadline is not None:
-        deadline.watch(conn)
-    return conn
+class _HTTPConnection(http.client.HTTPConnection):
+    """Connects within CONNECT_TIMEOUT, then allows `read_timeout` for each read or write on the socket."""
 
+    read_timeout: float = READ_TIMEOUT
 
-class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
-    def _get_conn(self, timeout=None):
-        return _watched(super()._get_conn(timeout))
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(self.read_timeout)
 
 
-class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
-    def _get_conn(self, timeout=None):
-        return _watched(super()._get_conn(timeout))
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """The same over TLS (through a CONNECT tunnel when set_tunnel named the origin)."""
+
+    read_timeout: float = READ_TIMEOUT
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.settimeout(self.read_timeout)
 
 
-_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+_tls_lock = threading.Lock()
+_tls: ssl.SSLContext | None = None
 
 
-class _Adapter(requests.adapters.HTTPAdapter):
-    def init_poolmanager(self, *args, **kwargs) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = _POOLS
+def _tls_context() -> ssl.SSLContext:
+    """One client context for the process: the system's CAs, certificate and host name checked."""
+    global _tls
+    with _tls_lock:
+        if _tls is None:
+            _tls = ssl.create_default_context()
+        return _tls
 
-    def proxy_manager_for(self, proxy, **kwargs):
-        manager = super().proxy_manager_for(proxy, **kwargs)
-        manager.pool_classes_by_scheme = _POOLS
-        return manager
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """True if an idle connection's socket is gone, or readable (the server closed it, or sent what nobody
+    asked for): it must not carry another request."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+# -- proxies from the environment ---------------------------------------------------------------------------------
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+class _Proxy(tuple):
+    """(host, port, auth): auth is a Proxy-Authorization value, from user:password in the proxy's URL."""
+
+    __slots__ = ()
+
+    def __new__(cls, host: str, port: int, auth: str | None) -> _Proxy:
+        return super().__new__(cls, (host, port, auth))
+
+    host = property(lambda self: self[0])
+    port = property(lambda self: self[1])
+    auth = property(lambda self: self[2])
+
+    def __repr__(self) -> str:
+        return f"_Proxy({self[0]!r}, {self[1]})"  # never the credentials
+
+
+def proxy_for(scheme: str, host: str, port: int) -> _Proxy | None:
+    """The proxy the environment names for this origin (http_proxy, https_proxy, all_proxy, in lower or upper
+    case, lower first), unless no_proxy / NO_PROXY covers the host. Raises TransportError for a proxy URL that is
+    not http://."""
+    env = os.environ
+    if not any(env.get(k) for k in _PROXY_VARS):
+        return None  # the common case: no urllib.request to import
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme) or proxies.get("all")
+    if not url or _bypass(host, port, proxies.get("no", "")):
+        return None
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        proxy_port = parts.port or 80
+    except ValueError:
+        proxy_port = -1
+    if parts.scheme.lower() != "http" or not parts.hostname or proxy_port < 0:
+        shown = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if proxy_port > 0 and parts.port else "")
+        raise TransportError("http", f"proxy {shown} (from the environment): expected http://host[:port]")
+    auth = None
+    if parts.username is not None:
+        import base64
+
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        auth = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    return _Proxy(parts.hostname, proxy_port, auth)
+
+
+def _bypass(host: str, port: int, no_proxy: str) -> bool:
+    if not no_proxy.strip():
+        return False
+    import urllib.request
+
+    if urllib.request.proxy_bypass_environment(host if ":" in host else f"{host}:{port}", {"no": no_proxy}):
+        return True
+    if "/" in no_proxy:  # IP networks (10.0.0.0/8), for a host given as an address
+        import ipaddress
+
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        for entry in no_proxy.replace(" ", "").split(","):
+            try:
+                if "/" in entry and address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+    return False
 
 
 # -- requests and answers -----------------------------------------------------------------------------------------
@@ -246,10 +340,12 @@ def origin(url: str) -> tuple[str, str, int]:
 
 
 def _reason(exc: BaseException, read_timeout: float = READ_TIMEOUT) -> str:
-    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+    if isinstance(exc, TimeoutError):  # socket.timeout too
         return f"timed out (connect {CONNECT_TIMEOUT} s, read {read_timeout:g} s)"
-    if isinstance(exc, requests.ConnectionError):
-        return "cannot connect" if "connect" in str(exc).lower() else f"connection failed: {exc}"
+    if isinstance(exc, ssl.SSLError):
+        return f"cannot connect (TLS: {getattr(exc, 'verify_message', None) or exc.reason or exc})"
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        return "cannot connect"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -257,19 +353,33 @@ class Broken(Exception):
     """The connection broke (or a read timed out) before the end of the body."""
 
 
-_READ_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError)
+_READ_ERRORS = (http.client.HTTPException, OSError, ValueError)
+_STALE = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+_SAFE = "!#$%&'()*+,/:;=?@[]~"  # what stays as it is in a request target (the rest is percent-encoded)
+
+
+class _Headers(dict):
+    """A file's one header, read as an answer's headers are (case-insensitive get)."""
+
+    def get(self, key: str, default=None):  # type: ignore[override]
+        for k, v in self.items():
+            if k.lower() == key.lower():
+                return v
+        return default
 
 
 class Reply:
     """One answer: status, headers and a raw body read under the request's deadline. A context manager; closing
-    it closes the connection and disarms the deadline."""
+    it disarms the deadline and gives the connection back to its transport's pool if the body was read to the
+    end (else closes it)."""
 
-    def __init__(self, url: str, deadline: Deadline, resp: requests.Response | None = None, file=None,
-                 file_size: int = 0) -> None:
+    def __init__(self, url: str, deadline: Deadline, resp: http.client.HTTPResponse | None = None, file=None,
+                 file_size: int = 0, *, conn: http.client.HTTPConnection | None = None, release=None) -> None:
         self.url, self.deadline, self.resp, self.file = url, deadline, resp, file
-        self.status_code = resp.status_code if resp is not None else 200
-        self.headers = resp.headers if resp is not None else requests.structures.CaseInsensitiveDict(
-            {"Content-Length": str(file_size)})
+        self.status_code = resp.status if resp is not None else 200
+        self.headers = resp.headers if resp is not None else _Headers({"Content-Length": str(file_size)})
+        self._conn, self._release_to = conn, release
+        self._complete = False
 
     def expect(self, ok: tuple[int, ...] = (200,)) -> None:
         """Raises TransportError("http") for another status or a Content-Encoding other than identity."""
@@ -278,22 +388,31 @@ class Reply:
     def content_length(self) -> int | None:
         return content_length(self, self.url)
 
+    def _read(self) -> bytes:
+        """At most CHUNK bytes, as soon as any arrive; b"" at the end of the body. Raises Broken-worthy errors
+        (OSError, HTTPException, ValueError), ConnectionResetError when the body ends before its length."""
+        if self.file is not None:
+            return self.file.read(CHUNK)
+        resp = self.resp
+        chunk = resp.read1(CHUNK)
+        if not chunk:
+            if not resp.chunked and resp.length:
+                raise ConnectionResetError("the body ended before its Content-Length")
+            self._complete = True
+        return chunk
+
     def body(self) -> Iterator[bytes]:
         """The raw body, exactly as served (no decoding), in chunks. Raises Broken, TransportError (deadline)."""
         deadline = self.deadline
         while True:
             deadline.check()
             try:
-                if self.file is not None:
-                    chunk = self.file.read(CHUNK)
-                else:
-                    chunk = self.resp.raw.read1(CHUNK, decode_content=False) if hasattr(self.resp.raw, "read1") \
-                        else self.resp.raw.read(CHUNK, decode_content=False)
+                chunk = self._read()
             except _READ_ERRORS as exc:
                 deadline.check()
                 if self.file is not None:
                     raise Broken(f"read error: {exc}") from None
-                if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+                if isinstance(exc, TimeoutError):
                     raise Broken(f"no data for {READ_TIMEOUT} s") from None
                 raise Broken("connection closed early") from None
             if not chunk:
@@ -319,14 +438,40 @@ class Reply:
             raise TransportError("truncated", f"{self.url}: {len(data)} bytes, expected {length} (Content-Length)")
         return bytes(data)
 
+    def _drain(self) -> None:
+        """Read a short body (a redirect's) to its end, so that its connection can carry the next request."""
+        length = self.resp.length if self.resp is not None else None
+        if length is not None and length > DRAIN_CAP:
+            return
+        got = 0
+        try:
+            while got <= DRAIN_CAP and (chunk := self._read()):
+                got += len(chunk)
+        except _READ_ERRORS:
+            pass
+
+    def release(self) -> None:
+        """Give the connection back (an answer read to its end, on a connection the server keeps open) or
+        close it. The file of a file:// answer is closed."""
+        conn, self._conn = self._conn, None
+        if self.file is not None:
+            self.file.close()
+        if conn is None:
+            return
+        resp = self.resp
+        reusable = self._complete and not resp.will_close and not self.deadline.fired \
+            and self._release_to is not None
+        resp.close()
+        if reusable:
+            self._release_to(conn)
+        else:
+            conn.close()
+
     def close(self) -> None:
         try:
-            if self.resp is not None:
-                self.resp.close()
-            if self.file is not None:
-                self.file.close()
-        finally:
             self.deadline.__exit__(None, None, None)
+        finally:
+            self.release()
 
     def __enter__(self) -> Reply:
         return self
@@ -352,22 +497,31 @@ def content_length(resp, url: str) -> int | None:
     return int(value)
 
 
+_Key = tuple[str, str, int, "_Proxy | None"]  # scheme, host, port, proxy: the connections a request may use
+
+
 class Transport:
     """One HTTP session under the rules above. Thread-safe for concurrent requests (the builder downloads
-    .debs on several threads); `pool` is the number of connections kept per host."""
+    .debs on several threads); `pool` is the number of idle connections kept per origin, `retries` the number of
+    further attempts when a connection cannot be made (refused, no such host, connect timeout)."""
 
     def __init__(self, limits: Limits | None = None, *, allow_file: bool = False, retries: int = 0,
                  pool: int = 10) -> None:
         self.limits = limits or Limits.from_env()
         self.allow_file = allow_file
-        self.session = requests.Session()
-        adapter = _Adapter(pool_connections=pool, pool_maxsize=pool, max_retries=retries)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+        self.retries = retries
+        self.pool = pool
+        self.headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", "Accept": "*/*"}
+        self._lock = threading.Lock()
+        self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
 
     def close(self) -> None:
-        self.session.close()
+        """Close the idle connections (the transport stays usable)."""
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
 
     def __enter__(self) -> Transport:
         return self
@@ -375,18 +529,115 @@ class Transport:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, deadline: Deadline, method: str, url: str, **kwargs) -> requests.Response:
-        _local.deadline = deadline
+    # -- the connection pool
+
+    def _take(self, key: _Key) -> http.client.HTTPConnection | None:
+        """The most recently used idle connection of `key` that is still open, or None."""
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                conn = idle.pop()
+            if not _dropped(conn):
+                return conn
+            conn.close()
+
+    def _give(self, key: _Key, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.pool:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def _connection(self, key: _Key, read_timeout: float) -> http.client.HTTPConnection:
+        scheme, host, port, proxy = key
+        where = (host, port) if proxy is None else (proxy.host, proxy.port)
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = _HTTPSConnection(*where, timeout=CONNECT_TIMEOUT, context=_tls_context(), blocksize=SEND_BLOCK)
+            if proxy is not None:
+                conn.set_tunnel(host, port, {"Proxy-Authorization": proxy.auth} if proxy.auth else None)
+        else:
+            conn = _HTTPConnection(*where, timeout=CONNECT_TIMEOUT, blocksize=SEND_BLOCK)
+        conn.read_timeout = read_timeout
+        return conn
+
+    # -- one exchange
+
+    def _route(self, url: str) -> tuple[_Key, str, dict[str, str]]:
+        """(pool key, request target, headers for the proxy) of `url`. Raises TransportError("http")."""
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS:
+            raise TransportError("http", f"{url}: {scheme or 'no'} scheme, expected http or https")
         try:
-            return self.session.request(method, url, allow_redirects=False, **kwargs)
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            deadline.check()
-            if not isinstance(exc, requests.RequestException):
-                raise TransportError("http", f"{url}: {_reason(exc)}") from None
-            check = "upload" if method == "POST" else "http"
-            raise TransportError(check, f"{url}: {_reason(exc, kwargs['timeout'][1])}") from None
-        finally:
-            _local.deadline = None
+            explicit = parts.port
+        except ValueError:
+            raise TransportError("http", f"{url}: invalid port") from None
+        host = parts.hostname
+        if not host:
+            raise TransportError("http", f"{url}: no host")
+        port = explicit or _DEFAULT_PORTS[scheme]
+        target = urllib.parse.quote(parts.path or "/", safe=_SAFE)
+        if parts.query:
+            target += "?" + urllib.parse.quote(parts.query, safe=_SAFE)
+        proxy = proxy_for(scheme, host, port)
+        extra: dict[str, str] = {}
+        if proxy is not None and scheme == "http":  # absolute form, to the proxy
+            authority = f"[{host}]" if ":" in host else host
+            target = f"http://{authority}{f':{explicit}' if explicit else ''}{target}"
+            if proxy.auth:
+                extra["Proxy-Authorization"] = proxy.auth
+        return (scheme, host, port, proxy), target, extra
+
+    def _send(self, deadline: Deadline, method: str, url: str, headers: dict[str, str] | None = None,
+              body=None) -> Reply:
+        """Send one request and read the answer's head. A GET reuses an idle connection (and retries once on a
+        fresh one if the server had closed it meanwhile); an upload always gets a fresh one. Raises
+        TransportError ("http", "upload" for a POST, the deadline's)."""
+        key, target, extra = self._route(url)
+        read_timeout = READ_TIMEOUT if body is None else UPLOAD_READ_TIMEOUT
+        check = "upload" if method == "POST" else "http"
+        sent = {**self.headers, **extra, **(headers or {})}
+        connects = 0
+        reuse = body is None
+        while True:
+            conn = self._take(key) if reuse else None
+            reused = conn is not None
+            connecting = not reused
+            try:
+                if conn is None:
+                    conn = self._connection(key, read_timeout)
+                    deadline.watch(conn)
+                    connects += 1
+                    conn.connect()
+                else:
+                    conn.sock.settimeout(read_timeout)
+                deadline.watch(conn.sock)
+                connecting = False
+                deadline.check()
+                conn.request(method, target, body=body, headers=sent)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                if conn is not None:
+                    conn.close()
+                deadline.check()
+                if reused and isinstance(exc, _STALE):
+                    reuse = False  # the server closed the idle connection: once more, on a new one
+                    continue
+                if connecting and connects <= self.retries and not isinstance(exc, ValueError):
+                    continue
+                reason = _reason(exc, read_timeout)
+                if connecting and key[3] is not None and reason == "cannot connect":
+                    reason += f" (through the proxy {key[3].host}:{key[3].port}: {exc})"
+                raise TransportError(check, f"{url}: {reason}") from None
+            except BaseException:  # the deadline, an interrupt: the connection is in an unknown state
+                if conn is not None:
+                    conn.close()
+                raise
+            return Reply(url, deadline, resp, conn=conn, release=lambda c, k=key: self._give(k, c))
 
     def open(self, url: str, headers: dict[str, str] | None = None, *, what: str | None = None,
              size: int | None = None) -> Reply:
@@ -400,11 +651,12 @@ class Transport:
                 return self._open_file(url, deadline)
             first, start = url, origin(url)
             for hop in range(MAX_REDIRECTS + 1):
-                resp = self._request(deadline, "GET", url, headers=headers, stream=True, timeout=TIMEOUT)
-                if resp.status_code not in _REDIRECTS:
-                    return Reply(url, deadline, resp)
-                location = resp.headers.get("Location", "")
-                resp.close()
+                reply = self._send(deadline, "GET", url, headers)
+                if reply.status_code not in _REDIRECTS:
+                    return reply
+                location = reply.headers.get("Location", "")
+                reply._drain()
+                reply.release()
                 target = urllib.parse.urljoin(url, location)
                 if not location or origin(target) != start or "@" in urllib.parse.urlsplit(target).netloc:
                     raise TransportError("redirect refused", f"{url} redirects to {target or 'nowhere'}, expected "
@@ -437,17 +689,14 @@ class Transport:
             return reply.read_capped(cap, what)
 
     def post_file(self, url: str, body: Path, headers: dict[str, str], what: str | None = None) -> tuple[int, bytes]:
-        """POST the file `body`; (status, at most REPLY_CAP bytes of the answer). Never follows a redirect. The
-        deadline covers sending, the server's checks (UPLOAD_SERVER_ALLOWANCE) and the answer. Raises
-        TransportError ("upload", "upload deadline")."""
+        """POST the file `body` (streamed, with its Content-Length); (status, at most REPLY_CAP bytes of the
+        answer). Never follows a redirect. The deadline covers sending, the server's checks
+        (UPLOAD_SERVER_ALLOWANCE) and the answer. Raises TransportError ("upload", "upload deadline")."""
         size = body.stat().st_size
         what = what or url
         with Deadline("upload", what, size, self.limits, self.limits.upload_allowance) as deadline:
             with open(body, "rb") as f:
-                resp = self._request(deadline, "POST", url, data=f, stream=True,
-                                     timeout=(CONNECT_TIMEOUT, UPLOAD_READ_TIMEOUT),
-                                     headers={**headers, "Content-Length": str(size)})
-            reply = Reply(url, deadline, resp)
+                reply = self._send(deadline, "POST", url, {**headers, "Content-Length": str(size)}, body=f)
             try:
                 data = bytearray()
                 try:
@@ -456,9 +705,8 @@ class Transport:
                         if len(data) > REPLY_CAP:
                             break
                 except Broken as exc:
-                    raise TransportError("upload", f"{url}: HTTP {resp.status_code}, then the answer broke off: "
+                    raise TransportError("upload", f"{url}: HTTP {reply.status_code}, then the answer broke off: "
                                                    f"{exc}") from None
-                return resp.status_code, bytes(data[:REPLY_CAP])
+                return reply.status_code, bytes(data[:REPLY_CAP])
             finally:
-                if reply.resp is not None:
-                    reply.resp.close()
+                reply.release()

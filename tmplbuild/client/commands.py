@@ -20,7 +20,7 @@ from tmplbuild.errors import AuthenticityError, UsageError
 if TYPE_CHECKING:
     from tmplbuild.client import updater
 
-# The verbs import the trust core, gnupg and requests when they run, not when the parser is built: `tmplbuild
+# The verbs import the trust core, gnupg and http.client when they run, not when the parser is built: `tmplbuild
 # --help` and a mistyped option answer at once.
 
 DEFAULT_DEST = "/var/lib/vz/template/cache"  # Proxmox VE's template cache: what pct and pveam read
