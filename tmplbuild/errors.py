@@ -74,6 +74,13 @@ class TransportError(TmplbuildError):
     exit_code = ExitCode.TRANSPORT
 
 
+class OversizeError(TransportError):
+    """A download larger than its cap or its signed size (exit 5): never worth keeping to resume."""
+
+    def __init__(self, check: str = "download size", message: str = "") -> None:
+        super().__init__(check, message)
+
+
 class UnsafeContentError(TmplbuildError):
     """Archive or tree content that must not be shipped or unpacked (exit 6)."""
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmplbuild import __version__
-from tmplbuild.errors import TransportError, UsageError
+from tmplbuild.errors import OversizeError, TransportError, UsageError
 
 USER_AGENT = f"tmplbuild/{__version__}"
 CONNECT_TIMEOUT = 10  # seconds to connect
@@ -425,13 +425,13 @@ class Reply:
         bytes than announced ("truncated"), a broken connection, the deadline."""
         length = self.content_length()
         if length is not None and length > cap:
-            raise TransportError("download size", f"{what}: more than {cap} bytes, expected at most {cap}")
+            raise OversizeError("download size", f"{what}: more than {cap} bytes, expected at most {cap}")
         data = bytearray()
         try:
             for chunk in self.body():
                 data += chunk
                 if len(data) > cap:
-                    raise TransportError("download size", f"{what}: more than {cap} bytes, expected at most {cap}")
+                    raise OversizeError("download size", f"{what}: more than {cap} bytes, expected at most {cap}")
         except Broken as exc:
             raise TransportError("truncated", f"{self.url}: {len(data)} bytes, then {exc}") from None
         if length is not None and len(data) != length:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from tmplbuild.client import trust
-from tmplbuild.errors import AuthenticityError, LocalIOError, TransportError
+from tmplbuild.errors import AuthenticityError, LocalIOError, OversizeError, TransportError
 from tmplbuild.files import Writeback, fsync_path
 from tmplbuild.repo.index import FileRef
 from tmplbuild.transport import CHUNK, Broken, Reply, Transport, expect_status
@@ -211,7 +211,7 @@ class _Part:
         expected = ref.size - offset
         length = resp.content_length()
         if length is not None and length > expected:
-            raise TransportError("download size", f"{url}: server announces {length} bytes, expected {expected} "
+            raise OversizeError("download size", f"{url}: server announces {length} bytes, expected {expected} "
                                                   f"(signed size {ref.size})")
         if length is not None and length < expected:
             raise AuthenticityError("size", f"{url}: server announces {length} bytes, expected {expected} "
@@ -222,7 +222,7 @@ class _Part:
         try:
             for chunk in resp.body():
                 if done + len(chunk) > expected:
-                    raise TransportError("download size", f"{url}: more than the signed {ref.size} bytes")
+                    raise OversizeError("download size", f"{url}: more than the signed {ref.size} bytes")
                 f.write(chunk)
                 self.hasher.update(chunk)
                 self.writeback.wrote(len(chunk))
@@ -280,7 +280,7 @@ def install(transport: Transport, url: str, ref: FileRef, dest: Path, filename: 
                 size = os.fstat(fd).st_size
             except OSError:
                 size = 0
-            if exc.check == "download size" or not 0 < size < ref.size:
+            if isinstance(exc, OversizeError) or not 0 < size < ref.size:
                 part.unlink(missing_ok=True)
             raise
         except OSError as exc:  # writing the part (socket errors are TransportErrors by now)

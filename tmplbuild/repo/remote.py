@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from tmplbuild.errors import AuthenticityError, PublishConflictError, TransportError, UsageError
+from tmplbuild.errors import AuthenticityError, PublishConflictError, SignatureError, TransportError, UsageError
 from tmplbuild.repo import index as idx
 from tmplbuild.repo.publish import Published, _add, load_artifact, stage_additions
 from tmplbuild.sign import Signer, Verifier
@@ -101,10 +101,10 @@ def fetch_verified_index(session: Transport, base: str, verifier: Verifier) -> i
         try:
             verifier.verify(data, sig)
             break
-        except AuthenticityError as exc:
+        except SignatureError:
             # The pair cannot be swapped in one step: a read racing another publisher's renames can see the
             # new index with the old signature for a moment. Read it again before calling it a failure.
-            if exc.check != "signature" or attempt == 3:
+            if attempt == 3:
                 raise
             time.sleep(0.1 * attempt)
     return idx.parse(data)
