@@ -37,8 +37,10 @@ def boot(containers: list[Container], deadline: float) -> tuple[Check, dict[str,
         while True:
             res = c.exec("systemctl", "is-system-running", "--wait", timeout=deadline - time.monotonic())
             # Right after start PID 1 has not opened its private bus yet: ask again until the deadline. systemd 252
-            # says "Failed to connect to bus", 257 "Failed to connect to system scope bus via local transport".
-            if "Failed to connect to" not in res.out or time.monotonic() > deadline or not c.alive():
+            # says "Failed to connect to bus", 257 "Failed to connect to system scope bus via local transport";
+            # earlier still (a slow start on a loaded host, PID 1 not yet systemd) systemctl answers "offline".
+            early = "Failed to connect to" in res.out or res.out.strip().splitlines()[-1:] == ["offline"]
+            if not early or time.monotonic() > deadline or not c.alive():
                 break
             time.sleep(0.1)
         state = res.out.strip().splitlines()[-1] if res.out.strip() else f"no answer (exit {res.rc})"
