@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, gpg, recipe_dir
+from tests.test_recipe import DEBIAN_KEYRING, needs_debian_keyring
 from tmplbuild.cli import main
 from tmplbuild.recipe.load import MAX_NESTING
 
-DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-needs_debian_keyring = pytest.mark.skipif(not DEBIAN_KEYRING.is_file(), reason="debian-archive-keyring not installed")
 
 BASE = """\
 [template]

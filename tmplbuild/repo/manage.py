@@ -92,7 +92,7 @@ def _write_sums(directory: Path, entries: list[idx.Entry], signer: Signer, verif
     text = sums.render(sums.expected(entries))
     sig = signer.sign(text, armored=False)
     verifier.verify(text, sig)
-    for name, content in (("SHA256SUMS.gpg", sig), ("SHA256SUMS", text)):
+    for name, content in ((sums.SIG, sig), (sums.NAME, text)):
         tmp = directory / f".{name}.part"
         store.write_durable(tmp, content)
         os.replace(tmp, directory / name)
@@ -174,7 +174,7 @@ def audit(root: Path, public_keys: bytes, pinned: tuple[str, ...], now: float | 
                 allowed |= {ref.path, ref.path + ".asc"}
                 findings += map(Finding, _check_file(root, ref, verifier))
         for directory, entries in by_dir.items():
-            allowed |= {f"{directory}/SHA256SUMS", f"{directory}/SHA256SUMS.gpg"}
+            allowed |= {f"{directory}/{sums.NAME}", f"{directory}/{sums.SIG}"}
             findings += map(Finding, _check_sums(root, directory, entries, verifier))
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # dot-paths are never served
@@ -202,12 +202,12 @@ def _check_file(root: Path, ref: idx.FileRef, verifier: Verifier) -> list[str]:
 
 def _check_sums(root: Path, directory: str, entries: list[idx.Entry], verifier: Verifier) -> list[str]:
     try:
-        text = (root / directory / "SHA256SUMS").read_bytes()
-        verifier.verify(text, (root / directory / "SHA256SUMS.gpg").read_bytes())
+        text = (root / directory / sums.NAME).read_bytes()
+        verifier.verify(text, (root / directory / sums.SIG).read_bytes())
     except FileNotFoundError as exc:
         return [f"{directory}/{Path(exc.filename).name}: missing"]
     except AuthenticityError as exc:
-        return [f"{directory}/SHA256SUMS.gpg: {exc}"]
+        return [f"{directory}/{sums.SIG}: {exc}"]
     problem = sums.difference(text, sums.expected(entries))
     return [f"{directory}/{sums.NAME}: does not match the index ({problem})"] if problem else []
 
