@@ -13,7 +13,7 @@ from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo.root import Role
 from tmplbuild.sign import Signer, export_public
 
-from conftest import gpg
+from tests.conftest import gpg
 
 NAMES = ("root-a", "root-b", "root-c", "root-d", "online-1", "online-2", "thief")
 
