@@ -426,6 +426,9 @@ def parser() -> argparse.ArgumentParser:
     from tmplbuild.client.commands import register as register_client
 
     register_client(sub)  # remote, list, fetch, verify: the node admin's verbs
+    from tmplbuild.rootcmd import register as register_root
+
+    register_root(sub)  # root init/next/sign/show/publish: the root key holders' verbs
     return p
 
 
