@@ -112,8 +112,10 @@ def test_root_key_and_online_key_must_differ_and_drafts_are_not_overwritten(hold
 
 def test_threshold_and_lifetime_are_checked_before_anything_is_written(holders, tmp_path):
     out = tmp_path / "1.root.json"
+    proc = init_root(holders, out, "--threshold", "4")
+    assert proc.returncode == 2 and "threshold 4, expected 1 to 3" in last_line(proc)
     proc = init_root(holders, out, "--online-threshold", "2")
-    assert proc.returncode == 2 and "threshold 2, expected 1 to 1" in last_line(proc)
+    assert proc.returncode == 2 and "publishes with one online key" in last_line(proc)
     proc = init_root(holders, out, "--expires-in", "6y")
     assert proc.returncode == 2 and "root lifetime" in last_line(proc)
     assert not out.exists()

@@ -55,6 +55,15 @@ def _duration(text: str) -> int:
     return seconds
 
 
+def _online_threshold(k: int) -> int:
+    """The document and every verifier support k of n online signatures on the index; `tmplbuild publish` signs
+    with one key, so a root asking more could publish nothing. Raises UsageError."""
+    if k != 1:
+        raise UsageError("online keys", f"threshold {k}: tmplbuild publishes with one online key, so the online "
+                                        "threshold is 1 (name several online keys to let any of them sign)")
+    return k
+
+
 def _write_new(path: Path, data: bytes) -> None:
     """A draft goes to a new file; a stale signature file beside it would not sign it, so it must not exist."""
     from tmplbuild.files import atomic_write
@@ -79,7 +88,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if set(root_fprs) & set(online_fprs):
         raise UsageError("root", "a key is both a root key and an online key: the root keys stay offline")
     data = root.render(check_repo_id(args.repo_id), 1, keys, root.role(root_fprs, args.threshold, "root keys"),
-                       root.role(online_fprs, args.online_threshold, "online keys"), _duration(args.expires_in))
+                       root.role(online_fprs, _online_threshold(args.online_threshold), "online keys"),
+                       _duration(args.expires_in))
     out = Path(args.out)
     _write_new(out, data)
     print(f"{out}: {root.parse(data).describe()}; now sign it: tmplbuild root sign {out} --key FPR")
@@ -111,8 +121,8 @@ def cmd_next(args: argparse.Namespace) -> int:
     if set(root_fprs) & set(online_fprs):
         raise UsageError("root", "a key is both a root key and an online key: the root keys stay offline")
     threshold = args.threshold if args.threshold is not None else min(prev.root.threshold, len(root_fprs))
-    online_threshold = (args.online_threshold if args.online_threshold is not None
-                        else min(prev.online.threshold, len(online_fprs)))
+    online_threshold = _online_threshold(args.online_threshold if args.online_threshold is not None
+                                         else min(prev.online.threshold, len(online_fprs)))
     data = root.render(prev.repo_id, prev.version + 1, {f: keys[f] for f in {*root_fprs, *online_fprs}},
                        root.role(root_fprs, threshold, "root keys"),
                        root.role(online_fprs, online_threshold, "online keys"), _duration(args.expires_in))
