@@ -130,3 +130,11 @@ def test_a_first_root_must_name_the_key_that_signed_the_index_in_place(holders, 
     proc = tmplbuild("root", "publish", str(draft), "--repo", str(repo))
     assert proc.returncode == 2 and "does not verify with the online keys of the new root" in last_line(proc)
     assert not list(repo.glob("root/*"))
+    other = tmp_path / "other.root.json"
+    args = ["root", "init", str(other), "--repo-id", "another-repo", "--root-key", str(holders["a"][2]),
+            "--online-key", str(holders["ci"][2])]
+    assert tmplbuild(*args).returncode == 0
+    sign(holders, other, "a")
+    proc = tmplbuild("root", "publish", str(other), "--repo", str(repo))
+    assert proc.returncode == 2 and "repo_id 'another-repo', the index in place 'demo-repo'" in last_line(proc)
+    assert not list(repo.glob("root/*"))

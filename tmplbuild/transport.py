@@ -688,6 +688,16 @@ class Transport:
             reply.expect((200,))
             return reply.read_capped(cap, what)
 
+    def get_optional(self, url: str, cap: int, what: str, size: int | None = None) -> bytes | None:
+        """`get_bytes` for a file that may rightly be absent: None for an HTTP 404 (its short body read, so the
+        connection can carry the next request). Raises TransportError for any other status but 200."""
+        with self.open(url, what=what, size=cap if size is None else size) as reply:
+            if reply.status_code == 404:
+                reply._drain()
+                return None
+            reply.expect((200,))
+            return reply.read_capped(cap, what)
+
     def post_file(self, url: str, body: Path, headers: dict[str, str], what: str | None = None) -> tuple[int, bytes]:
         """POST the file `body` (streamed, with its Content-Length); (status, at most REPLY_CAP bytes of the
         answer). Never follows a redirect. The deadline covers sending, the server's checks

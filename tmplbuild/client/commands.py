@@ -36,18 +36,26 @@ def _read_key(path: str) -> bytes:
 
 
 def _source(args: argparse.Namespace) -> updater.Source:
-    """The remote named by --remote (or the only one configured), or a one-off --url/--key/--fingerprint."""
+    """The remote named by --remote (or the only one configured), or a one-off --url with --root-key, or with
+    --key/--fingerprint."""
     from tmplbuild.client import updater
 
     if args.url:
         if args.remote:
-            raise UsageError("remote", "give --remote NAME, or --url URL --key FILE --fingerprint FPR, not both")
+            raise UsageError("remote", "give --remote NAME, or --url URL --root-key FPR (or --key FILE --fingerprint "
+                                       "FPR), not both")
+        if args.root_key:
+            if args.key or args.fingerprint:
+                raise UsageError("url", "give --root-key FPR (pin the root) or --key FILE --fingerprint FPR (pin the "
+                                        "index key), not both")
+            return updater.url_root_source(args.url, tuple(args.root_key), args.repo_id)
         if not args.key or not args.fingerprint:
-            raise UsageError("url", "--url needs --key FILE and --fingerprint FPR: keys are pinned, never fetched")
+            raise UsageError("url", "--url needs --root-key FPR, or --key FILE and --fingerprint FPR: keys are "
+                                    "pinned, never fetched")
         return updater.url_source(args.url, _read_key(args.key), tuple(args.fingerprint), args.repo_id)
-    if args.key or args.fingerprint or args.repo_id:
-        raise UsageError("url", "--key, --fingerprint and --repo-id go with --url URL (a configured remote has "
-                                "its own)")
+    if args.key or args.fingerprint or args.root_key or args.repo_id:
+        raise UsageError("url", "--key, --fingerprint, --root-key and --repo-id go with --url URL (a configured "
+                                "remote has its own)")
     return updater.remote_source(args.remote)
 
 
@@ -60,9 +68,22 @@ def _url(base: str, path: str) -> str:
 def cmd_remote_add(args: argparse.Namespace) -> int:
     from tmplbuild.client import config
 
-    remote, path = config.add(args.name, args.urls, Path(args.key), args.fingerprint, args.repo_id, args.system)
-    print(f"added remote {remote.name} to {path}: {len(remote.urls)} URL(s), key {remote.key}, pinned "
-          f"{', '.join(remote.fingerprints)}" + (f", repo id {remote.repo_id}" if remote.repo_id else ""))
+    rooted = bool(args.root_key) or args.root is not None
+    if rooted and (args.key or args.fingerprint):
+        raise UsageError("remote", "give --root-key FPR / --root FILE (pin the root) or --key FILE --fingerprint FPR "
+                                   "(pin the index key), not both")
+    if not rooted and not (args.key and args.fingerprint):
+        raise UsageError("remote", "give --root-key FPR (or --root FILE) to pin the root, or --key FILE with "
+                                   "--fingerprint FPR to pin the index key")
+    remote, path = config.add(args.name, args.urls, Path(args.key) if args.key else None, args.fingerprint,
+                              args.repo_id, args.system, root_keys=args.root_key,
+                              root_file=Path(args.root) if args.root is not None else None)
+    if remote.pins_root:
+        pinned = f"root keys {', '.join(remote.root_keys)}" + (f", root {remote.root}" if remote.root else "")
+    else:
+        pinned = f"key {remote.key}, pinned {', '.join(remote.fingerprints)}"
+    print(f"added remote {remote.name} to {path}: {len(remote.urls)} URL(s), {pinned}"
+          + (f", repo id {remote.repo_id}" if remote.repo_id else ""))
     return 0
 
 
@@ -81,13 +102,20 @@ def cmd_remote_list(args: argparse.Namespace) -> int:
     if not remotes:
         print("no remotes configured", file=sys.stderr)
         return 0
-    rows = [("NAME", "URLS", "FINGERPRINTS", "REPO ID", "LAST INDEX", "CONFIG")]
+    rows = [("NAME", "URLS", "FINGERPRINTS", "REPO ID", "LAST INDEX", "TRUSTED ROOT", "CONFIG")]
     for name in sorted(remotes):
         r = remotes[name]
-        seen = state.load(state.key_for_remote(name))
+        key = state.key_for_remote(name)
+        seen = state.load(key)
         repo_id = r.repo_id or (f"{seen.repo_id} (learned)" if seen else "(first use)")
-        rows.append((name, " ".join(r.urls), " ".join(r.fingerprints), repo_id,
-                     str(seen.version) if seen else "-", str(r.origin)))
+        if r.pins_root:
+            pins = " ".join(f"root:{f}" for f in r.root_keys)
+            stored = state.load_root(key)
+            trusted = f"{stored.version}, expires {stored.expires}" if stored else "(none yet)"
+        else:
+            pins, trusted = " ".join(r.fingerprints), "-"
+        rows.append((name, " ".join(r.urls), pins, repo_id, str(seen.version) if seen else "-", trusted,
+                     str(r.origin)))
     _table(rows)
     return 0
 
@@ -128,12 +156,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     with Updater(source) as run:
         trusted = run.refresh()
         run.commit(trusted)
+        root = run.index_root
     index = trusted.index
     entries = sorted(index.templates, key=lambda e: (e.name, e.arch, trust.created_time(e), e.version))
     if args.json:
-        print(json.dumps({"remote": source.label, "repo_id": index.repo_id, "index_version": index.version,
-                          "generated": index.generated, "expires": index.expires, "signer": trusted.signer,
-                          "templates": [_entry_json(e) for e in entries]}, indent=2))
+        doc = {"remote": source.label, "repo_id": index.repo_id, "index_version": index.version,
+               "generated": index.generated, "expires": index.expires, "signer": trusted.signer}
+        if root is not None:  # a root-pinned source: the root the index was accepted under
+            doc["root"] = {"version": root.version, "expires": root.expires, "online_keys": list(root.online.keys),
+                           "online_threshold": root.online.threshold}
+        doc["templates"] = [_entry_json(e) for e in entries]
+        print(json.dumps(doc, indent=2))
         return 0
     if not entries:
         print(f"no templates in {source.label} (index version {index.version})", file=sys.stderr)
@@ -210,23 +243,63 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 # -- verify ------------------------------------------------------------------------------------------------------
 
-def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
-    from tmplbuild.client import config
+def _stored_online_keys(state_key: str, label: str, listing: str) -> tuple[bytes, tuple[str, ...]]:
+    """The online keys of the root the client trusts for a root-pinned source. Raises UsageError when it trusts
+    none yet (offline, there is nothing else to take them from); `listing` is the command that would fetch it."""
+    from tmplbuild.client import state
 
+    doc = state.load_root(state_key)
+    if doc is None:
+        raise UsageError("root", f"{label} pins a root, and this client trusts no root of it yet: run `{listing}` "
+                                 "first (it fetches and checks the repository's roots)")
+    return doc.material(doc.online), doc.online.keys
+
+
+def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
+    from tmplbuild.client import config, state
+
+    if args.root_key:
+        if args.key or args.fingerprint:
+            raise UsageError("key", "give --root-key FPR or --key FILE --fingerprint FPR, not both")
+        if not args.url:
+            raise UsageError("url", "--root-key goes with --url URL (the root this client trusts is kept per "
+                                    "repository)")
+        source = _source(args)
+        listing = " ".join(["tmplbuild list", *(f"--url {u}" for u in source.urls),
+                            *(f"--root-key {f}" for f in source.root_keys)])
+        return _stored_online_keys(source.state_key, source.label, listing)
     if args.key or args.fingerprint:
         if not args.key or not args.fingerprint:
             raise UsageError("key", "give both --key FILE and --fingerprint FPR")
         return _read_key(args.key), tuple(args.fingerprint)
     if args.remote:
         r = config.get(args.remote)
+        if r.pins_root:
+            return _stored_online_keys(state.key_for_remote(r.name), f"remote {r.name}",
+                                       f"tmplbuild list --remote {r.name}")
         return r.key_material(), r.fingerprints
     remotes = config.load_all()
     if not remotes:
         raise UsageError("key", "no key to check the signature with: give --remote NAME or --key FILE "
                                 "--fingerprint FPR")
-    # Any configured remote's pinned key may have signed a template the admin has on disk.
-    return (b"".join(r.key_material() for r in remotes.values()),
-            tuple(dict.fromkeys(f for r in remotes.values() for f in r.fingerprints)))
+    # Any configured remote's pinned key (or the online keys of the root it trusts) may have signed a template
+    # the admin has on disk. A root remote this client trusts no root of yet has no keys to offer.
+    parts: list[tuple[bytes, tuple[str, ...]]] = []
+    waiting: list[str] = []
+    for r in remotes.values():
+        if not r.pins_root:
+            parts.append((r.key_material(), r.fingerprints))
+            continue
+        doc = state.load_root(state.key_for_remote(r.name))
+        if doc is None:
+            waiting.append(r.name)
+        else:
+            parts.append((doc.material(doc.online), doc.online.keys))
+    if not parts:
+        raise UsageError("root", f"remote {waiting[0]} pins a root, and this client trusts no root of it yet: run "
+                                 f"`tmplbuild list --remote {waiting[0]}` first (it fetches and checks the "
+                                 "repository's roots)")
+    return (b"".join(m for m, _ in parts), tuple(dict.fromkeys(f for _, fprs in parts for f in fprs)))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -278,9 +351,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # -- argparse ----------------------------------------------------------------------------------------------------
 
 def _source_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("repository (a configured remote, or a one-off URL with its pinned key)")
+    g = p.add_argument_group("repository (a configured remote, or a one-off URL with its pinned root or key)")
     g.add_argument("--remote", metavar="NAME", help="configured remote (default: the only one configured)")
     g.add_argument("--url", action="append", metavar="URL", help="one-off repository URL (repeat: mirrors, in order)")
+    g.add_argument("--root-key", action="append", metavar="FPR",
+                   help="with --url: pinned root key fingerprint (repeatable; a threshold of them must sign a root)")
     g.add_argument("--key", metavar="FILE", help="with --url: the pinned public key file")
     g.add_argument("--fingerprint", action="append", metavar="FPR",
                    help="with --url: pinned primary key fingerprint (repeatable)")
@@ -291,13 +366,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `remote`, `list`, `fetch` and `verify` to tmplbuild's main subparsers."""
     r = subparsers.add_parser("remote", help="configure repositories to fetch from, with their pinned keys")
     rs = r.add_subparsers(dest="remote_verb", required=True)
-    ra = rs.add_parser("add", help="add a remote: mirror URLs, the pinned key file and fingerprint(s)")
+    ra = rs.add_parser("add", help="add a remote: mirror URLs and its pinned root keys (or the pinned index key "
+                                   "file and fingerprint(s))")
     ra.add_argument("name")
     ra.add_argument("urls", nargs="+", metavar="URL", help="repository URL; more URLs are mirrors, tried in order")
-    ra.add_argument("--key", required=True, metavar="FILE", help="public key file obtained out of band (copied "
-                                                                 "into the config directory)")
-    ra.add_argument("--fingerprint", action="append", required=True, metavar="FPR",
-                    help="primary key fingerprint to pin (repeatable); must be in --key")
+    ra.add_argument("--root-key", action="append", metavar="FPR",
+                    help="root key fingerprint to pin (repeatable): the client trusts the repository's root signed "
+                         "by a threshold of them and follows its rotations")
+    ra.add_argument("--root", metavar="FILE", help="a root document obtained out of band (copied into the config "
+                                                   "directory): trusted as given; without --root-key, its root keys "
+                                                   "are pinned")
+    ra.add_argument("--key", metavar="FILE", help="instead of a root: the index signing key's public key file "
+                                                  "obtained out of band (copied into the config directory)")
+    ra.add_argument("--fingerprint", action="append", metavar="FPR",
+                    help="with --key: primary key fingerprint to pin (repeatable); must be in --key")
     ra.add_argument("--repo-id", metavar="ID", help="repository id to pin (default: pinned on first use)")
     ra.add_argument("--system", action="store_true", help="write /etc/tmplbuild/remotes.toml instead of the "
                                                           "user's ~/.config/tmplbuild/remotes.toml")

@@ -1,6 +1,9 @@
 """What the client remembers between runs: per remote, the last index it accepted (version, sha256 of its exact
 bytes, repo_id). That is what makes a replayed older index (rollback) or a re-signed different index under
-the same version detectable, and what pins a repo_id learned on first use.
+the same version detectable, and what pins a repo_id learned on first use. For a remote that pins a root of
+trust, also the online keys of the root that index was accepted under (`online`), and the newest trusted root
+itself, as its exact bytes, in `<key>.root.json` beside the JSON file: the next run starts its walk from it
+without checking it again (it was checked when it was stored), and it is never replaced by a lower version.
 
 One JSON file per remote in `$TMPLBUILD_STATE_DIR`, else `/var/lib/tmplbuild/state` as root, else
 `$XDG_STATE_HOME/tmplbuild` (`~/.local/state/tmplbuild`). Written atomically (tmp + fsync + os.replace +
@@ -17,13 +20,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tmplbuild import strictjson
 from tmplbuild.client.config import write_atomic
 from tmplbuild.client.trust import Seen
 from tmplbuild.repo.index import VERSION_MAX, VERSION_MIN
 from tmplbuild.files import exclusive_lock
-from tmplbuild.errors import LocalIOError
+from tmplbuild.errors import AuthenticityError, LocalIOError
+
+if TYPE_CHECKING:
+    from tmplbuild.repo.root import Root
 
 _KEY = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,80}\Z")
 LOCK_TIMEOUT = 30.0
@@ -41,9 +48,11 @@ def key_for_remote(name: str) -> str:
     return f"remote-{name}"
 
 
-def key_for_urls(urls: tuple[str, ...]) -> str:
-    """One-off `--url` use keeps state too, keyed by its mirror list."""
-    return "url-" + hashlib.sha256("\n".join(urls).encode()).hexdigest()[:24]
+def key_for_urls(urls: tuple[str, ...], root_keys: tuple[str, ...] = ()) -> str:
+    """One-off `--url` use keeps state too, keyed by its mirror list (and, pinning a root, by its pinned root
+    keys: a root stored under other pins is not trusted for these)."""
+    text = "\n".join(urls) + ("\nroot " + " ".join(sorted(root_keys)) if root_keys else "")
+    return "url-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _path(key: str) -> Path:
@@ -52,11 +61,22 @@ def _path(key: str) -> Path:
     return state_dir() / f"{key}.json"
 
 
+def _root_path(key: str) -> Path:
+    return _path(key).with_suffix(".root.json")
+
+
 def load(key: str) -> Seen | None:
     """The last index accepted for `key`, or None on first use. Raises LocalIOError for an unreadable or
     malformed state file: ignoring it would silently switch rollback protection off. Read as strictly as a
     signed document (tmplbuild.strictjson: no duplicate keys, NaN or deep nesting), the version within the
     index's range."""
+    got = load_record(key)
+    return got[0] if got else None
+
+
+def load_record(key: str) -> tuple[Seen, tuple[str, ...] | None] | None:
+    """`load`, with the online keys of the root the index was accepted under (None: accepted under a pinned index
+    key, or recorded before roots). Raises LocalIOError as `load`."""
     path = _path(key)
     reason = ""
     try:
@@ -69,10 +89,48 @@ def load(key: str) -> Seen | None:
         doc, reason = None, f" ({str(exc).removeprefix(f'{path}: ')})"
     if (not isinstance(doc, dict) or not isinstance(doc.get("repo_id"), str)
             or type(doc.get("version")) is not int or not VERSION_MIN <= doc["version"] <= VERSION_MAX
-            or not isinstance(doc.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", doc["sha256"])):
-        raise LocalIOError("state", f"{path}: malformed{reason}, expected {{repo_id, version, sha256}}; remove it "
-                                    "only if you accept that rollback protection starts again from the next index")
-    return Seen(repo_id=doc["repo_id"], version=doc["version"], sha256=doc["sha256"])
+            or not isinstance(doc.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", doc["sha256"])
+            or ("online" in doc and (not isinstance(doc["online"], list) or not doc["online"]
+                                     or not all(isinstance(f, str) and re.fullmatch(r"[0-9A-F]{40}", f)
+                                                for f in doc["online"])))):
+        raise LocalIOError("state", f"{path}: malformed{reason}, expected {{repo_id, version, sha256}} (and "
+                                    "optionally online: a list of fingerprints); remove it only if you accept that "
+                                    "rollback protection starts again from the next index")
+    online = tuple(doc["online"]) if "online" in doc else None
+    return Seen(repo_id=doc["repo_id"], version=doc["version"], sha256=doc["sha256"]), online
+
+
+def load_root(key: str) -> Root | None:
+    """The newest root trusted for `key` (stored by an earlier run whose every check passed), or None. Raises
+    LocalIOError for an unreadable or malformed one: starting over from the pins would silently undo a
+    rotation the client has already followed."""
+    from tmplbuild.repo import root as rootdoc  # here, not at import: the legacy path overlaps loading gnupg
+
+    path = _root_path(key)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise LocalIOError("state", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return rootdoc.parse(data)
+    except AuthenticityError as exc:
+        raise LocalIOError("state", f"{path}: malformed ({exc.message}), expected the root document this client "
+                                    "last trusted; remove it only if you accept that trust starts again from the "
+                                    "pinned root keys") from None
+
+
+def forget_root(key: str) -> None:
+    """Drop the root stored for `key` (a remote added anew: its own pins rule). Raises LocalIOError."""
+    path = _root_path(key)
+    if not path.exists():
+        return
+    with _locked(path.parent):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise LocalIOError("state", f"cannot remove {path}: {exc.strerror}") from None
 
 
 @contextmanager
@@ -89,18 +147,54 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def record(key: str, seen: Seen, remote: str) -> None:
-    """Remember `seen` as the last accepted index for `key`. Call only after every check of the run passed.
-    Keeps what is there when a concurrent run already recorded a newer version (or the same version: it
-    passed the same checks). Raises LocalIOError; ValueError for a version outside the index's range (the
-    index parse refuses those, so this is a bug guard, never a state file nothing can read back)."""
+def rotated(before: tuple[str, ...] | None, now: tuple[str, ...]) -> bool:
+    """The online keys changed between the root an index was accepted under and the trusted root (TUF 5.3.11):
+    the index version bar is then forgotten. Unknown before (None: an index key pin, or a state from before
+    roots) is not a change: the bar is kept."""
+    return before is not None and set(before) != set(now)
+
+
+def record_root(key: str, root: Root) -> None:
+    """Store `root` as the newest trusted root for `key` as soon as the chain proved it (TUF 5.3.8: a root is
+    persisted when verified, before the index is looked at), so that a run whose index then fails still
+    leaves the client on the new root: a mirror that later hides it cannot bring the dropped keys back. Never
+    replaces a higher version. The index record (and its online keys) is untouched. Raises LocalIOError."""
+    path = _path(key)
+    with _locked(path.parent):
+        stored = load_root(key)
+        if stored is None or stored.version < root.version:
+            write_atomic(_root_path(key), root.raw)
+
+
+def record(key: str, seen: Seen, remote: str, *, root: Root | None = None) -> None:
+    """Remember `seen` as the last accepted index for `key`, and, for a root-pinned source, `root`: the newest
+    trusted root the index was accepted under (its online keys are recorded with the index). Call only after
+    every check of the run passed.
+    Keeps what is there when a concurrent run already recorded a newer version (or the same version: it passed
+    the same checks), unless the online keys changed since (then the bar was rightly forgotten: fast-forward
+    recovery), and keeps both when a concurrent run already stored a newer root. A root is never replaced by
+    a lower version. Raises LocalIOError; ValueError for a version outside the index's range (the index parse
+    refuses those, so this is a bug guard, never a state file nothing can read back)."""
     if type(seen.version) is not int or not VERSION_MIN <= seen.version <= VERSION_MAX:
         raise ValueError(f"state: index version {seen.version!r} outside {VERSION_MIN}..{VERSION_MAX}")
     path = _path(key)
     with _locked(path.parent):
-        current = load(key)
-        if current is not None and current.repo_id == seen.repo_id and current.version >= seen.version:
-            return
+        got = load_record(key)
+        current, online = got if got else (None, None)
+        if root is not None:
+            stored = load_root(key)
+            if stored is not None and stored.version > root.version:
+                return  # a concurrent run trusted a newer root: its record stands
+            if stored is None or stored.version < root.version:
+                write_atomic(_root_path(key), root.raw)
+        changed = root is not None and rotated(online, root.online.keys)
+        if current is not None and current.repo_id == seen.repo_id and not changed:
+            if current.version > seen.version:
+                return
+            if current.version == seen.version and (root is None or online is not None):
+                return  # the same bytes (the rollback check saw to it), the online keys already recorded
         doc = {"remote": remote, "repo_id": seen.repo_id, "version": seen.version, "sha256": seen.sha256,
                "accepted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if root is not None:
+            doc["online"] = list(root.online.keys)
         write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())

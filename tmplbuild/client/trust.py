@@ -4,12 +4,19 @@ beyond the Verifier's own gpg run; downloading, state and files belong to the ca
 The order is DESIGN.md's "Client checks, in this order", and each check raises its own typed error. Checks 2
 to 6 are tmplbuild.repo.accept's (the one index acceptance module, shared with the server and `repo verify`):
   1 size caps (index 16 MiB, signature 64 KiB)                        TransportError    5
-  2 the signature over the exact index bytes (Verifier)               AuthenticityError 3
+  2 the signature over the exact index bytes (Verifier: the pinned    AuthenticityError 3
+    index key; for a root-pinned source tmplbuild.repo.root.
+    RootVerifier: a threshold of the newest trusted root's online
+    keys, that root walked to and checked fresh first, see
+    tmplbuild.client.updater)
   3 schema (index.parse: strict JSON, integer ranges, lifetime)       AuthenticityError 3
-  4 repo_id equals the pinned one (config, else first use)            AuthenticityError 3
+  4 repo_id equals the pinned one (config, else the root's, else      AuthenticityError 3
+    first use)
   5 not expired (now >= expires is expired), not generated more than
     5 minutes in the future                                           FreshnessError    4
   6 version not below the last seen; same version, same bytes         FreshnessError    4
+    (for a root source the bar is forgotten when the root's online
+    keys changed since the last index: TUF 5.3.11)
   7 the signed entry is what was asked for                            UsageError 2 (absent) / AuthenticityError 3
   9 size, sha256 and sha512 of the downloaded file                    AuthenticityError 3
 (8, the capped download, and 10, the rename, are tmplbuild.client.download's.)

@@ -2,10 +2,21 @@
 trust decisions (tmplbuild.client.trust), as python-tuf's ngclient separates its updater, trusted set and
 fetcher:
 
-- `Source`: where a run gets its index from and what must have signed it (a configured remote or a one-off URL);
+- `Source`: where a run gets its index from and what must have signed it (a configured remote or a one-off URL):
+  a pinned index key, or a pinned root of trust (root key fingerprints, optionally a root document);
 - `Updater`: one run against one source. It owns the pinned verifier and the HTTP transport, walks the mirrors
   in order, keeps the rollback bar (the state's last index, raised by every index verified in this run), and
   records the accepted index in the client state only once the whole run succeeded (`commit`).
+
+A root source, on each mirror (TUF's client workflow, 5.3): the trusted root is the one the state keeps (checked
+when it was stored, not again), else the admin's out-of-band root document (trusted as given), else the anchor:
+the first root of the mirror signed by a threshold of pinned root keys (tmplbuild.repo.root.anchor_and_walk).
+From it the chain is walked (root N+1, N+2, ... until the mirror answers 404: one extra GET per run once
+nothing changed), the newest root must not be expired, and the index must be signed by a threshold of its
+online keys. A root a mirror proved is trusted for the rest of the run (the bar rises, as the index's does), and
+stored at once (TUF 5.3.8), even when the index then fails: the client stays on it. When the newest root's online keys differ from those the last index was accepted
+under, the index version bar is forgotten, the repo_id pin kept (TUF 5.3.11: recovery from a stolen online key
+that signed a huge version).
 
 Failures are typed (tmplbuild.errors); nothing here branches on a message's text.
 """
@@ -21,6 +32,7 @@ from tmplbuild.client import state, trust
 from tmplbuild.errors import (AuthenticityError, FreshnessError, SignatureError, TransportError, UsageError)
 
 if TYPE_CHECKING:
+    from tmplbuild.repo.root import Root, RootVerifier
     from tmplbuild.sign.verify import Verifier
 
 T = TypeVar("T")
@@ -32,10 +44,16 @@ class Source:
 
     label: str  # "remote NAME" or the URL, for messages and the state file
     urls: tuple[str, ...]
-    keys: bytes
-    fingerprints: tuple[str, ...]
+    keys: bytes  # the pinned index key material (b"" for a root source)
+    fingerprints: tuple[str, ...]  # its pinned fingerprints (() for a root source)
     repo_id: str | None
     state_key: str
+    root_keys: tuple[str, ...] = ()  # pinned root key fingerprints: a root source
+    root: Root | None = None  # the admin's out-of-band root document, trusted as given
+
+    @property
+    def pins_root(self) -> bool:
+        return bool(self.root_keys)
 
 
 def remote_source(name: str | None) -> Source:
@@ -43,6 +61,10 @@ def remote_source(name: str | None) -> Source:
     from tmplbuild.client import config
 
     remote = config.get(name)
+    if remote.pins_root:
+        return Source(label=f"remote {remote.name}", urls=remote.urls, keys=b"", fingerprints=(),
+                      repo_id=remote.repo_id, state_key=state.key_for_remote(remote.name),
+                      root_keys=remote.root_keys, root=remote.root_doc())
     return Source(label=f"remote {remote.name}", urls=remote.urls, keys=remote.key_material(),
                   fingerprints=remote.fingerprints, repo_id=remote.repo_id,
                   state_key=state.key_for_remote(remote.name))
@@ -58,6 +80,19 @@ def url_source(urls: list[str], keys: bytes, fingerprints: tuple[str, ...], repo
                   state_key=state.key_for_urls(checked))
 
 
+def url_root_source(urls: list[str], root_keys: tuple[str, ...], repo_id: str | None) -> Source:
+    """A one-off repository pinned by its root keys. Its state (the trusted root, the last index) is keyed by the
+    mirror list and the pins. Raises UsageError."""
+    from tmplbuild.client import config
+    from tmplbuild.sign.keys import normalise_fingerprint
+
+    checked = config.check_urls(urls)
+    pins = tuple(dict.fromkeys(normalise_fingerprint(f, "root key") for f in root_keys))
+    return Source(label=checked[0], urls=checked, keys=b"", fingerprints=(),
+                  repo_id=config.check_repo_id(repo_id) if repo_id else None,
+                  state_key=state.key_for_urls(checked, pins), root_keys=pins)
+
+
 # Least to most severe: when every mirror failed, the most severe failure is the one reported.
 _SEVERITY = (TransportError, UsageError, FreshnessError, AuthenticityError)
 
@@ -71,13 +106,40 @@ class Updater:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        self.last = state.load(source.state_key)
+        got = state.load_record(source.state_key)
+        self.last, self.last_online = got if got else (None, None)
         self.warnings: list[str] = []
+        self.root: Root | None = None  # root source: the newest root trusted so far in this run
+        self.index_root: Root | None = None  # root source: the root the last index accepted was checked under
+        self._root_verifiers: dict[str, RootVerifier] = {}
+        if source.pins_root:
+            # No background verifier: the keys come from the root, which comes from the mirror.
+            self._making: threading.Thread | None = None
+            self._verifier: Verifier | BaseException | None = None
+            stored = state.load_root(source.state_key)
+            given = source.root
+            self.root = stored
+            if given is not None and (stored is None or (given.repo_id == stored.repo_id
+                                                         and given.version > stored.version)):
+                self.root = given
+            if self.root is not None:
+                # Usually the trusted root is still the newest: its verifier is made while the walk asks for the
+                # next root, as the legacy path makes its pinned verifier (taken, or closed, by _root_verifier).
+                self._making = threading.Thread(target=self._make_root_verifier, args=(self.root,), daemon=True)
+                self._making.start()
+            try:
+                from tmplbuild.client.download import Transport
+
+                self.transport = Transport()
+            except BaseException:
+                self._close_verifier()
+                raise
+            return
         # The pinned verifier is made (gpg imports and lists the keys) on another thread while this one loads
         # the HTTP stack and fetches the first index: the two overlap instead of adding up. Its result, or its
         # error, is taken before the first signature is checked, so nothing is checked any later or any less.
         self._making = threading.Thread(target=self._make_verifier, daemon=True)
-        self._verifier: Verifier | BaseException | None = None
+        self._verifier = None
         self._making.start()
         try:
             from tmplbuild.client.download import Transport
@@ -86,6 +148,14 @@ class Updater:
         except BaseException:
             self._close_verifier()
             raise
+
+    def _make_root_verifier(self, doc: Root) -> None:
+        from tmplbuild.repo.root import RootVerifier
+
+        try:
+            self._verifier = RootVerifier(doc)  # type: ignore[assignment]
+        except BaseException as exc:  # handed to the main thread by `_root_verifier`
+            self._verifier = exc
 
     def _make_verifier(self) -> None:
         from tmplbuild.sign.verify import Verifier
@@ -98,6 +168,8 @@ class Updater:
     @property
     def verifier(self) -> Verifier:
         """The pinned verifier. Raises what making it raised (UsageError for a bad or weak pinned key)."""
+        if self.source.pins_root or self._making is None:
+            raise AssertionError("a root source has no pinned index key: its verifier comes from the root")
         self._making.join()
         if isinstance(self._verifier, BaseException):
             raise self._verifier
@@ -105,6 +177,11 @@ class Updater:
         return self._verifier
 
     def _close_verifier(self) -> None:
+        for verifier in self._root_verifiers.values():
+            verifier.close()
+        self._root_verifiers.clear()
+        if self._making is None:
+            return
         self._making.join()
         if self._verifier is not None and not isinstance(self._verifier, BaseException):
             self._verifier.close()
@@ -121,23 +198,86 @@ class Updater:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- a root source
+
+    def _root_fetch(self, base: str):
+        """A tmplbuild.repo.root.Fetch over one mirror: 404 for the document is "no such root"; anything else
+        that is not a 200 is a TransportError (a document without its signatures too)."""
+        from tmplbuild.repo import root as rootdoc
+
+        def fetch(version: int) -> tuple[bytes, bytes] | None:
+            rel = rootdoc.path(version)
+            data = self.transport.get_optional(f"{base}/{rel}", rootdoc.DOC_CAP, rel)
+            if data is None:
+                return None
+            return data, self.transport.get_bytes(f"{base}/{rel}.asc", rootdoc.SIGNATURE_CAP, f"{rel}.asc")
+        return fetch
+
+    def trusted_root(self, base: str) -> Root:
+        """The newest root of one mirror, trusted from the run's root (or anchored by the pinned root keys),
+        and not expired. Raises AuthenticityError (SignatureError) 3, FreshnessError ("root rollback", "root
+        expired") 4, TransportError 5."""
+        from tmplbuild.repo import root as rootdoc
+
+        fetch = self._root_fetch(base)
+        if self.root is None:
+            chain = rootdoc.anchor_and_walk(self.source.root_keys, fetch)
+            stored = None
+        else:
+            stored = self.root
+            chain = [self.root, *rootdoc.walk(self.root, fetch)]
+        newest = chain[-1]
+        self.root = newest  # checked against what was trusted: later mirrors start from it
+        if newest is not stored:
+            state.record_root(self.source.state_key, newest)  # persisted at once, whatever the index does
+        rootdoc.check_fresh(newest)
+        return newest
+
+    def _root_verifier(self, doc: Root) -> RootVerifier:
+        """The verifier of `doc`'s online keys (made once per run). Raises AuthenticityError("root keys")."""
+        from tmplbuild.repo.root import RootVerifier
+
+        if self._making is not None:  # the one made in the background for the stored root: taken once
+            self._making.join()
+            made, self._making, self._verifier = self._verifier, None, None
+            if isinstance(made, RootVerifier):
+                self._root_verifiers[made.root.sha256] = made
+            # an error is not raised here: the stored root may no longer be the newest; if it is, it is made
+            # again below and raises then
+        if doc.sha256 not in self._root_verifiers:
+            self._root_verifiers[doc.sha256] = RootVerifier(doc)
+        return self._root_verifiers[doc.sha256]
+
+    # -- the index
+
     def index(self, base: str) -> trust.TrustedIndex:
-        """Fetch and check (1-6) one mirror's index. A pair that does not verify is fetched once more before
-        the mirror counts as failed: the two files cannot be swapped in one step, so a reader racing the
-        publisher's renames can see a new index with the old signature (or the reverse) for a moment."""
+        """Fetch and check (1-6) one mirror's index (for a root source, after the mirror's roots: see the module
+        docstring). A pair that does not verify is fetched once more before the mirror counts as failed: the two
+        files cannot be swapped in one step, so a reader racing the publisher's renames can see a new index with
+        the old signature (or the reverse) for a moment."""
+        last, pinned_repo_id = self.last, self.source.repo_id
+        if self.source.pins_root:
+            newest = self.trusted_root(base)
+            verifier = self._root_verifier(newest)
+            pinned_repo_id = pinned_repo_id or newest.repo_id
+            if last is not None and state.rotated(self.last_online, newest.online.keys):
+                last = None  # fast-forward recovery: the version bar goes, the repo_id stays pinned (the root's)
+        else:
+            newest, verifier = None, self.verifier
         for attempt in (1, 2):
             data = self.transport.get_bytes(f"{base}/index.json", trust.INDEX_CAP, "index.json")
             sig = self.transport.get_bytes(f"{base}/index.json.asc", trust.SIGNATURE_CAP, "index.json.asc")
             try:
-                trusted = trust.check_index(data, sig, self.verifier, pinned_repo_id=self.source.repo_id,
-                                            last=self.last)
+                trusted = trust.check_index(data, sig, verifier, pinned_repo_id=pinned_repo_id, last=last)
                 break
             except SignatureError as exc:
                 if attempt == 2:
                     raise SignatureError(exc.check, f"{base}/index.json: {exc.message}") from None
-        last = self.last
         if last is None or last.repo_id != trusted.index.repo_id or trusted.index.version > last.version:
             self.last = trusted.seen  # the bar rises: a later mirror may not answer with an older index
+            if newest is not None:
+                self.last_online = newest.online.keys
+        self.index_root = newest
         return trusted
 
     def over_mirrors(self, attempt: Callable[[str], T]) -> T:
@@ -170,5 +310,6 @@ class Updater:
 
     def commit(self, trusted: trust.TrustedIndex) -> None:
         """Record the index this run acted on (the rollback bar of the next run). Called only after the whole
-        run succeeded: a refused index or a failed download never reaches the state."""
-        state.record(self.source.state_key, trusted.seen, self.source.label)
+        run succeeded: a refused index or a failed download never reaches the state. For a root source, the
+        root it was accepted under is stored with it."""
+        state.record(self.source.state_key, trusted.seen, self.source.label, root=self.index_root)

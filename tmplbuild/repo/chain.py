@@ -228,3 +228,10 @@ def _check_migration(repo: Path, first: Root) -> None:
             raise UsageError("root", f"the index in place does not verify with the online keys of the new root "
                                      f"({exc.message}): name the key that signs the index as an online key") \
                 from None
+    from tmplbuild.repo import index as idx
+
+    repo_id = idx.parse(data).repo_id
+    if repo_id != first.repo_id:
+        # Clients following the root pin its repo_id: an index under another one would be refused by all of them.
+        raise UsageError("root", f"the new root names repo_id {first.repo_id!r}, the index in place {repo_id!r}: "
+                                 "use the repository's id (root init --repo-id)")
