@@ -27,6 +27,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from tmplbuild.client.config import REMOTE_NAME
 from tmplbuild.errors import TmplbuildError, UsageError
+from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo import store
 
 from repo_server import safety, upload
@@ -100,16 +101,16 @@ START_LOCK_TIMEOUT = 10.0  # seconds the start waits for a publisher's lock befo
 
 def converge_at_start(root: Path, log: logging.Logger) -> list[str]:
     """What a publish that died between moving its files in and swapping the index in left behind (served, but
-    in no signed index), removed under the repository lock against the index as verified with the pinned keys
-    (tmplbuild.repo.converge). Nothing is removed when the index does not verify or the lock stays held (a local
+    in no signed index), removed under the repository lock against the index as verified with the repository's
+    trust as a publisher reads it (chain.repo_trust(root).base_verifier(): its root chain, or keys/), by
+    tmplbuild.repo.converge. Nothing is removed when the index does not verify or the lock stays held (a local
     publisher at work, which converges itself): the server starts anyway and says so."""
+    from tmplbuild.repo import chain
     from tmplbuild.repo.converge import converge
-    from tmplbuild.sign import Verifier
 
     try:
         with store.locked(root, timeout=START_LOCK_TIMEOUT) as done:
-            keys = store.read_keys(root)
-            with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+            with chain.repo_trust(root).base_verifier() as verifier:
                 current, _ = store.load_index(root, verifier)
             done = done + converge(root, current)
     except (TmplbuildError, OSError) as exc:
@@ -126,7 +127,8 @@ def _repo(value: Any) -> Path:
     root = Path(value)
     if not root.is_dir():
         raise UsageError("repository", f"{root}: no such directory")
-    store.read_keys(root)  # UsageError: no keys/<FPR>.asc
+    if not (root / rootdoc.path(1)).is_file():
+        store.read_keys(root)  # UsageError: no keys/<FPR>.asc (and no root of trust)
     if not (root / store.INDEX).is_file():
         raise UsageError("repository", f"{root}: no {store.INDEX}; run `tmplbuild repo init` first")
     return root
@@ -200,14 +202,30 @@ def page() -> Response | str:
     if isinstance(snap, Response):
         return Response(f"503 Service Unavailable: {snap.get_json()['error']}\n", status=503,
                         mimetype="text/plain")
-    try:
-        fingerprints = store.read_keys(state().root).fingerprints
-    except TmplbuildError:
-        fingerprints = ()
+    if snap.root is not None:
+        fingerprints: tuple[str, ...] = snap.root.online.keys  # what keys/ holds: the newest root's online keys
+    else:
+        try:
+            fingerprints = store.read_keys(state().root).fingerprints
+        except TmplbuildError:
+            fingerprints = ()
     base = request.url_root.rstrip("/")
-    return render_template("index.html", snap=snap, index=snap.index, base=base,
+    return render_template("index.html", snap=snap, index=snap.index, base=base, root=snap.root,
+                           root_path=rootdoc.path(snap.root.version) if snap.root is not None else None,
                            fingerprints=fingerprints, human=human_size, remote=remote_name(snap.index.repo_id),
                            templates=sorted(snap.index.templates, key=lambda e: (e.name, e.version, e.arch)))
+
+
+def root_summary(snap: Snapshot) -> dict[str, Any] | None:
+    """The newest root as /api/v1/templates shows it (None: a repository without roots)."""
+    r = snap.root
+    if r is None:
+        return None
+    return {"version": r.version, "path": rootdoc.path(r.version), "sha256": r.sha256, "expires": r.expires,
+            "expired": snap.root_expired,
+            "root_keys": {"keys": list(r.root.keys), "threshold": r.root.threshold},
+            "online_keys": {"keys": list(r.online.keys), "threshold": r.online.threshold},
+            "index_stale": snap.stale is not None}
 
 
 @bp.get("/api/v1/templates")
@@ -216,8 +234,12 @@ def api_templates() -> Response:
     if isinstance(snap, Response):
         return snap
     doc = snap.doc
-    return jsonify({"repo_id": doc["repo_id"], "version": doc["version"], "generated": doc["generated"],
-                    "expires": doc["expires"], "templates": doc["templates"]})
+    body = {"repo_id": doc["repo_id"], "version": doc["version"], "generated": doc["generated"],
+            "expires": doc["expires"], "templates": doc["templates"]}
+    summary = root_summary(snap)
+    if summary is not None:
+        body["root"] = summary
+    return jsonify(body)
 
 
 @bp.get("/healthz")

@@ -5,10 +5,17 @@ files under templates/<name>/<version>/. It is streamed, member by member, into 
 dot-directory: never served, swept at start-up if a crash left it), hashing each file as it is written.
 
 Why a token is not enough: the bearer token only lets someone *send* an upload. What gets published is decided
-by the signatures: the new index must be signed by one of the repository's pinned keys (keys/<FPR>.asc, the
-keys clients pin), every new file must match the hashes in that signed index and carry a good signature of
-its own. So a stolen token alone cannot publish anything a client accepts: without the private signing key
-(which never comes near this server) the upload is refused with 422.
+by the signatures, under the repository's trust (tmplbuild.repo.chain): the new index must be signed by a
+threshold of the online keys its newest root names (a repository from before roots: one of its pinned keys,
+keys/<FPR>.asc), every new file must match the hashes in that signed index and carry a good signature of its
+own by one of those keys; the newest root must not be expired. So a stolen token alone cannot publish anything a
+client accepts: without the private signing key (which never comes near this server) the upload is refused with
+422. The index in place, which the upload must succeed, is read as a publisher reads it (signed under the newest
+root or an earlier one of the chain).
+
+A root upload (a tar of root/<N>.root.json and root/<N>.root.json.asc only) is checked by chain.install, TUF's
+successor rule against the newest root; it answers {"root": N}. Root keys never come near the server either:
+it only checks what their holders signed elsewhere.
 
 Nothing is moved into the served tree before every check has passed, and the index pair is swapped in last
 through store.write_index (journaled), under the repository lock: a server killed at any point leaves the
@@ -31,12 +38,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tmplbuild.files import hash_file
-from tmplbuild.errors import AuthenticityError, LocalIOError, TmplbuildError
+from tmplbuild.errors import AuthenticityError, FreshnessError, LocalIOError, TmplbuildError, UsageError
 from tmplbuild.repo import accept
+from tmplbuild.repo import chain
 from tmplbuild.repo import converge
+from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import store, sums
-from tmplbuild.sign import Verifier
 
 from repo_server import safety
 from repo_server.verified import IndexCache, IndexUnavailable
@@ -110,10 +118,17 @@ def member_path(member: tarfile.TarInfo) -> str:
         raise Refused(400, f"tar member {name!r}: absolute or malformed path")
     if any(p in ("", ".", "..") or p.startswith(".") for p in name.split("/")):
         raise Refused(400, f"tar member {name!r}: empty, '.', '..' or dot component")
-    if name not in (store.INDEX, store.INDEX_SIG) and not idx.PATH.match(name):
-        raise Refused(400, f"tar member {name!r}: expected index.json, index.json.asc or "
-                           f"templates/<name>/<version>/<file>")
+    if name not in (store.INDEX, store.INDEX_SIG) and not idx.PATH.match(name) and _root_member(name) is None:
+        raise Refused(400, f"tar member {name!r}: expected index.json, index.json.asc, "
+                           f"templates/<name>/<version>/<file>, or root/<N>.root.json and its .asc")
     return name
+
+
+def _root_member(name: str) -> int | None:
+    """The version N of a `root/<N>.root.json` or `root/<N>.root.json.asc` member path, else None."""
+    directory, _, file = name.partition("/")
+    m = rootdoc.FILE.match(file.removesuffix(".asc")) if directory == rootdoc.DIRECTORY else None
+    return int(m.group(1)) if m else None
 
 
 class _StrictInfo(tarfile.TarInfo):
@@ -177,7 +192,8 @@ def _write(src: BinaryIO, dest: Path, expected: int, rel: str) -> Received:
 
 def receive(root: Path, cache: IndexCache, stream: BinaryIO, cap: int, log) -> dict[str, Any]:
     """The whole upload: extract into REPO/.upload-<random>/, check, move into place, swap the index. Returns
-    the 200 body {"version", "added"}. Raises Refused. Always removes the temporary directory."""
+    the 200 body: {"version", "added"}, or {"root"} for a root upload. Raises Refused. Always removes the
+    temporary directory."""
     tmp = root / f"{safety.UPLOAD_PREFIX}{secrets.token_hex(8)}"
     try:
         tmp.mkdir(mode=0o700)
@@ -209,6 +225,8 @@ def _disk_full_message(exc: BaseException) -> str:
 
 
 def _check_and_publish(root: Path, cache: IndexCache, upload: Upload, log) -> dict[str, Any]:
+    if any(_root_member(rel) is not None for rel in upload.files):
+        return _install_root(root, upload, log)
     for name in (store.INDEX, store.INDEX_SIG):
         if name not in upload.files:
             raise Refused(400, f"the upload has no {name}: every upload carries the new signed index pair")
@@ -218,12 +236,14 @@ def _check_and_publish(root: Path, cache: IndexCache, upload: Upload, log) -> di
             raise Refused(422, f"{rel}: {upload.files[rel].size} bytes, more than {MAX_SMALL_FILE} for an "
                                f"index, signature or SHA256SUMS file")
     data, sig = upload.read(store.INDEX), upload.read(store.INDEX_SIG)
+    trust = _trust(root)
     try:
-        keys = store.read_keys(root)
-    except TmplbuildError as exc:
-        raise Refused(503, f"the repository has no pinned keys: {exc}") from None
-    with Verifier(keys.public_keys, keys.fingerprints) as verifier:
-        # 1. The new index: signed by a pinned key over these exact bytes, then schema, then repo_id.
+        trust.check_fresh()  # an expired newest root: every client refuses whatever is signed under it
+    except FreshnessError as exc:
+        raise Refused(422, f"{exc}: nothing can be published until then") from None
+    with trust.index_verifier() as verifier, trust.base_verifier() as base:
+        # 1. The new index: signed by a threshold of the newest root's online keys (a repository without roots:
+        # one of its pinned keys) over these exact bytes, then schema, then repo_id.
         try:
             verifier.verify(data, sig)
         except AuthenticityError as exc:
@@ -252,9 +272,16 @@ def _check_and_publish(root: Path, cache: IndexCache, upload: Upload, log) -> di
 
         try:
             with store.locked(root):
-                # 3. Under the lock: the version against the index as it is now (not the cached one).
+                # A root installed since the trust was read (chain.install takes this lock) may have dropped the
+                # key that signed this upload: check it again against the new root.
+                newest = trust.root.version if trust.root is not None else 0
+                if (root / rootdoc.path(newest + 1)).exists():
+                    raise Refused(409, f"root {newest + 1} was installed while the upload was checked: upload it "
+                                       f"again, signed by an online key of the newest root")
+                # 3. Under the lock: the version against the index as it is now (not the cached one), read as a
+                # publisher reads it (signed under the newest root, or under an earlier one of its chain).
                 try:
-                    locked_current, _ = store.load_index(root, verifier)
+                    locked_current, _ = store.load_index(root, base)
                 except TmplbuildError as exc:
                     raise Refused(503, f"the current index does not verify: {exc}") from None
                 # What an earlier publish moved in but never listed (it died, or the disk filled) goes first.
@@ -285,7 +312,7 @@ def _check_and_publish(root: Path, cache: IndexCache, upload: Upload, log) -> di
                     added = _move_into_place(root, upload, old)
                     store.write_index(root, data, sig)
                 except Exception:
-                    converge.roll_back(root, verifier, log)
+                    converge.roll_back(root, base, log)
                     raise
                 converge.settle(root, new)  # the SHA256SUMS backups, now that the new index lists the new pairs
         except LocalIOError as exc:
@@ -294,6 +321,68 @@ def _check_and_publish(root: Path, cache: IndexCache, upload: Upload, log) -> di
             raise Refused(503, str(exc)) from None
     log.info("publish: index version %d in place (%d files added)", new.version, len(added))
     return {"version": new.version, "added": added}
+
+
+def _trust(root: Path) -> chain.RepoTrust:
+    """The repository's trust (its root chain, or keys/). Raises Refused(503) when it has neither or its chain
+    does not verify: no upload can be checked then."""
+    try:
+        return chain.repo_trust(root)
+    except UsageError as exc:
+        raise Refused(503, f"the repository has no pinned keys: {exc}") from None
+    except TmplbuildError as exc:
+        raise Refused(503, f"the repository's root chain does not verify, so no upload can be checked against "
+                           f"it: {exc}") from None
+
+
+def _install_root(root: Path, upload: Upload, log) -> dict[str, Any]:
+    """A root upload: exactly root/<N>.root.json and root/<N>.root.json.asc, checked and written by
+    chain.install (TUF's successor rule against the newest root: a threshold of its root keys and of the new
+    root's own). The server holds no root key: it only checks. Returns {"root": N}. Raises Refused: 400 (other
+    members), 409 (a version that is not the next one), 422 (signatures, schema, an expired root), 503 / 507."""
+    versions = {_root_member(rel) for rel in upload.files}
+    if None in versions or len(versions) != 1:
+        raise Refused(400, "a root upload holds root/<N>.root.json and root/<N>.root.json.asc only (one root, "
+                           "nothing else)")
+    n = versions.pop()
+    assert n is not None
+    doc_rel = rootdoc.path(n)
+    for rel in (doc_rel, doc_rel + ".asc"):
+        if rel not in upload.files:
+            raise Refused(400, f"the root upload has no {rel}: a root comes with its signature file")
+    for rel, cap in ((doc_rel, rootdoc.DOC_CAP), (doc_rel + ".asc", rootdoc.SIGNATURE_CAP)):
+        if upload.files[rel].size > cap:
+            raise Refused(422, f"{rel}: {upload.files[rel].size} bytes, more than {cap}")
+    keys_found = safety.private_key_findings(upload.tmp)
+    if keys_found:
+        raise Refused(422, f"{keys_found[0]}: private key material; the server serves public keys only")
+    data, sig = upload.read(doc_rel), upload.read(doc_rel + ".asc")
+    try:
+        declared = rootdoc.parse(data).version
+    except AuthenticityError as exc:
+        raise Refused(422, f"{doc_rel}: {exc}") from None
+    if declared != n:
+        raise Refused(422, f"{doc_rel}: holds root version {declared}, expected {n} (its file name)")
+    try:
+        new, lines = chain.install(root, data, sig, timeout=120.0)
+    except FreshnessError as exc:
+        if exc.check == "root rollback":
+            raise Refused(409, f"{doc_rel}: {exc}") from None
+        raise Refused(422, f"{doc_rel}: {exc}") from None
+    except AuthenticityError as exc:
+        if exc.check == "root version":
+            raise Refused(409, f"{doc_rel}: {exc}") from None
+        raise Refused(422, f"{doc_rel}: {exc}") from None
+    except UsageError as exc:
+        raise Refused(422, f"{doc_rel}: {exc}") from None
+    except LocalIOError as exc:
+        if store.disk_full(exc):
+            raise Refused(507, _disk_full_message(exc)) from None
+        raise Refused(503, str(exc)) from None
+    log.info("publish: %s in place (%s)", rootdoc.path(new.version), new.describe())
+    for line in lines:
+        log.info("publish: root %d: %s", new.version, line)
+    return {"root": new.version}
 
 
 def _is_data(rel: str) -> bool:
@@ -308,7 +397,7 @@ def _matches(got: Received, ref: idx.FileRef) -> str | None:
 
 
 def _upload_checks(upload: Upload, new: idx.Index, listed: dict[str, idx.FileRef],
-                   verifier: Verifier) -> dict[str, str]:
+                   verifier) -> dict[str, str]:
     """The first problem of each kind ("files", "signatures", "sums") among what the upload carries."""
     problems: dict[str, str] = {}
 
@@ -348,7 +437,7 @@ def _upload_checks(upload: Upload, new: idx.Index, listed: dict[str, idx.FileRef
     return problems
 
 
-def _check_sums(upload: Upload, directory: str, new: idx.Index, verifier: Verifier, required: bool) -> str | None:
+def _check_sums(upload: Upload, directory: str, new: idx.Index, verifier, required: bool) -> str | None:
     text_file, sig_file = upload.files.get(f"{directory}/{SUMS}"), upload.files.get(f"{directory}/{SUMS_SIG}")
     if text_file is None or sig_file is None:
         missing = SUMS if text_file is None else SUMS_SIG
@@ -356,7 +445,7 @@ def _check_sums(upload: Upload, directory: str, new: idx.Index, verifier: Verifi
         return f"{directory}/{missing}: missing from the upload ({why})"
     text = text_file.path.read_bytes()
     try:
-        verifier.verify(text, sig_file.path.read_bytes())
+        verifier.verify_file(text_file.path, sig_file.path.read_bytes())  # one signature, as gpgv reads it
     except AuthenticityError as exc:
         return f"{directory}/{SUMS_SIG}: {exc}"
     problem = sums.difference(text, sums.expected(e for e in new.templates if e.directory == directory))
@@ -402,7 +491,7 @@ def _check_listed(root: Path, upload: Upload, listed: dict[str, idx.FileRef], ol
 
 
 def _check_unuploaded_signatures(root: Path, upload: Upload, listed: dict[str, idx.FileRef],
-                                 verifier: Verifier, upload_problem: str | None) -> None:
+                                 verifier, upload_problem: str | None) -> None:
     """A .asc uploaded for a listed file that is not itself in the upload is checked against the served file."""
     if upload_problem:
         raise Refused(422, upload_problem)

@@ -1,9 +1,13 @@
 """The current index, as the server may show it: only after index.json.asc verified over the exact bytes of
-index.json with the repository's pinned keys (keys/<FPR>.asc), then a strict parse.
+index.json with the repository's own trust (tmplbuild.repo.chain: signed under the newest root of its chain or an
+earlier one, as a publisher reads it; a repository from before roots: its keys/<FPR>.asc), then a strict parse.
+An index signed by a key the newest root no longer names is shown, marked `stale` (clients following the root
+refuse it until a maintainer re-signs it).
 
-Verifying runs gpg (tens of milliseconds), so the result is cached per process, keyed by the (mtime_ns, size,
-inode) of both index files: any swap (store.write_index renames new files in) changes the key. A failure is
-cached too, so a broken index costs one gpg run per change, not one per request."""
+Verifying runs gpg (tens of milliseconds, a few runs per root for the chain), so the result is cached per
+process, keyed by the (mtime_ns, size, inode) of both index files and of the root/ directory: any swap
+(store.write_index renames new files in) or new root (chain.install renames one into root/) changes the key. A
+failure is cached too, so a broken index costs one gpg run per change, not one per request."""
 from __future__ import annotations
 
 import os
@@ -17,8 +21,9 @@ from tmplbuild import strictjson
 from tmplbuild.errors import TmplbuildError
 from tmplbuild.repo import accept
 from tmplbuild.repo import index as idx
-from tmplbuild.repo import store
-from tmplbuild.sign import Verifier
+from tmplbuild.repo import chain, store
+from tmplbuild.repo import root as rootdoc
+from tmplbuild.repo.root import Root
 
 
 class IndexUnavailable(Exception):
@@ -30,6 +35,12 @@ class Snapshot:
     index: idx.Index
     data: bytes  # the verified bytes of index.json
     doc: dict[str, Any]  # strictjson.loads(data): entries exactly as in index.json, for the API
+    root: Root | None = None  # the newest root of the repository's chain (None: a repository without roots)
+    stale: str | None = None  # the index was signed by a key the newest root no longer names (chain.carried_over)
+
+    @property
+    def root_expired(self) -> bool:
+        return self.root is not None and rootdoc.is_expired(self.root, time.time())
 
     @property
     def expired(self) -> bool:
@@ -37,16 +48,23 @@ class Snapshot:
         return accept.is_expired(self.index, time.time())
 
 
-Key = tuple[tuple[int, int, int], tuple[int, int, int]]
+Key = tuple[tuple[int, int, int], ...]
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _root_stamp(root: Path) -> tuple[int, int, int]:
+    try:
+        return _stamp(os.stat(root / rootdoc.DIRECTORY))
+    except OSError:
+        return (0, 0, 0)  # no root/: a repository from before roots
+
+
 def _stat_key(root: Path) -> Key | None:
     try:
-        return (_stamp(os.stat(root / store.INDEX)), _stamp(os.stat(root / store.INDEX_SIG)))
+        return (_stamp(os.stat(root / store.INDEX)), _stamp(os.stat(root / store.INDEX_SIG)), _root_stamp(root))
     except OSError:
         return None
 
@@ -57,12 +75,15 @@ def _read(path: Path) -> tuple[tuple[int, int, int], bytes]:
 
 
 def verify_pair(root: Path, data: bytes, sig: bytes) -> Snapshot:
-    """Verify `sig` over `data` with the repository's pinned keys, then parse. Raises TmplbuildError
-    (UsageError: no keys; AuthenticityError: signature or schema)."""
-    keys = store.read_keys(root)
-    with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+    """Verify `sig` over `data` with the repository's trust (chain.repo_trust(root).base_verifier()), then parse.
+    Raises TmplbuildError (UsageError: no keys; AuthenticityError: signature, schema, a broken root chain;
+    FreshnessError: a root chain that rolls back)."""
+    trust = chain.repo_trust(root)
+    with trust.base_verifier() as verifier:
         index, _ = accept.verify_and_parse(data, sig, verifier)
-    return Snapshot(index=index, data=data, doc=strictjson.loads(data, what="index.json", max_depth=idx.MAX_DEPTH))
+        stale = trust.carried_over(verifier)
+    return Snapshot(index=index, data=data, doc=strictjson.loads(data, what="index.json", max_depth=idx.MAX_DEPTH),
+                    root=trust.root, stale=stale)
 
 
 class IndexCache:
@@ -100,7 +121,7 @@ class IndexCache:
             except OSError as exc:
                 result, read_key = IndexUnavailable(f"cannot read the index: {exc.strerror}"), None
             else:
-                read_key = (stamp_data, stamp_sig)
+                read_key = (stamp_data, stamp_sig, _root_stamp(self.root))
                 try:
                     result = verify_pair(self.root, data, sig)
                 except TmplbuildError as exc:

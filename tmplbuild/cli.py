@@ -182,20 +182,25 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
 
 def cmd_repo_verify(args: argparse.Namespace) -> int:
     from tmplbuild.errors import ExitCode
-    from tmplbuild.repo import store
     from tmplbuild.repo.manage import audit, fingerprints_in, repair, repair_hint
+    from tmplbuild.sign.keys import normalise_fingerprint
 
     repo = Path(args.dir)
+    data: bytes | None = None
+    pinned: tuple[str, ...] = ()
+    if args.key and args.root_key:
+        raise UsageError("repo verify", "give --key (a repository's index key) or --root-key (its root keys), "
+                                        "not both")
     if args.key:
         data = Path(args.key).read_bytes()
         pinned = tuple(args.fingerprint) if args.fingerprint else tuple(fingerprints_in(data))
-    else:
-        keys = store.read_keys(repo)
-        data, pinned = keys.public_keys, keys.fingerprints
+    elif args.fingerprint:
+        raise UsageError("repo verify", "--fingerprint pins a fingerprint of --key: give --key too")
+    root_pins = tuple(normalise_fingerprint(f, "--root-key") for f in args.root_key or ())
     if args.repair:
         for line in repair(repo, data, pinned):
             print(f"repaired: {line}")
-    findings = audit(repo, data, pinned)
+    findings = audit(repo, data, pinned, root_pins=root_pins)
     for line in findings:
         print(f"tmplbuild: repo verify: {line}", file=sys.stderr)
     hint = None if args.repair else repair_hint(repo, findings)
@@ -225,8 +230,27 @@ def cmd_repo_resign(args: argparse.Namespace) -> int:
 
     repo = Path(args.dir)
     signer, _ = _signer(args, [repo, Path.cwd()])
-    index = resign(repo, signer, _expires_in(args))
+    notes: list[str] = []
+    index = resign(repo, signer, _expires_in(args), carry_over=args.carry_over, notes=notes)
+    for line in notes:
+        print(f"tmplbuild: warning: {line}", file=sys.stderr)
     print(f"index version {index.version}, expires {index.expires}")
+    return 0
+
+
+def cmd_repo_remove(args: argparse.Namespace) -> int:
+    from tmplbuild.repo.manage import remove
+
+    repo = Path(args.dir)
+    signer, _ = _signer(args, [repo, Path.cwd()])
+    notes: list[str] = []
+    index, removed = remove(repo, args.name, args.version, args.arch, signer, _expires_in(args),
+                            carry_over=args.carry_over, notes=notes)
+    for line in notes:
+        print(f"tmplbuild: warning: {line}", file=sys.stderr)
+    for e in removed:
+        print(f"removed {e.name} {e.version} {e.arch}")
+    print(f"index version {index.version}, {len(index.templates)} template versions kept")
     return 0
 
 
@@ -361,6 +385,9 @@ def parser() -> argparse.ArgumentParser:
     rv.add_argument("dir")
     rv.add_argument("--key", help="public key file to verify with (default: the repository's keys/)")
     rv.add_argument("--fingerprint", action="append", help="pin only this fingerprint of --key (repeatable)")
+    rv.add_argument("--root-key", action="append", metavar="FPR",
+                    help="a root key fingerprint the repository's roots must anchor on (repeatable; default: its "
+                         "own root/1.root.json, self-signed)")
     rv.add_argument("--repair", action="store_true",
                     help="first remove what the signed index does not list (files an interrupted publish left, "
                          "empty directories, staging) under the repository lock, then audit")
@@ -372,8 +399,20 @@ def parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_repo_prune)
     rr = r.add_parser("resign", help="re-sign the index with a new version and expiry")
     rr.add_argument("dir")
+    rr.add_argument("--carry-over", action="store_true",
+                    help="after a new root dropped the key that signed the index in place: re-sign its entries "
+                         "(index, .asc, SHA256SUMS.gpg) with this key; review them first (repo verify, list)")
     _signing_args(rr)
     rr.set_defaults(func=cmd_repo_resign)
+    rm = r.add_parser("remove", help="drop a template version (one arch or all) and its files, and re-sign")
+    rm.add_argument("dir")
+    rm.add_argument("name")
+    rm.add_argument("version")
+    rm.add_argument("--arch", help="only this architecture (default: every one)")
+    rm.add_argument("--carry-over", action="store_true",
+                    help="as for resign: the index in place was signed by a key the newest root dropped")
+    _signing_args(rm)
+    rm.set_defaults(func=cmd_repo_remove)
 
     rb = sub.add_parser("rebuild", help="rebuild every recipe whose inputs changed and publish what differs")
     rb.add_argument("--recipes", default="recipes", metavar="DIR", help="recipe directory (default ./recipes)")

@@ -136,11 +136,15 @@ class LocalRepo:
         self.root, self.signer, self.expires_in = root, signer, expires_in
 
     def index(self) -> idx.Index:
+        """The index in place, read as a publisher reads it (chain.repo_trust: under the newest root or an earlier
+        one of the chain). Each call also checks the signer against the newest root (an online key of it, the
+        root not expired), so a run that could publish nothing fails before it builds anything. Raises
+        UsageError, AuthenticityError ("signer"), FreshnessError ("root expired")."""
         from tmplbuild.repo import store
-        from tmplbuild.sign import Verifier
+        from tmplbuild.repo.manage import writer_trust
 
-        keys = store.read_keys(self.root)
-        with Verifier(keys.public_keys, keys.fingerprints) as verifier:
+        trust = writer_trust(self.root, self.signer, legacy_key_check=True)
+        with trust.base_verifier() as verifier:
             current, _ = store.load_index(self.root, verifier)
         return current
 
@@ -178,9 +182,9 @@ class RemoteRepo:
         self.session = Transport()
 
     def _verified_index(self, verifier) -> idx.Index:
-        from tmplbuild.repo.remote import fetch_verified_index
+        from tmplbuild.repo.remote import fetch_pinned_index
 
-        return fetch_verified_index(self.session, self.base, verifier)
+        return fetch_pinned_index(self.session, self.base, verifier, (self.signer.fingerprint,))
 
     def index(self) -> idx.Index:
         from tmplbuild.sign import Verifier

@@ -172,7 +172,8 @@ def install(repo: Path, data: bytes, signature: bytes, *, timeout: float = 120.0
     """Publish a new root into a local repository: version 1 (signed by a threshold of its own root keys) when it
     has none, else exactly the next one (root.check_successor). The public keys of its online keys are written
     to keys/<FPR>.asc (what a person verifying SHA256SUMS.gpg by hand and systemd-pull's keyring take), and
-    those of online keys the previous root named and this one does not are removed. Returns the root and one
+    those of online keys the previous root named and this one does not are removed (for root 1: of every key
+    keys/ held that it does not name as online). Returns the root and one
     line per key file written or removed. Raises AuthenticityError, FreshnessError, UsageError, LocalIOError."""
     with store.locked(repo, timeout):
         chain = read_chain(repo)
@@ -189,6 +190,8 @@ def install(repo: Path, data: bytes, signature: bytes, *, timeout: float = 120.0
         lines = []
         keys_dir = repo / "keys"
         old_online = set(chain[-1].online.keys) if chain else set()
+        if not chain and keys_dir.is_dir():  # migration: keys/ held every key the repository trusted
+            old_online = {p.stem for p in keys_dir.glob("*.asc") if store.FPR.match(p.stem)}
         try:
             (repo / rootdoc.DIRECTORY).mkdir(exist_ok=True)
             keys_dir.mkdir(exist_ok=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import sums
+from tmplbuild.repo.root import DIRECTORY as ROOT_DIR
+from tmplbuild.repo.root import FILE as ROOT_FILE
 from tmplbuild.repo.store import (FPR, INDEX, INDEX_SIG, SUMS, SUMS_SIG, TEMPLATES, fsync_dir, io_error,
                                   load_index, recover)
 
@@ -143,9 +145,12 @@ def converge(root: Path, current: idx.Index, repair: bool = False,
         if done:
             fsync_dir(top)
 
-    # 3. With --repair: whatever else is served and unlisted (keys/ keeps its pinned keys).
+    # 3. With --repair: whatever else is served and unlisted (keys/ keeps its pinned keys, root/ its root
+    # documents and their signatures: the chain is checked by whoever reads it, never tidied away here).
     if repair:
         keys = {f"keys/{p.name}" for p in (root / "keys").glob("*.asc") if FPR.match(p.stem)}
+        keys |= {f"{ROOT_DIR}/{p.name}" for p in (root / ROOT_DIR).glob("*")
+                 if ROOT_FILE.match(p.name.removesuffix(".asc"))}
         for dirpath, dirnames, filenames in os.walk(root):
             base = Path(dirpath)
             dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")

@@ -1,8 +1,9 @@
 """`tmplbuild publish`: add built templates to a local repository directory.
 
-Order, under the repository lock: verify the current index with the repository's pinned keys; copy each file
+Order, under the repository lock: the repository's trust (tmplbuild.repo.chain: its root chain, or keys/) and the
+signer's place in it; verify the current index as a publisher reads it (chain's base verifier); copy each file
 to a hidden temporary name while hashing it (it must match its build manifest); sign it; verify every new
-signature with the same verifier clients use; only then rename the files into place, then the directory's
+signature with the verifier clients use (the newest root's online keys); only then rename the files into place, then the directory's
 SHA256SUMS pair, then the new index (version + 1) last. A crash at any point leaves the previous index and
 everything it lists intact. What was moved in but never listed (a crash, a full disk) is removed again: at once
 when the publish fails with an error, else by the next publish, which first converges the repository on its
@@ -25,7 +26,7 @@ from tmplbuild.repo import converge
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import sums
 from tmplbuild.repo import store
-from tmplbuild.sign import Signer, Verifier
+from tmplbuild.sign import Signer
 
 CHUNK = 1 << 20
 FORMATS = idx.FORMATS
@@ -84,19 +85,21 @@ class Published:
 
 def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int) -> Published:
     """Raises UsageError, AuthenticityError (current index, artifact hashes, a new signature that does not
-    verify), LocalIOError (lock, disk). On any of these, nothing it wrote stays behind: no file, no empty
-    directory, the previous SHA256SUMS pairs."""
+    verify; "signer": a key the newest root does not name as online; "index signer": the index in place was
+    signed by a key the newest root dropped, which `repo resign --carry-over` must re-sign first),
+    FreshnessError ("root expired"), LocalIOError (lock, disk). The trust checks come before anything is
+    written. On any of these, nothing it wrote stays behind: no file, no empty directory, the previous
+    SHA256SUMS pairs."""
+    from tmplbuild.repo.manage import _write_sums, refuse_carried_over, writer_trust
+
     artifacts = [load_artifact(p) for p in paths]
     with store.locked(root) as recovered:
-        keys = store.read_keys(root)
-        if signer.fingerprint not in keys.fingerprints:
-            raise UsageError("key", f"{signer.fingerprint} is not one of the repository's keys "
-                                    f"({', '.join(keys.fingerprints)})")
-        with Verifier(keys.public_keys, keys.fingerprints) as verifier:
-            current, _ = store.load_index(root, verifier)
+        trust = writer_trust(root, signer, legacy_key_check=True)
+        with trust.base_verifier() as base, trust.index_verifier() as verifier:
+            current, _ = store.load_index(root, base)
+            refuse_carried_over(root, trust, base, "publish")
 
             def write_sums(directory: Path, entries: list[idx.Entry]) -> None:
-                from tmplbuild.repo.manage import _write_sums
                 _write_sums(directory, entries, signer, verifier)
 
             cleaned = recovered + converge.converge(root, current, write_sums=write_sums)
@@ -110,7 +113,7 @@ def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int) -> P
                 _fault("before-index")
                 store.write_index(root, data, sig)
             except Exception:
-                converge.roll_back(root, verifier)
+                converge.roll_back(root, base)
                 raise
             converge.settle(root, new)  # the SHA256SUMS backups, now that the new index lists the new pairs
             return Published(new, added, unchanged, cleaned)
@@ -142,7 +145,7 @@ def _directory(art: Artifact) -> str:
     return f"templates/{art.manifest.name}/{art.manifest.version}"
 
 
-def _add(root: Path, art: Artifact, signer: Signer, verifier: Verifier, neighbours: list[idx.Entry]) -> idx.Entry:
+def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[idx.Entry]) -> idx.Entry:
     """Write one template's files into its version directory and return its index entry."""
     name, version, arch = art.key
     rel_dir = _directory(art)
@@ -188,11 +191,12 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier: Verifier, neighbou
         listed.update({Path(r.path).name: r.sha256 for r in (*refs, manifest_ref)})
         text = sums.render(listed)
         sums_sig = signer.sign(text, armored=False)
-        verifier.verify(text, sums_sig)
         for fname, content in (("SHA256SUMS", text), ("SHA256SUMS.gpg", sums_sig)):
             tmp = directory / f".{fname}.part"
             store.write_durable(tmp, content)
             staged.append((tmp, directory / fname))
+        # One signature, as gpgv and systemd-pull read it: verify_file over the text as staged.
+        verifier.verify_file(directory / ".SHA256SUMS.part", sums_sig)
         _fault("before-files")
         try:
             for tmp, _ in staged:

@@ -5,7 +5,9 @@ current index and verifies it with pinned keys (never keys from the server), sig
 index (version + 1), verifies every signature, and uploads the lot as one tar. The server checks it all again
 against its own pinned keys before anything goes live; a 409 (another publisher got there first) means
 fetch, rebuild, re-sign and retry, after a jittered exponential backoff, until the publish deadline
-(retry_conflicts)."""
+(retry_conflicts). The publisher pins its own key (and any --repo-key) for the server's current index, also in a
+repository with a root of trust: after a rotation, building on an index another key signed is a step a person
+takes explicitly. `publish_root_remote` uploads a new root (`tmplbuild root publish`)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from tmplbuild.errors import AuthenticityError, PublishConflictError, SignatureError, TransportError, UsageError
+from tmplbuild.errors import (AuthenticityError, FreshnessError, PublishConflictError, SignatureError, TransportError,
+                              UsageError)
 from tmplbuild.repo import index as idx
 from tmplbuild.repo.publish import Published, _add, load_artifact, stage_additions
 from tmplbuild.sign import Signer, Verifier
@@ -110,6 +113,53 @@ def fetch_verified_index(session: Transport, base: str, verifier: Verifier) -> i
     return idx.parse(data)
 
 
+def fetch_pinned_index(session: Transport, base: str, verifier: Verifier, pinned: tuple[str, ...]) -> idx.Index:
+    """fetch_verified_index for a publisher, who pins its own key (and any --repo-key) for the server's current
+    index: the explicit review step after a root rotation. A signature by another key is refused with a line
+    saying so. Raises TransportError, AuthenticityError (SignatureError)."""
+    try:
+        return fetch_verified_index(session, base, verifier)
+    except SignatureError as exc:
+        raise SignatureError(exc.check, (
+            f"the server's current index: {exc.message}; a publisher builds only on an index signed by a key it "
+            f"pins (its own, {', '.join(pinned)}, and any --repo-key): if another key signed it (another "
+            f"maintainer, or a key a new root dropped), review that index and pass its key with --repo-key, or "
+            f"re-sign it on the server's directory (`tmplbuild repo resign DIR --carry-over`)")) from None
+
+
+def publish_root_remote(url: str, data: bytes, sig: bytes, token: str) -> int:
+    """Upload a root (its document and concatenated signatures, signed offline by its root key holders) to a
+    repository server, which checks it against its newest root (TUF's successor rule) and installs it. Returns
+    the root version now in place. Raises UsageError (a document that is no root; token refused),
+    AuthenticityError (the server's verdict: signatures, schema, expired), FreshnessError (409: not the next
+    version, e.g. a rollback or a root already there), TransportError (HTTP)."""
+    from tmplbuild.repo import root as rootdoc
+
+    try:
+        version = rootdoc.parse(data).version
+    except AuthenticityError as exc:
+        raise UsageError("root", f"not a root document: {exc.message}") from None
+    rootdoc.split_signatures(sig, f"{rootdoc.path(version)}.asc")  # SignatureError for garbage, before sending
+    base = url.rstrip("/")
+    staging = Path(tempfile.mkdtemp(prefix="tmplbuild-root-"))
+    body = staging.parent / f"{staging.name}.tar"
+    try:
+        (staging / rootdoc.DIRECTORY).mkdir()
+        (staging / rootdoc.path(version)).write_bytes(data)
+        (staging / (rootdoc.path(version) + ".asc")).write_bytes(sig)
+        _tar(staging, body)
+        with Transport() as transport:
+            status, reply = _upload(transport, f"{base}/api/v1/publish", body, token)
+    finally:
+        body.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    if status == 200:
+        return version
+    if status == 409:
+        raise FreshnessError("upload", f"the server answered 409: {reply or 'root version conflict'}")
+    raise _refusal(status, reply)
+
+
 def get_capped(session: Transport, url: str) -> bytes:
     """At most INDEX_CAP bytes of `url` (an index or manifest), within the deadline of INDEX_CAP bytes."""
     return _transport(session).get_bytes(url, INDEX_CAP, url.rsplit("/", 1)[-1])
@@ -124,7 +174,7 @@ def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: byt
     base = url.rstrip("/")
     with Transport() as transport, Verifier(pinned_keys, pinned) as verifier:
         def attempt(n: int) -> Published:
-            current = fetch_verified_index(transport, base, verifier)
+            current = fetch_pinned_index(transport, base, verifier, pinned)
             staging = Path(tempfile.mkdtemp(prefix="tmplbuild-upload-"))
             try:
                 added, unchanged = stage_additions(
