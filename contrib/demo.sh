@@ -1,7 +1,9 @@
 #!/bin/sh
-# The main job end to end: build debian-12-minimal from its shipped recipe, make a throwaway signing key,
-# publish the template into a signed repository, audit it, check it the way a node admin with only gpgv and
-# sha256sum would, serve it on 127.0.0.1, and fetch and verify it into a template cache with the pinned key.
+# The main job end to end: build debian-12-minimal from its shipped recipe, make throwaway keys (a root key,
+# kept apart, and an online key as CI holds it), publish a signed root and the template into a signed
+# repository, audit it, check it the way a node admin with only gpgv and sha256sum would, serve it on
+# 127.0.0.1, fetch and verify it into a template cache with only the root key's fingerprint pinned, then rotate
+# the online key (as after a stolen CI key) and watch the client follow the new root.
 set -eu
 PYTHON=${PYTHON:-python3}
 OUT_GIVEN=${OUT+yes}
@@ -24,11 +26,13 @@ cleanup() {
         wait "$SERVER_PID" 2>/dev/null
         kill -KILL -"$SERVER_PID" 2>/dev/null  # a worker that outlived its master
     fi
-    gpgconf --homedir "$WORK/gnupg" --kill all 2>/dev/null
+    for home in "$WORK/gnupg" "$WORK/gnupg2" "$WORK/root-gnupg"; do
+        [ -d "$home" ] && gpgconf --homedir "$home" --kill all 2>/dev/null
+    done
     echo
     [ "$status" -eq 0 ] || echo "### the demo failed or was interrupted (exit $status)"
     echo "### what the demo left behind (no process of it is still running)"
-    echo "  $WORK: throwaway key, repository, server log, client config and state, fetched template"
+    echo "  $WORK: throwaway keys, roots, repository, server log, client config and state, fetched template"
     if [ -z "$OUT_GIVEN" ]; then
         echo "  $OUT: the built template and its manifest"
         remove="'$OUT'"
@@ -56,19 +60,31 @@ manifest=$(ls "$OUT"/debian-12-minimal_*_amd64.manifest.json | tail -n 1)
 tarball=${manifest%.manifest.json}.tar.zst
 
 echo
-echo "### 2. a throwaway signing key, in its own GNUPGHOME outside the project ($WORK/gnupg)"
-fpr=$(tb key generate --name "tmplbuild demo <demo@example.invalid>" --gnupghome "$WORK/gnupg" --expire 1d \
+echo "### 2. throwaway keys, each in its own GNUPGHOME outside the project"
+root_fpr=$(tb key generate --name "tmplbuild demo root <root@example.invalid>" --gnupghome "$WORK/root-gnupg" \
+      --expire 1d --out "$WORK/keys/root.asc")
+echo "root key   $root_fpr in $WORK/root-gnupg (offline: it signs roots, never an index; CI and the server never see it)"
+fpr=$(tb key generate --name "tmplbuild demo CI <demo@example.invalid>" --gnupghome "$WORK/gnupg" --expire 1d \
       --out "$WORK/keys/demo.asc")
-echo "fingerprint $fpr"
+echo "online key $fpr in $WORK/gnupg (CI's: it signs the index and the templates)"
+if gpg --homedir "$WORK/gnupg" --batch --list-secret-keys "$root_fpr" >/dev/null 2>&1; then
+    echo "the root key's secret is in CI's GNUPGHOME"; exit 1
+fi
+echo "checked: CI's GNUPGHOME holds no secret root key"
 
 echo
-echo "### 3. a signed repository, and the template published into it once it booted in containers ($WORK/repo)"
+echo "### 3. a signed repository with root 1, and the template published into it once it booted in containers ($WORK/repo)"
 tb repo init "$WORK/repo" --key "$fpr" --gnupghome "$WORK/gnupg" --id tmplbuild-demo
+mkdir -p "$WORK/roots"
+tb root init "$WORK/roots/1.root.json" --repo-id tmplbuild-demo --root-key "$WORK/keys/root.asc" \
+    --online-key "$WORK/keys/demo.asc"
+tb root sign "$WORK/roots/1.root.json" --key "$root_fpr" --gnupghome "$WORK/root-gnupg"
+tb root publish "$WORK/roots/1.root.json" --repo "$WORK/repo"
 tb publish "$manifest" --repo "$WORK/repo" --key "$fpr" --gnupghome "$WORK/gnupg"
 
 echo
-echo "### 4. audit: every file, hash and signature, against the pinned public key"
-tb repo verify "$WORK/repo" --key "$WORK/keys/demo.asc"
+echo "### 4. audit: the root chain, then every file, hash and signature, with only the root fingerprint pinned"
+tb repo verify "$WORK/repo" --root-key "$root_fpr"
 
 echo
 echo "### 5. what a node admin without tmplbuild can check: gpgv + sha256sum -c"
@@ -93,12 +109,33 @@ done
 grep -m 1 "^serving" "$WORK/serve.log" || true
 
 echo
-echo "### 7. a node admin fetches it into a template cache, checked against the pinned key ($WORK/cache)"
+echo "### 7. a node admin pins the root key's fingerprint and fetches into a template cache ($WORK/cache)"
 mkdir -p "$WORK/cache"
 export TMPLBUILD_STATE_DIR="$WORK/state" TMPLBUILD_CONFIG_DIR="$WORK/config"
-tb remote add demo "$url" --key "$WORK/keys/demo.asc" --fingerprint "$fpr"
+tb remote add demo "$url" --root-key "$root_fpr"
 tb list --remote demo
 tb fetch debian-12-minimal --remote demo --dest "$WORK/cache"
 tb verify "$WORK/cache"/debian-12-minimal_*_amd64.tar.zst --remote demo
+
+echo
+echo "### 8. CI's key is replaced (as after a theft): root 2, signed with the root key, drops it"
+fpr2=$(tb key generate --name "tmplbuild demo CI 2 <demo2@example.invalid>" --gnupghome "$WORK/gnupg2" \
+       --expire 1d --out "$WORK/keys/demo2.asc")
+tb root next "$WORK/repo/root/1.root.json" "$WORK/roots/2.root.json" --remove-online "$fpr" \
+    --add-online "$WORK/keys/demo2.asc"
+tb root sign "$WORK/roots/2.root.json" --key "$root_fpr" --gnupghome "$WORK/root-gnupg"
+tb root publish "$WORK/roots/2.root.json" --repo "$WORK/repo"
+echo "the client follows root 2, and now refuses the index the old key signed:"
+set +e
+tb list --remote demo
+status=$?
+set -e
+[ "$status" -eq 3 ] || { echo "expected exit 3, got $status"; exit 1; }
+echo "(exit 3, as it must be)"
+echo "the maintainer reviews the index and re-signs it with the new online key:"
+tb repo resign "$WORK/repo" --carry-over --key "$fpr2" --gnupghome "$WORK/gnupg2"
+tb list --remote demo
+tb fetch debian-12-minimal --remote demo --dest "$WORK/cache"
+tb remote list
 echo
 echo "done: $(ls "$WORK"/cache/*.tar.zst) fetched and verified; repository in $WORK/repo"

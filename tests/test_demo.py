@@ -1,5 +1,6 @@
-"""`make demo` (contrib/demo.sh) run the way make runs it, with a real debootstrap build: it leaves no process
-behind (no gunicorn master or worker, no gpg-agent of its throwaway key), whether it succeeds or is stopped
+"""`make demo` (contrib/demo.sh) run the way make runs it, with a real debootstrap build: it keeps the root key
+apart from the online key and shows a client following a rotation; it leaves no process behind (no gunicorn
+master or worker, no gpg-agent of its throwaway keys), whether it succeeds or is stopped
 with Ctrl-C, and it ends by saying where its files are and how to remove them; the command it prints works."""
 from __future__ import annotations
 
@@ -111,6 +112,12 @@ def test_the_demo_succeeds_leaves_no_process_and_says_how_to_remove_its_files(tm
     fetched = list(work.glob("cache/debian-12-minimal_*_amd64.tar.zst"))
     built = list((tmp_path / "out").glob("debian-12-minimal_*_amd64.*"))
     assert len(fetched) == 1
+    # the root key is kept apart from CI's: its own GNUPGHOME, checked to hold no secret root key; the client pins
+    # only the root key; after root 2 drops CI's key the client refuses the index it signed, until re-signed
+    for line in ("checked: CI's GNUPGHOME holds no secret root key", "published root 1 of tmplbuild-demo",
+                 "published root 2 of tmplbuild-demo", "(exit 3, as it must be)"):
+        assert line in proc.stdout, line
+    assert "root:" in proc.stdout.split("### 8.")[1]  # `remote list`: the remote pins a root key, no index key
     assert sorted(p.name.split("_amd64")[1] for p in built) == [".lxc-meta.tar.xz", ".manifest.json", ".tar.xz",
                                                                  ".tar.zst"]
     tail = proc.stdout[proc.stdout.index("### what the demo left behind"):]
