@@ -190,3 +190,48 @@ def test_publish_root_remote_and_the_review_step_of_publish_to(world):
     assert proc.returncode == 0, proc.stderr
     assert index_of(world.a)["version"] == 4
     assert tmplbuild("repo", "verify", str(world.a)).returncode == 0
+
+
+def test_the_pages_root_pinning_commands_fetch_the_template(world):
+    """With a root, the page tells node admins to pin root key fingerprints (as many as the threshold); those
+    commands, with the fingerprints put in, fetch the template."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.test_server import _Pre
+
+    server = world.start()
+    page = requests.get(server.url("/"), timeout=10).text
+    assert "root of trust" in page and "out of band" in page
+    parser = _Pre()
+    parser.feed(page)
+    shown = [line for block in parser.blocks for line in block.splitlines() if line.startswith("tmplbuild ")]
+    assert [shlex.split(c)[1] for c in shown[:4]] == ["remote", "list", "fetch", "fetch"], shown
+    assert all("--key" not in c for c in shown[:4]) and shown[0].count("--root-key") == 2  # a 2-of-3 root
+    pins = [world.keys[n] for n in ROOT_KEYS[:2]]
+    commands = []
+    for command in shown[:4]:
+        for n, fpr in enumerate(pins, 1):
+            command = command.replace(f"ROOT-FINGERPRINT-{n}", fpr)
+        commands.append(command)
+    tarball = next(world.a.glob("templates/demo/*/*.tar.zst"))
+    for n, group in enumerate((commands[:3], commands[3:])):
+        home, dest = world.tmp / f"admin{n}", world.tmp / f"cache{n}"
+        home.mkdir()
+        dest.mkdir()
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k not in
+               ("GNUPGHOME", "TMPLBUILD_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_STATE_HOME")}
+        env.update(HOME=str(home), TMPLBUILD_STATE_DIR=str(home / "state"),
+                   TMPLBUILD_SYSTEM_CONFIG_DIR=str(home / "etc"), NO_PROXY="*")
+        for command in group:
+            argv = shlex.split(command)
+            extra = ["--dest", str(dest), "--arch", "amd64"] if argv[1] == "fetch" else []
+            proc = subprocess.run([sys.executable, "-m", "tmplbuild", *argv[1:], *extra], cwd=home, env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, (command, proc.stderr)
+            if argv[1] == "list":
+                assert re.search(r"^demo\s", proc.stdout, re.M), proc.stdout
+        assert [p.name for p in dest.iterdir()] == [tarball.name]
