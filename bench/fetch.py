@@ -12,7 +12,11 @@ For scale it also times curl alone: coreutils' sha256sum may not use the CPU's S
 hashlib (OpenSSL) does, which can make the pair slower than the download it checks.
 Two cases, each against the pair in the same run: the shipped debian-12-minimal template, built now from its
 recipe (or --template), where start-up and index verification weigh most (goal <= 1.2x), and ~200 MB of
-random bytes, where the transfer and hashing do (goal <= 1.1x)."""
+random bytes, where the transfer and hashing do (goal <= 1.1x).
+--pin root (the default) gives the repository a signed root naming the signing key as its online key, and the
+client pins only the root key's fingerprint (`--root-key`): every fetch then also asks for the next root (a 404
+while there is none) and verifies the index against the online keys of the root it stored on the first run,
+the case a node admin has. --pin key pins the index key itself, as before roots."""
 from __future__ import annotations
 
 import argparse
@@ -183,6 +187,8 @@ def main() -> int:
                     help="package cache for building the shipped template")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--server", choices=("nginx", "http.server"), default="nginx")
+    ap.add_argument("--pin", choices=("root", "key"), default="root",
+                    help="what the client pins: the root key's fingerprint (default) or the index key")
     args = ap.parse_args()
     # An installed tmplbuild has its bytecode compiled (pip does it); a checkout run with PYTHONDONTWRITEBYTECODE
     # would compile every module on every run and measure that instead.
@@ -191,6 +197,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tmplbuild-bench-fetch-", dir="/var/tmp"))
     os.chmod(work, 0o755)
     home = work / "gnupg"
+    root_home = work / "root-gnupg"
     server = None
     ok = True
     try:
@@ -200,6 +207,18 @@ def main() -> int:
         repo = work / "repo"
         subprocess.run([*client_command(), "repo", "init", str(repo), "--key", fpr, "--gnupghome", str(home)],
                        check=True, cwd=ROOT, capture_output=True)
+        if args.pin == "root":
+            root_fpr = generate_key("Bench root <root@example.invalid>", root_home, expire="1d")
+            (work / "root.asc").write_bytes(export_public(root_fpr, root_home, armored=True))
+            draft = work / "1.root.json"
+            for verb in (["init", str(draft), "--repo-id", "repo", "--root-key", str(work / "root.asc"),
+                          "--online-key", str(key)],
+                         ["sign", str(draft), "--key", root_fpr, "--gnupghome", str(root_home)],
+                         ["publish", str(draft), "--repo", str(repo)]):
+                subprocess.run([*client_command(), "root", *verb], check=True, cwd=ROOT, capture_output=True)
+            pins = ["--root-key", root_fpr]
+        else:
+            pins = ["--key", str(key), "--fingerprint", fpr]
         (work / "out").mkdir()
         cases = []
         if args.size_mb:
@@ -218,7 +237,8 @@ def main() -> int:
         server, server_name = serve(repo, work, port, args.server)
         wait_for(port)
         base = f"http://127.0.0.1:{port}"
-        print(f"served by {server_name} on 127.0.0.1; the whole `tmplbuild fetch` process against curl + sha256sum")
+        print(f"served by {server_name} on 127.0.0.1; the whole `tmplbuild fetch` process against curl + sha256sum; "
+              f"the client pins {'the root key (--root-key)' if args.pin == 'root' else 'the index key (--key)'}")
         for (label, _), wanted in zip(cases, keys):
             entry = next(e for e in json.loads((repo / "index.json").read_text())["templates"]
                          if (e["name"], e["version"]) == wanted)
@@ -228,7 +248,7 @@ def main() -> int:
             env = {"TMPLBUILD_STATE_DIR": str(work / "state"), "TMPLBUILD_CONFIG_DIR": str(work / "config"),
                    "TMPLBUILD_SYSTEM_CONFIG_DIR": str(work / "etc"), "NO_PROXY": "*"}
             fetch = [*client_command(), "fetch", entry["name"], "--version", entry["version"], "--arch", "amd64",
-                     "--dest", str(dest), "--url", base, "--key", str(key), "--fingerprint", fpr]
+                     "--dest", str(dest), "--url", base, *pins]
             ok &= measure(label, fetch, env, dest, name, f"{base}/{entry['path']}", work, args.repeat,
                           1.2 if "shipped" in label else 1.1)
     finally:
@@ -236,6 +256,8 @@ def main() -> int:
             server.terminate()
             server.wait()
         kill_agents(home)
+        if root_home.exists():
+            kill_agents(root_home)
         shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 

@@ -100,12 +100,11 @@ def load_record(key: str) -> tuple[Seen, tuple[str, ...] | None] | None:
     return Seen(repo_id=doc["repo_id"], version=doc["version"], sha256=doc["sha256"]), online
 
 
-def load_root(key: str) -> Root | None:
-    """The newest root trusted for `key` (stored by an earlier run whose every check passed), or None. Raises
-    LocalIOError for an unreadable or malformed one: starting over from the pins would silently undo a
+def load_root(key: str, known: Root | None = None) -> Root | None:
+    """The newest root trusted for `key` (stored by an earlier run whose every check passed), or None. `known`:
+    a root already parsed in this run, returned as it is when the file holds its exact bytes (no second parse).
+    Raises LocalIOError for an unreadable or malformed one: starting over from the pins would silently undo a
     rotation the client has already followed."""
-    from tmplbuild.repo import root as rootdoc  # here, not at import: the legacy path overlaps loading gnupg
-
     path = _root_path(key)
     try:
         data = path.read_bytes()
@@ -113,6 +112,10 @@ def load_root(key: str) -> Root | None:
         return None
     except OSError as exc:
         raise LocalIOError("state", f"cannot read {path}: {exc.strerror}") from None
+    if known is not None and data == known.raw:
+        return known
+    from tmplbuild.repo import root as rootdoc  # here, not at import: the legacy path overlaps loading gnupg
+
     try:
         return rootdoc.parse(data)
     except AuthenticityError as exc:
@@ -161,7 +164,7 @@ def record_root(key: str, root: Root) -> None:
     replaces a higher version. The index record (and its online keys) is untouched. Raises LocalIOError."""
     path = _path(key)
     with _locked(path.parent):
-        stored = load_root(key)
+        stored = load_root(key, root)
         if stored is None or stored.version < root.version:
             write_atomic(_root_path(key), root.raw)
 
@@ -182,7 +185,7 @@ def record(key: str, seen: Seen, remote: str, *, root: Root | None = None) -> No
         got = load_record(key)
         current, online = got if got else (None, None)
         if root is not None:
-            stored = load_root(key)
+            stored = load_root(key, root)
             if stored is not None and stored.version > root.version:
                 return  # a concurrent run trusted a newer root: its record stands
             if stored is None or stored.version < root.version:

@@ -113,34 +113,21 @@ class Updater:
         self.index_root: Root | None = None  # root source: the root the last index accepted was checked under
         self._root_verifiers: dict[str, RootVerifier] = {}
         if source.pins_root:
-            # No background verifier: the keys come from the root, which comes from the mirror.
-            self._making: threading.Thread | None = None
+            # The keys come from the root, which may come from the mirror. The root already trusted (stored, or
+            # the admin's out-of-band document) is read, and its verifier made, on another thread while this one
+            # loads the HTTP stack: usually it is still the newest. Both are taken by `trusted_root` before any
+            # root or index is checked (a malformed stored root raises there).
             self._verifier: Verifier | BaseException | None = None
-            stored = state.load_root(source.state_key)
-            given = source.root
-            self.root = stored
-            if given is not None and (stored is None or (given.repo_id == stored.repo_id
-                                                         and given.version > stored.version)):
-                self.root = given
-            if self.root is not None:
-                # Usually the trusted root is still the newest: its verifier is made while the walk asks for the
-                # next root, as the legacy path makes its pinned verifier (taken, or closed, by _root_verifier).
-                self._making = threading.Thread(target=self._make_root_verifier, args=(self.root,), daemon=True)
-                self._making.start()
-            try:
-                from tmplbuild.client.download import Transport
-
-                self.transport = Transport()
-            except BaseException:
-                self._close_verifier()
-                raise
-            return
-        # The pinned verifier is made (gpg imports and lists the keys) on another thread while this one loads
-        # the HTTP stack and fetches the first index: the two overlap instead of adding up. Its result, or its
-        # error, is taken before the first signature is checked, so nothing is checked any later or any less.
-        self._making = threading.Thread(target=self._make_verifier, daemon=True)
-        self._verifier = None
-        self._making.start()
+            self._loading: BaseException | None = None
+            self._making: threading.Thread | None = threading.Thread(target=self._load_trusted_root, daemon=True)
+        else:
+            # The pinned verifier is made (gpg imports and lists the keys) on another thread while this one loads
+            # the HTTP stack and fetches the first index: the two overlap instead of adding up. Its result, or its
+            # error, is taken before the first signature is checked, so nothing is checked any later or any less.
+            self._making = threading.Thread(target=self._make_verifier, daemon=True)
+            self._verifier = None
+        if self._making is not None:
+            self._making.start()
         try:
             from tmplbuild.client.download import Transport
 
@@ -149,13 +136,24 @@ class Updater:
             self._close_verifier()
             raise
 
-    def _make_root_verifier(self, doc: Root) -> None:
+    def _load_trusted_root(self) -> None:
         from tmplbuild.repo.root import RootVerifier
 
         try:
-            self._verifier = RootVerifier(doc)  # type: ignore[assignment]
-        except BaseException as exc:  # handed to the main thread by `_root_verifier`
-            self._verifier = exc
+            stored = state.load_root(self.source.state_key)
+        except BaseException as exc:  # handed to the main thread by `trusted_root`
+            self._loading = exc
+            return
+        given = self.source.root
+        self.root = stored
+        if given is not None and (stored is None or (given.repo_id == stored.repo_id
+                                                     and given.version > stored.version)):
+            self.root = given
+        if self.root is not None:
+            try:
+                self._verifier = RootVerifier(self.root)  # type: ignore[assignment]
+            except BaseException as exc:  # raised by `_root_verifier` only if this root is still the newest
+                self._verifier = exc
 
     def _make_verifier(self) -> None:
         from tmplbuild.sign.verify import Verifier
@@ -219,6 +217,10 @@ class Updater:
         expired") 4, TransportError 5."""
         from tmplbuild.repo import root as rootdoc
 
+        if self._making is not None:  # the first mirror: the trusted root read in the background
+            self._making.join()
+            if self._loading is not None:
+                raise self._loading
         fetch = self._root_fetch(base)
         if self.root is None:
             chain = rootdoc.anchor_and_walk(self.source.root_keys, fetch)
