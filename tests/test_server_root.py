@@ -235,3 +235,23 @@ def test_the_pages_root_pinning_commands_fetch_the_template(world):
             if argv[1] == "list":
                 assert re.search(r"^demo\s", proc.stdout, re.M), proc.stdout
         assert [p.name for p in dest.iterdir()] == [tarball.name]
+
+
+def test_root_publish_to_a_server_through_the_cli(world):
+    """`tmplbuild root publish FILE --to URL --token-file F`: the holders' signed root reaches the server, which
+    installs it; the same file again is not the next version (exit 4) and changes nothing."""
+    server = world.start()
+    (path, data), (_, sig) = world.root_members(2, ("online-2",))
+    draft = world.tmp / "2.root.json"
+    draft.write_bytes(data)
+    Path(f"{draft}.asc").write_bytes(sig)
+    proc = tmplbuild("root", "publish", str(draft), "--to", server.base, "--token-file", str(world.token_file))
+    assert proc.returncode == 0, proc.stderr
+    assert f"published root 2 to {server.base}" in proc.stdout
+    assert (world.a / path).read_bytes() == data
+    before = sorted(p.name for p in (world.a / "root").iterdir())
+    proc = tmplbuild("root", "publish", str(draft), "--to", server.base, "--token-file", str(world.token_file))
+    assert proc.returncode == 4, proc.stderr
+    assert sorted(p.name for p in (world.a / "root").iterdir()) == before
+    proc = tmplbuild("root", "publish", str(draft), "--to", server.base)
+    assert proc.returncode == 2 and "--to needs --token-file" in proc.stderr
