@@ -88,6 +88,13 @@ def assert_nothing_left(tmp: Path, output: str) -> None:
     assert left == {}, f"the demo left processes running: {left}"
 
 
+def failure_excerpt(output: str) -> str:
+    """What a failed demo said: its FAIL lines (a boot check's evidence comes early in a long output), then its
+    last lines."""
+    fails = [line for line in output.splitlines() if "FAIL " in line]
+    return "\n".join(fails) + "\n...\n" + output[-3000:]
+
+
 def server_url(output: str) -> str:
     m = re.search(r"^serving \S+ on (http://127\.0\.0\.1:\d+), uploads disabled$", output, re.M)
     assert m, output
@@ -104,7 +111,7 @@ def test_the_demo_succeeds_leaves_no_process_and_says_how_to_remove_its_files(tm
                           text=True, timeout=1800)
     outputs.append(proc.stdout)
     assert_nothing_left(tmp_path, proc.stdout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_excerpt(proc.stdout) + proc.stderr[-3000:]
     assert_stopped(server_url(proc.stdout))
 
     work = work_dir(proc.stdout)
@@ -139,7 +146,7 @@ def test_ctrl_c_while_the_server_runs_stops_it_and_leaves_no_process(tmp_path, c
     try:
         deadline = time.monotonic() + 1800
         while not re.search(r"^serving .* on http://", log.read_text(), re.M):
-            assert demo.poll() is None, log.read_text()[-3000:]
+            assert demo.poll() is None, failure_excerpt(log.read_text())
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
         url = server_url(log.read_text())

@@ -64,7 +64,13 @@ def _last_log_line(c: Container, unit: str) -> str:
     from the container's journal: the reason, not just the name."""
     res = c.exec("journalctl", "--no-pager", "-o", "cat", "-n", "1", f"_SYSTEMD_UNIT={unit}", timeout=10)
     lines = [ln.strip() for ln in res.out.splitlines() if ln.strip() and not ln.startswith("-- ")] if res.ok else []
-    return lines[-1][:200] if lines else ""
+    if not lines:
+        # Nothing under the unit's own name (it failed before journald took its output, or its lines carry
+        # another unit field): what `systemctl status` shows of it, its result and last lines, instead.
+        res = c.exec("systemctl", "status", "--no-pager", "--lines", "3", "--", unit, timeout=10)
+        lines = [ln.strip() for ln in res.out.splitlines()
+                 if ln.strip().startswith(("Process:", "Main PID:")) or re.match(r"\s*\w{3} \d+ ", ln)]
+    return " | ".join(lines[-3:])[:300] if lines else ""
 
 
 def _ipv4(c: Container) -> tuple[list[str], str | None]:
