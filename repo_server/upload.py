@@ -365,15 +365,9 @@ def _install_root(root: Path, upload: Upload, log) -> dict[str, Any]:
         raise Refused(422, f"{doc_rel}: holds root version {declared}, expected {n} (its file name)")
     try:
         new, lines = chain.install(root, data, sig, timeout=120.0)
-    except FreshnessError as exc:
-        if exc.check == "root rollback":
-            raise Refused(409, f"{doc_rel}: {exc}") from None
-        raise Refused(422, f"{doc_rel}: {exc}") from None
-    except AuthenticityError as exc:
-        if exc.check == "root version":
-            raise Refused(409, f"{doc_rel}: {exc}") from None
-        raise Refused(422, f"{doc_rel}: {exc}") from None
-    except UsageError as exc:
+    except rootdoc.NotNextRoot as exc:  # a rollback, or past the next version
+        raise Refused(409, f"{doc_rel}: {exc}") from None
+    except (FreshnessError, AuthenticityError, UsageError) as exc:
         raise Refused(422, f"{doc_rel}: {exc}") from None
     except LocalIOError as exc:
         if store.disk_full(exc):

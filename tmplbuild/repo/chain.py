@@ -180,8 +180,8 @@ def install(repo: Path, data: bytes, signature: bytes, *, timeout: float = 120.0
         if not chain:
             new = rootdoc.check_self_signed(data, signature, what="the new root")
             if new.version != 1:
-                raise AuthenticityError("root version", f"the new root has version {new.version}, expected 1 "
-                                                        "(the repository has no root yet)")
+                raise rootdoc.RootVersionError(f"the new root has version {new.version}, expected 1 (the "
+                                               "repository has no root yet)")
             if (repo / store.INDEX).exists():
                 _check_migration(repo, new)
         else:

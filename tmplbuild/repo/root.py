@@ -58,6 +58,21 @@ _SIGNATURE_RE = re.compile(rb"-----BEGIN PGP SIGNATURE-----\r?\n.*?-----END PGP 
 _KEY_RE = re.compile(r"\A-----BEGIN PGP PUBLIC KEY BLOCK-----\r?\n.*-----END PGP PUBLIC KEY BLOCK-----\s*\Z", re.S)
 
 
+class NotNextRoot(Exception):
+    """Mixed into the errors for a root that is not the next version (what a server answers 409 Conflict):
+    RootRollbackError at or below the trusted one, RootVersionError past the next one."""
+
+
+class RootRollbackError(FreshnessError, NotNextRoot):
+    def __init__(self, message: str) -> None:
+        super().__init__("root rollback", message)
+
+
+class RootVersionError(AuthenticityError, NotNextRoot):
+    def __init__(self, message: str) -> None:
+        super().__init__("root version", message)
+
+
 def file_name(version: int) -> str:
     return f"{version}.root.json"
 
@@ -325,18 +340,19 @@ def check_self_signed(data: bytes, signature: bytes, what: str = "root") -> Root
 
 def check_successor(trusted: Root, data: bytes, signature: bytes, what: str | None = None) -> Root:
     """Root trusted.version + 1, by TUF's rule: same repo_id, exactly the next version, signed by a threshold of
-    the trusted root's root keys and by a threshold of its own. Raises FreshnessError("root rollback"),
-    AuthenticityError ("root schema", "root version", "root keys", "root signature")."""
+    the trusted root's root keys and by a threshold of its own. Raises RootRollbackError (FreshnessError "root
+    rollback"), RootVersionError (AuthenticityError "root version"), AuthenticityError ("root schema", "root
+    keys", "root signature")."""
     expected = trusted.version + 1
     what = what or path(expected)
     new = parse(data)
     if new.repo_id != trusted.repo_id:
         raise AuthenticityError("root", f"{what}: repo_id {new.repo_id!r}, expected {trusted.repo_id!r}")
     if new.version <= trusted.version:
-        raise FreshnessError("root rollback", f"{what}: version {new.version}, expected {expected} (root "
+        raise RootRollbackError(f"{what}: version {new.version}, expected {expected} (root "
                                               f"{trusted.version} is already trusted)")
     if new.version != expected:
-        raise AuthenticityError("root version", f"{what}: version {new.version}, expected {expected}")
+        raise RootVersionError(f"{what}: version {new.version}, expected {expected}")
     _need(count_signatures(data, signature, trusted, trusted.root, what), trusted.root,
           f"the root keys of root {trusted.version}", what)
     _need(count_signatures(data, signature, new, new.root, what), new.root, "its own root keys", what)
