@@ -194,6 +194,20 @@ def base(tmp_path_factory):
     subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
 
 
+def client_env(tmp: Path, config: Path, state: Path) -> dict[str, str]:
+    """A node's environment: its own config and state under `tmp`, no proxy, no GNUPGHOME (the machine's real
+    client state and config are never touched)."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "GNUPGHOME"}
+    env.update(TMPLBUILD_CONFIG_DIR=str(config), TMPLBUILD_SYSTEM_CONFIG_DIR=str(tmp / "etc"),
+               TMPLBUILD_STATE_DIR=str(state), NO_PROXY="*")
+    return env
+
+
+def run_client(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI, as a node admin runs it."""
+    return subprocess.run([*CLIENT, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+
+
 @dataclass
 class Client:
     tmp: Path
@@ -205,14 +219,10 @@ class Client:
     config: Path
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "GNUPGHOME"}
-        env.update(TMPLBUILD_CONFIG_DIR=str(self.config), TMPLBUILD_SYSTEM_CONFIG_DIR=str(self.tmp / "etc"),
-                   TMPLBUILD_STATE_DIR=str(self.state), NO_PROXY="*")
-        return env
+        return client_env(self.tmp, self.config, self.state)
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLIENT, *args], cwd=ROOT, capture_output=True, text=True, env=self.env(),
-                              timeout=120)
+        return run_client(self.env(), *args)
 
     def pins(self, key: Path | None = None, fpr: str | None = None, urls: list[str] | None = None) -> list[str]:
         out = []

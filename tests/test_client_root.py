@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_client import CLIENT, NEW, Server, base, one_line, tarball_path  # noqa: F401 (base: a fixture)
+from tests.test_client import (NEW, Server, base, client_env, one_line, run_client,  # noqa: F401
+                               tarball_path)  # base: a fixture
 from tests.test_root import Keys, keys  # noqa: F401 (keys: a fixture)
 from tmplbuild.errors import LocalIOError
 from tmplbuild.repo import chain as repochain
@@ -98,14 +97,10 @@ class Client:
         return self.tmp / "cache"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "GNUPGHOME"}
-        env.update(TMPLBUILD_CONFIG_DIR=str(self.config), TMPLBUILD_SYSTEM_CONFIG_DIR=str(self.tmp / "etc"),
-                   TMPLBUILD_STATE_DIR=str(self.state), NO_PROXY="*")
-        return env
+        return client_env(self.tmp, self.config, self.state)
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLIENT, *args], cwd=ROOT, capture_output=True, text=True, env=self.env(),
-                              timeout=120)
+        return run_client(self.env(), *args)
 
     def add(self, *pins: str, name: str = "main") -> subprocess.CompletedProcess[str]:
         return self.run("remote", "add", name, self.repo.url, *pins)

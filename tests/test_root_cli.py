@@ -122,19 +122,17 @@ def test_threshold_and_lifetime_are_checked_before_anything_is_written(holders, 
 
 
 def test_a_first_root_must_name_the_key_that_signed_the_index_in_place(holders, repo, tmp_path):
-    draft = tmp_path / "1.root.json"
-    args = ["root", "init", str(draft), "--repo-id", "demo-repo", "--root-key", str(holders["a"][2]),
-            "--online-key", str(holders["ci2"][2])]
-    assert tmplbuild(*args).returncode == 0
-    sign(holders, draft, "a")
-    proc = tmplbuild("root", "publish", str(draft), "--repo", str(repo))
+    def publish_first(name: str, repo_id: str, online: str) -> subprocess.CompletedProcess[str]:
+        """Root 1 with root key a and `online`, signed by a, published into the repository."""
+        draft = tmp_path / name
+        assert tmplbuild("root", "init", str(draft), "--repo-id", repo_id, "--root-key", str(holders["a"][2]),
+                         "--online-key", str(holders[online][2])).returncode == 0
+        sign(holders, draft, "a")
+        return tmplbuild("root", "publish", str(draft), "--repo", str(repo))
+
+    proc = publish_first("1.root.json", "demo-repo", "ci2")
     assert proc.returncode == 2 and "does not verify with the online keys of the new root" in last_line(proc)
     assert not list(repo.glob("root/*"))
-    other = tmp_path / "other.root.json"
-    args = ["root", "init", str(other), "--repo-id", "another-repo", "--root-key", str(holders["a"][2]),
-            "--online-key", str(holders["ci"][2])]
-    assert tmplbuild(*args).returncode == 0
-    sign(holders, other, "a")
-    proc = tmplbuild("root", "publish", str(other), "--repo", str(repo))
+    proc = publish_first("other.root.json", "another-repo", "ci")
     assert proc.returncode == 2 and "repo_id 'another-repo', the index in place 'demo-repo'" in last_line(proc)
     assert not list(repo.glob("root/*"))
