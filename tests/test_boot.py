@@ -4,6 +4,7 @@ and DNS there. A template that works passes every check; deliberately broken one
 that is about their fault; nothing the command creates outlives it, even when interrupted."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -21,7 +22,7 @@ import requests
 
 from tests.conftest import ROOT, can_build
 from tests.test_repo import index_of, key, repo  # noqa: F401 - fixtures
-from tmplbuild.boot.managers import subordinate_range_problem
+from tmplbuild.boot.managers import cgroup_hierarchies, subordinate_range_problem
 
 TAR = ["--numeric-owner", "--xattrs", "--xattrs-include=*"]
 
@@ -45,16 +46,31 @@ def pid_namespaces() -> set[str]:
     return found
 
 
+def container_cgroups() -> set[str]:
+    """The cgroups made for containers, in every hierarchy: by tmplbuild for systemd-nspawn (tmplbuild-test-*),
+    by systemd-nspawn --keep-unit (payload, supervisor) and by LXC (lxc.payload.*, lxc.monitor.*)."""
+    found = set()
+    for _, mount, own in cgroup_hierarchies():
+        for where in {mount, own}:
+            for d in where.iterdir():
+                if d.is_dir() and (d.name.startswith(("tmplbuild-test-", "lxc.payload.", "lxc.monitor."))
+                                   or d.name in ("payload", "supervisor")):
+                    found.add(str(d))
+    return found
+
+
 @pytest.fixture(autouse=True)
 def no_container_outlives_the_test():
     """A container is a PID namespace: none that the test started may still run after it (a container whose
-    manager process was killed keeps running, orphaned, and nothing in its command line names the test)."""
-    before = pid_namespaces()
+    manager process was killed keeps running, orphaned, and nothing in its command line names the test), and
+    no cgroup made for one may stay behind."""
+    before, cgroups = pid_namespaces(), container_cgroups()
     yield
     deadline = time.monotonic() + 5  # a SIGKILLed namespace's processes are reaped asynchronously
     while (left := pid_namespaces() - before) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"{len(left)} container PID namespaces still running after the test"
+    assert not container_cgroups() - cgroups, f"cgroups left behind: {sorted(container_cgroups() - cgroups)}"
 
 
 @pytest.fixture
@@ -367,6 +383,42 @@ def test_apt_against_a_local_mirror_fixture_reports_what_apt_said(good, tmp_path
     assert got["apt"]["status"] == "fail" and "apt-get update exit" in got["apt"]["evidence"]
     assert got["network"]["status"] == got["dns"]["status"] == "pass"
     assert_nothing_left(work)
+
+
+def test_each_nspawn_container_runs_in_a_cgroup_of_its_own(good, work):
+    """Without systemd as the host's PID 1, systemd-nspawn --keep-unit makes the cgroup it runs in its
+    container's. Both containers of a run used to share one, and their systemds created and removed each other's
+    unit cgroups: now and then a unit failed with 219/CGROUP and the template failed `boot` through no fault of
+    its own (CI saw systemd-remount-fs.service and systemd-tmpfiles-setup.service fail so)."""
+    if Path("/proc/1/comm").read_text().strip() == "systemd":
+        pytest.skip("systemd is PID 1 here: systemd-nspawn runs each container in a scope unit of its own")
+    proc = subprocess.Popen([sys.executable, "-m", "tmplbuild", "test", str(good), "--manager", "nspawn",
+                             "--work-dir", str(work)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        own_ns = os.readlink("/proc/self/ns/pid")
+        cgroups: dict[int, str] = {}
+        deadline = time.monotonic() + 60
+        while len(cgroups) < 2:  # the PID 1 of each container: a child of its systemd-nspawn, in another namespace
+            assert proc.poll() is None and time.monotonic() < deadline, "two containers did not start within 60 s"
+            nspawns = subprocess.run(["pgrep", "-f", f"^systemd-nspawn .*{work}"], capture_output=True, text=True)
+            for pid in nspawns.stdout.split():
+                with contextlib.suppress(OSError):
+                    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                        if os.readlink(f"/proc/{child}/ns/pid") != own_ns:
+                            cgroups[int(child)] = Path(f"/proc/{child}/cgroup").read_text()
+            time.sleep(0.1)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    first, second = ({ln.split(":", 2)[1]: ln.split(":", 2)[2] for ln in text.splitlines()} for text in cgroups.values())
+    managed = [h for h in ("name=systemd", "") if h in first]  # the hierarchies systemd in a container manages
+    assert managed, first
+    for hierarchy in managed:
+        assert first[hierarchy] != second[hierarchy], (hierarchy, first[hierarchy])
+        assert "/tmplbuild-test-" in first[hierarchy] and "/tmplbuild-test-" in second[hierarchy], hierarchy
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -47,6 +47,7 @@ class Container:
     static: str | None = None                     # "A.B.C.D/N" when the profile configures a static address
     started: float = field(default_factory=time.monotonic)
     stopped: bool = False
+    cgroups: list[Path] = field(default_factory=list)  # nspawn without systemd as PID 1: the cgroups made for it
 
     def exec(self, *argv: str, timeout: float = 30.0) -> Result:
         """Run argv inside the container (all its namespaces, its root), with a clean environment."""
@@ -208,11 +209,19 @@ class Nspawn(Manager):
         argv = ["systemd-nspawn", "--quiet", "--boot", f"--directory={container.rootfs}",
                 f"--machine={container.name}", "--network-veth", "--console=read-only",
                 "--link-journal=no", "--resolv-conf=off", "--timezone=off"]
+        join: list[str] = []
         if not _pid1_is_systemd():
             # Without systemd as the host's PID 1 there is no machined to register with and no unit to scope into.
             argv[1:1] = ["--register=no", "--keep-unit"]
+            # --keep-unit makes the cgroup systemd-nspawn runs in the container's own: two containers started from
+            # one cgroup would share it, and their systemds would create and remove each other's unit cgroups
+            # (a unit then fails with 219/CGROUP). Each container gets a cgroup of its own, joined before exec.
+            container.cgroups = own_cgroups(f"{CGROUP_PREFIX}{os.getpid()}-{container.name}")
+            if container.cgroups:
+                join = ["sh", "-c", JOIN_CGROUPS, "sh", *(str(d / "cgroup.procs") for d in container.cgroups), "--"]
+        argv = join + self.net.argv(*argv)
         with open(container.log, "ab") as log:
-            container.proc = subprocess.Popen(self.net.argv(*argv), stdin=subprocess.DEVNULL, stdout=log,
+            container.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                               stderr=subprocess.STDOUT, env=CLEAN_ENV, start_new_session=True)
         container.subnet = self.net.adopt_link(_veth_name(container.name))
         container.leader = self._find_leader(container.proc, 15.0)
@@ -249,6 +258,92 @@ class Nspawn(Manager):
         # systemd-nspawn leaves an empty propagation directory behind when it runs without machined.
         with contextlib.suppress(OSError):
             os.rmdir(f"/run/systemd/nspawn/propagate/{container.name}")
+        if container.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                container.proc.wait(10)  # a killed manager's processes leave its cgroup when they are reaped
+        remove_cgroups(container.cgroups)
+
+
+CGROUP_PREFIX = "tmplbuild-test-"  # then the pid of the run and the container's name
+# sh -c JOIN_CGROUPS sh FILE... -- ARGV: write this shell's pid into each cgroup.procs FILE, then exec ARGV.
+JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+def cgroup_hierarchies() -> list[tuple[str, Path, Path]]:
+    """Each cgroup hierarchy mounted here, as (its key in /proc/self/cgroup: "" for cgroup2, "name=systemd", a
+    v1 controller list; where it is mounted; the directory of this process's own cgroup in it)."""
+    try:
+        own = dict(line.split(":", 2)[1:] for line in Path("/proc/self/cgroup").read_text().splitlines())
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except (OSError, ValueError):
+        return []
+    found: dict[str, tuple[str, Path, Path]] = {}
+    for line in mounts:
+        left, _, right = line.partition(" - ")
+        fields, fs = left.split(), right.split()
+        if len(fields) < 5 or len(fs) < 3 or fs[0] not in ("cgroup", "cgroup2"):
+            continue
+        opts = set(fs[2].split(","))
+        key = "" if fs[0] == "cgroup2" else next((k for k in own if k and set(k.split(",")) <= opts), None)
+        if key is None or key in found or key not in own:
+            continue
+        root, path = fields[3], own[key]
+        if root != "/" and path != root and not path.startswith(root + "/"):
+            continue  # this process's cgroup is not inside what is mounted here
+        mount = Path(fields[4])
+        found[key] = (key, mount, mount / path[len(root) if root != "/" else 0:].lstrip("/"))
+    return list(found.values())
+
+
+def own_cgroups(name: str) -> list[Path]:
+    """A cgroup called `name` under this process's own in the hierarchies systemd manages (name=systemd and
+    cgroup2), made now; [] where they cannot be made (nothing is left half-made)."""
+    made: list[Path] = []
+    for key, _, base in cgroup_hierarchies():
+        if key not in ("", "name=systemd"):
+            continue
+        try:
+            (base / name).mkdir()
+        except OSError:
+            for d in made:
+                remove_cgroup(d)
+            return []
+        made.append(base / name)
+    return made
+
+
+def remove_cgroup(path: Path) -> None:
+    """Remove a cgroup and the cgroups under it, deepest first; a cgroup a process still runs in stays."""
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -w[0].count("/")):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+
+
+def remove_cgroups(paths: list[Path], wait: float = 5.0) -> None:
+    """remove_cgroup each, waiting up to `wait` seconds for the processes of a killed container to be reaped
+    (they leave its cgroups a moment after its PID 1 is gone)."""
+    deadline = time.monotonic() + wait
+    while True:
+        for path in paths:
+            remove_cgroup(path)
+        if not any(path.exists() for path in paths) or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+
+
+def forget_cgroups(run_gone) -> None:
+    """Remove the cgroups made for containers of runs `run_gone(pid)` says are over (a SIGKILLed run's)."""
+    for _, _, base in cgroup_hierarchies():
+        for cgroup in base.glob(f"{CGROUP_PREFIX}*"):
+            if run_gone(cgroup.name[len(CGROUP_PREFIX):].split("-", 1)[0]):
+                remove_cgroup(cgroup)
+
+
+def forget_lxc_cgroups(names: list[str]) -> None:
+    """LXC's cgroups of stopped containers (lxc.payload.NAME, lxc.monitor.NAME), where LXC keeps them: at the
+    top of each hierarchy or under this process's own cgroup. An LXC monitor killed with its run leaves them."""
+    remove_cgroups([where / f"lxc.{kind}.{name}" for _, mount, base in cgroup_hierarchies() for where in {mount, base}
+                    for name in names for kind in ("payload", "monitor")])
 
 
 def _veth_name(machine: str) -> str:
@@ -291,6 +386,9 @@ class Lxc(Manager):
 
     def describe(self) -> str:
         return self.version() + (", unprivileged" if self.unprivileged else ", privileged")
+
+    def forget(self, container: Container) -> None:
+        forget_lxc_cgroups([container.name])
 
     def close(self) -> None:
         forget_lxc_locks(self.lxcpath)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tmplbuild.boot import checks
 from tmplbuild.boot.checks import FAIL, PASS, SKIP, Check
-from tmplbuild.boot.managers import MANAGERS, Container, Manager, forget_lxc_locks
+from tmplbuild.boot.managers import MANAGERS, Container, Manager, forget_cgroups, forget_lxc_cgroups, forget_lxc_locks
 from tmplbuild.boot.netns import TestNetwork
 from tmplbuild.boot.relay import Plan, Relay, plan_routes
 from tmplbuild.boot.rootfs import TemplateFacts, decompressor, template_facts, unpack
@@ -190,9 +190,13 @@ def reap_stale(parent: Path) -> None:
         parts = d.name.split(".")
         if len(parts) >= 3 and gone(parts[1]) and d.is_dir() and not d.is_symlink():
             kill_leaders(d)  # containers outlive their manager's process (nspawn, an LXC monitor) killed with the run
+            lxc = d / "lxc"
+            names = [c.name for c in lxc.iterdir()] if lxc.is_dir() and not lxc.is_symlink() else []
             _umount(d)
             shutil.rmtree(d, ignore_errors=True)
-            forget_lxc_locks(d / "lxc")
+            forget_lxc_locks(lxc)
+            forget_lxc_cgroups(names)
+    forget_cgroups(gone)
 
 
 LEADERS = "leaders"  # in the work directory: "PID STARTTIME" of each container's PID 1, for reap_stale
