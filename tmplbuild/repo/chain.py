@@ -189,9 +189,8 @@ def install(repo: Path, data: bytes, signature: bytes, *, timeout: float = 120.0
         rootdoc.check_fresh(new)
         lines = []
         keys_dir = repo / "keys"
-        old_online = set(chain[-1].online.keys) if chain else set()
-        if not chain and keys_dir.is_dir():  # migration: keys/ held every key the repository trusted
-            old_online = {p.stem for p in keys_dir.glob("*.asc") if store.FPR.match(p.stem)}
+        # the keys to drop from keys/: those the newest root named (migration: every key keys/ held)
+        old_online = set(chain[-1].online.keys) if chain else {p.stem for p in store.key_files(repo)}
         try:
             (repo / rootdoc.DIRECTORY).mkdir(exist_ok=True)
             keys_dir.mkdir(exist_ok=True)

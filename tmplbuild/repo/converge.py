@@ -18,9 +18,8 @@ from pathlib import Path
 
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import sums
-from tmplbuild.repo.root import DIRECTORY as ROOT_DIR
-from tmplbuild.repo.root import FILE as ROOT_FILE
-from tmplbuild.repo.store import (FPR, INDEX, INDEX_SIG, SUMS, SUMS_SIG, TEMPLATES, fsync_dir, io_error,
+from tmplbuild.repo import root as rootdoc
+from tmplbuild.repo.store import (INDEX, INDEX_SIG, SUMS, SUMS_SIG, TEMPLATES, fsync_dir, io_error, key_files,
                                   load_index, recover)
 
 QUARANTINE = ".quarantine"  # what `repo verify --repair` moves aside (a dot-path: never served)
@@ -148,9 +147,7 @@ def converge(root: Path, current: idx.Index, repair: bool = False,
     # 3. With --repair: whatever else is served and unlisted (keys/ keeps its pinned keys, root/ its root
     # documents and their signatures: the chain is checked by whoever reads it, never tidied away here).
     if repair:
-        keys = {f"keys/{p.name}" for p in (root / "keys").glob("*.asc") if FPR.match(p.stem)}
-        keys |= {f"{ROOT_DIR}/{p.name}" for p in (root / ROOT_DIR).glob("*")
-                 if ROOT_FILE.match(p.name.removesuffix(".asc"))}
+        keys = {f"keys/{p.name}" for p in key_files(root)} | rootdoc.files_in(root)
         for dirpath, dirnames, filenames in os.walk(root):
             base = Path(dirpath)
             dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")

@@ -341,8 +341,7 @@ def audit(root: Path, public_keys: bytes | None = None, pinned: tuple[str, ...] 
                                         "clients refuse the repository until the root key holders sign a new root",
                                         Finding.FRESHNESS))
     else:
-        allowed |= {f"{rootdoc.DIRECTORY}/{p.name}" for p in (root / rootdoc.DIRECTORY).glob("*")
-                    if rootdoc.FILE.match(p.name.removesuffix(".asc"))}
+        allowed |= rootdoc.files_in(root)
     with (Verifier(public_keys, pinned) if trust is None else trust.index_verifier()) as verifier:
         try:
             current, _ = store.load_index(root, verifier)
@@ -373,8 +372,7 @@ def _audit_index(root: Path, current: idx.Index, verifier, allowed: set[str], no
     if accept.is_from_the_future(current, now):
         findings.append(Finding(f"{store.INDEX}: generated {current.generated}, more than "
                                 f"{accept.MAX_CLOCK_SKEW} s ahead of this clock", Finding.FRESHNESS))
-    allowed = allowed | {store.INDEX, store.INDEX_SIG} | {
-        f"keys/{p.name}" for p in (root / "keys").glob("*.asc") if store.FPR.match(p.stem)}
+    allowed = allowed | {store.INDEX, store.INDEX_SIG} | {f"keys/{p.name}" for p in store.key_files(root)}
     by_dir: dict[str, list[idx.Entry]] = {}
     for e in current.templates:
         by_dir.setdefault(e.directory, []).append(e)

@@ -77,6 +77,12 @@ def file_name(version: int) -> str:
     return f"{version}.root.json"
 
 
+def files_in(repo: Path) -> set[str]:
+    """The root documents and signature files in a repository directory (root/<N>.root.json and its .asc), as
+    paths relative to it; other names in root/ are not part of any chain."""
+    return {f"{DIRECTORY}/{p.name}" for p in (repo / DIRECTORY).glob("*") if FILE.match(p.name.removesuffix(".asc"))}
+
+
 def path(version: int) -> str:
     """Repository-relative path of root `version`; its signature is this + ".asc"."""
     return f"{DIRECTORY}/{file_name(version)}"

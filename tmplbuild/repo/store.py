@@ -37,9 +37,14 @@ class RepoKeys:
     fingerprints: tuple[str, ...]
 
 
+def key_files(root: Path) -> list[Path]:
+    """The repository's key files, keys/<FINGERPRINT>.asc, sorted (other names in keys/ are not keys)."""
+    return sorted(p for p in (root / "keys").glob("*.asc") if FPR.match(p.stem))
+
+
 def read_keys(root: Path) -> RepoKeys:
     """The repository's own pinned keys: keys/<FINGERPRINT>.asc. Raises UsageError when there are none."""
-    files = sorted(p for p in (root / "keys").glob("*.asc") if FPR.match(p.stem))
+    files = key_files(root)
     if not files:
         raise UsageError("repository", f"{root}: no keys/<FINGERPRINT>.asc; run `tmplbuild repo init` first")
     return RepoKeys(b"".join(p.read_bytes() for p in files), tuple(p.stem for p in files))
