@@ -68,13 +68,6 @@ def _url(base: str, path: str) -> str:
 def cmd_remote_add(args: argparse.Namespace) -> int:
     from tmplbuild.client import config
 
-    rooted = bool(args.root_key) or args.root is not None
-    if rooted and (args.key or args.fingerprint):
-        raise UsageError("remote", "give --root-key FPR / --root FILE (pin the root) or --key FILE --fingerprint FPR "
-                                   "(pin the index key), not both")
-    if not rooted and not (args.key and args.fingerprint):
-        raise UsageError("remote", "give --root-key FPR (or --root FILE) to pin the root, or --key FILE with "
-                                   "--fingerprint FPR to pin the index key")
     remote, path = config.add(args.name, args.urls, Path(args.key) if args.key else None, args.fingerprint,
                               args.repo_id, args.system, root_keys=args.root_key,
                               root_file=Path(args.root) if args.root is not None else None)
@@ -250,21 +243,23 @@ def _stored_online_keys(state_key: str, label: str, listing: str) -> tuple[bytes
 
     doc = state.load_root(state_key)
     if doc is None:
-        raise UsageError("root", f"{label} pins a root, and this client trusts no root of it yet: run `{listing}` "
-                                 "first (it fetches and checks the repository's roots)")
+        raise _no_root_yet(label, listing)
     return doc.material(doc.online), doc.online.keys
+
+
+def _no_root_yet(label: str, listing: str) -> UsageError:
+    return UsageError("root", f"{label} pins a root, and this client trusts no root of it yet: run `{listing}` "
+                              "first (it fetches and checks the repository's roots)")
 
 
 def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
     from tmplbuild.client import config, state
 
     if args.root_key:
-        if args.key or args.fingerprint:
-            raise UsageError("key", "give --root-key FPR or --key FILE --fingerprint FPR, not both")
         if not args.url:
             raise UsageError("url", "--root-key goes with --url URL (the root this client trusts is kept per "
                                     "repository)")
-        source = _source(args)
+        source = _source(args)  # UsageError for --key or --fingerprint as well
         listing = " ".join(["tmplbuild list", *(f"--url {u}" for u in source.urls),
                             *(f"--root-key {f}" for f in source.root_keys)])
         return _stored_online_keys(source.state_key, source.label, listing)
@@ -296,9 +291,7 @@ def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
         else:
             parts.append((doc.material(doc.online), doc.online.keys))
     if not parts:
-        raise UsageError("root", f"remote {waiting[0]} pins a root, and this client trusts no root of it yet: run "
-                                 f"`tmplbuild list --remote {waiting[0]}` first (it fetches and checks the "
-                                 "repository's roots)")
+        raise _no_root_yet(f"remote {waiting[0]}", f"tmplbuild list --remote {waiting[0]}")
     return (b"".join(m for m, _ in parts), tuple(dict.fromkeys(f for _, fprs in parts for f in fprs)))
 
 

@@ -162,11 +162,17 @@ def record_root(key: str, root: Root) -> None:
     persisted when verified, before the index is looked at), so that a run whose index then fails still
     leaves the client on the new root: a mirror that later hides it cannot bring the dropped keys back. Never
     replaces a higher version. The index record (and its online keys) is untouched. Raises LocalIOError."""
-    path = _path(key)
-    with _locked(path.parent):
-        stored = load_root(key, root)
-        if stored is None or stored.version < root.version:
-            write_atomic(_root_path(key), root.raw)
+    with _locked(_path(key).parent):
+        _keep_newest_root(key, root)
+
+
+def _keep_newest_root(key: str, root: Root) -> bool:
+    """Under the state lock: store `root` unless the stored one is at least as new. False when a newer root is
+    stored (a concurrent run trusted it)."""
+    stored = load_root(key, root)
+    if stored is None or stored.version < root.version:
+        write_atomic(_root_path(key), root.raw)
+    return stored is None or stored.version <= root.version
 
 
 def record(key: str, seen: Seen, remote: str, *, root: Root | None = None) -> None:
@@ -184,12 +190,8 @@ def record(key: str, seen: Seen, remote: str, *, root: Root | None = None) -> No
     with _locked(path.parent):
         got = load_record(key)
         current, online = got if got else (None, None)
-        if root is not None:
-            stored = load_root(key, root)
-            if stored is not None and stored.version > root.version:
-                return  # a concurrent run trusted a newer root: its record stands
-            if stored is None or stored.version < root.version:
-                write_atomic(_root_path(key), root.raw)
+        if root is not None and not _keep_newest_root(key, root):
+            return  # a concurrent run trusted a newer root: its record stands
         changed = root is not None and rotated(online, root.online.keys)
         if current is not None and current.repo_id == seen.repo_id and not changed:
             if current.version > seen.version:

@@ -14,9 +14,9 @@ the first root of the mirror signed by a threshold of pinned root keys (tmplbuil
 From it the chain is walked (root N+1, N+2, ... until the mirror answers 404: one extra GET per run once
 nothing changed), the newest root must not be expired, and the index must be signed by a threshold of its
 online keys. A root a mirror proved is trusted for the rest of the run (the bar rises, as the index's does), and
-stored at once (TUF 5.3.8), even when the index then fails: the client stays on it. When the newest root's online keys differ from those the last index was accepted
-under, the index version bar is forgotten, the repo_id pin kept (TUF 5.3.11: recovery from a stolen online key
-that signed a huge version).
+stored at once (TUF 5.3.8), even when the index then fails: the client stays on it. When the newest root's
+online keys differ from those the last index was accepted under, the index version bar is forgotten, the repo_id
+pin kept (TUF 5.3.11: recovery from a stolen online key that signed a huge version).
 
 Failures are typed (tmplbuild.errors); nothing here branches on a message's text.
 """
@@ -112,22 +112,18 @@ class Updater:
         self.root: Root | None = None  # root source: the newest root trusted so far in this run
         self.index_root: Root | None = None  # root source: the root the last index accepted was checked under
         self._root_verifiers: dict[str, RootVerifier] = {}
-        if source.pins_root:
-            # The keys come from the root, which may come from the mirror. The root already trusted (stored, or
-            # the admin's out-of-band document) is read, and its verifier made, on another thread while this one
-            # loads the HTTP stack: usually it is still the newest. Both are taken by `trusted_root` before any
-            # root or index is checked (a malformed stored root raises there).
-            self._verifier: Verifier | BaseException | None = None
-            self._loading: BaseException | None = None
-            self._making: threading.Thread | None = threading.Thread(target=self._load_trusted_root, daemon=True)
-        else:
-            # The pinned verifier is made (gpg imports and lists the keys) on another thread while this one loads
-            # the HTTP stack and fetches the first index: the two overlap instead of adding up. Its result, or its
-            # error, is taken before the first signature is checked, so nothing is checked any later or any less.
-            self._making = threading.Thread(target=self._make_verifier, daemon=True)
-            self._verifier = None
-        if self._making is not None:
-            self._making.start()
+        # The pinned verifier is made (gpg imports and lists the keys) on another thread while this one loads the
+        # HTTP stack and fetches the first index: the two overlap instead of adding up. Its result, or its error,
+        # is taken before the first signature is checked, so nothing is checked any later or any less. For a root
+        # source the keys come from the root, which may come from the mirror: the root already trusted (stored,
+        # or the admin's out-of-band document) is read, and its verifier made, on that thread; usually it is
+        # still the newest. Both are taken by `trusted_root` before any root or index is checked (a malformed
+        # stored root raises there).
+        self._verifier: Verifier | RootVerifier | BaseException | None = None
+        self._loading: BaseException | None = None
+        self._making: threading.Thread | None = threading.Thread(
+            target=self._load_trusted_root if source.pins_root else self._make_verifier, daemon=True)
+        self._making.start()
         try:
             from tmplbuild.client.download import Transport
 
@@ -151,7 +147,7 @@ class Updater:
             self.root = given
         if self.root is not None:
             try:
-                self._verifier = RootVerifier(self.root)  # type: ignore[assignment]
+                self._verifier = RootVerifier(self.root)
             except BaseException as exc:  # raised by `_root_verifier` only if this root is still the newest
                 self._verifier = exc
 
