@@ -314,7 +314,7 @@ def own_cgroups(name: str) -> list[Path]:
 
 def remove_cgroup(path: Path) -> None:
     """Remove a cgroup and the cgroups under it, deepest first; a cgroup a process still runs in stays."""
-    for dirpath, _, _ in sorted(os.walk(path), key=lambda w: -w[0].count("/")):
+    for dirpath, _, _ in os.walk(path, topdown=False):
         with contextlib.suppress(OSError):
             os.rmdir(dirpath)
 

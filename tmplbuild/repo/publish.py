@@ -3,11 +3,11 @@
 Order, under the repository lock: the repository's trust (tmplbuild.repo.chain: its root chain, or keys/) and the
 signer's place in it; verify the current index as a publisher reads it (chain's base verifier); copy each file
 to a hidden temporary name while hashing it (it must match its build manifest); sign it; verify every new
-signature with the verifier clients use (the newest root's online keys); only then rename the files into place, then the directory's
-SHA256SUMS pair, then the new index (version + 1) last. A crash at any point leaves the previous index and
-everything it lists intact. What was moved in but never listed (a crash, a full disk) is removed again: at once
-when the publish fails with an error, else by the next publish, which first converges the repository on its
-signed index (tmplbuild.repo.converge), as the server's start and `repo verify --repair` do."""
+signature with the verifier clients use (the newest root's online keys); only then rename the files into place,
+then the directory's SHA256SUMS pair, then the new index (version + 1) last. A crash at any point leaves the
+previous index and everything it lists intact. What was moved in but never listed (a crash, a full disk) is
+removed again: at once when the publish fails with an error, else by the next publish, which first converges the
+repository on its signed index (tmplbuild.repo.converge), as the server's start and `repo verify --repair` do."""
 from __future__ import annotations
 
 import hashlib

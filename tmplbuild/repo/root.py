@@ -355,8 +355,8 @@ def check_successor(trusted: Root, data: bytes, signature: bytes, what: str | No
     if new.repo_id != trusted.repo_id:
         raise AuthenticityError("root", f"{what}: repo_id {new.repo_id!r}, expected {trusted.repo_id!r}")
     if new.version <= trusted.version:
-        raise RootRollbackError(f"{what}: version {new.version}, expected {expected} (root "
-                                              f"{trusted.version} is already trusted)")
+        raise RootRollbackError(f"{what}: version {new.version}, expected {expected} (root {trusted.version} is "
+                                "already trusted)")
     if new.version != expected:
         raise RootVersionError(f"{what}: version {new.version}, expected {expected}")
     _need(count_signatures(data, signature, trusted, trusted.root, what), trusted.root,
