@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tmplbuild.repo import root as rootdoc
+from tmplbuild.repo.root import Role
+from tmplbuild.sign import Signer, export_public
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,3 +49,45 @@ def can_build() -> str | None:
     if not shutil.which("debootstrap"):
         return "debootstrap not installed"
     return None
+
+
+NAMES = ("root-a", "root-b", "root-c", "root-d", "online-1", "online-2", "thief")
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    """Seven ed25519 keys in one throwaway GNUPGHOME: name -> fingerprint; plus the home and armored keys (made
+    once for every module that tests roots)."""
+    home = tmp_path_factory.mktemp("rootkeys") / "gnupg"
+    home.mkdir(mode=0o700)
+    fprs = {}
+    for name in NAMES:
+        gpg(home, "--quick-gen-key", f"{name} <{name}@example.invalid>", "ed25519", "sign", "1y")
+        listing = gpg(home, "--with-colons", "--list-keys", f"{name}@example.invalid").stdout.decode()
+        fprs[name] = [ln.split(":")[9] for ln in listing.splitlines() if ln.startswith("fpr:")][0]
+    armored = {f: export_public(f, home, armored=True) for f in fprs.values()}
+    yield Keys(home, fprs, armored)
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+
+
+class Keys:
+    def __init__(self, home: Path, fprs: dict[str, str], armored: dict[str, bytes]) -> None:
+        self.home, self.fprs, self.armored = home, fprs, armored
+
+    def __getitem__(self, name: str) -> str:
+        return self.fprs[name]
+
+    def sign(self, data: bytes, *names: str) -> bytes:
+        out = b""
+        for name in names:
+            with Signer(self.home, self.fprs[name]) as signer:
+                out += signer.sign(data, armored=True)
+        return out
+
+    def root(self, version: int, root: tuple[str, ...], online: tuple[str, ...], threshold: int = 1,
+             online_threshold: int = 1, expires_in: int = 86400, now: float | None = None,
+             repo_id: str = "test-repo") -> bytes:
+        fprs = [self.fprs[n] for n in (*root, *online)]
+        return rootdoc.render(repo_id, version, {f: self.armored[f] for f in fprs},
+                              Role(tuple(self.fprs[n] for n in root), threshold),
+                              Role(tuple(self.fprs[n] for n in online), online_threshold), expires_in, now)

@@ -203,6 +203,13 @@ def client_env(tmp: Path, config: Path, state: Path) -> dict[str, str]:
     return env
 
 
+def node_snapshot(dest: Path, state: Path) -> dict[str, bytes]:
+    """Everything in a node's template cache and its state directory (the state lock file aside): what a refused
+    run must leave as it was."""
+    return {str(p): p.read_bytes() for d in (dest, state) if d.exists() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
 def run_client(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """The real CLI, as a node admin runs it."""
     return subprocess.run([*CLIENT, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
@@ -237,9 +244,7 @@ class Client:
         return self.run("list", *self.pins(), *extra)
 
     def snapshot(self) -> dict[str, bytes]:
-        """Everything in the destination and the state directory (the state lock file aside)."""
-        return {str(p): p.read_bytes() for d in (self.dest, self.state) if d.exists() for p in sorted(d.rglob("*"))
-                if p.is_file() and p.name != ".lock"}
+        return node_snapshot(self.dest, self.state)
 
     def state_doc(self) -> dict:
         files = [p for p in self.state.glob("*.json")]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_client import (NEW, Server, base, client_env, one_line, run_client,  # noqa: F401
-                               tarball_path)  # base: a fixture
-from tests.test_root import Keys, keys  # noqa: F401 (keys: a fixture)
+from tests.test_client import (NEW, Server, base, client_env, node_snapshot, one_line,  # noqa: F401 - base: a fixture
+                               run_client, tarball_path)
+from tests.conftest import Keys
 from tmplbuild.errors import LocalIOError
 from tmplbuild.repo import chain as repochain
 from tmplbuild.repo import index as idx
@@ -117,16 +117,14 @@ class Client:
     def list(self, *extra: str) -> subprocess.CompletedProcess[str]:
         return self.run("list", *extra)
 
-    def stored_root(self, key: str = "remote-main") -> bytes:
-        return (self.state / f"{key}.root.json").read_bytes()
+    def stored_root(self) -> bytes:
+        return (self.state / "remote-main.root.json").read_bytes()
 
-    def state_doc(self, key: str = "remote-main") -> dict:
-        return json.loads((self.state / f"{key}.json").read_text())
+    def state_doc(self) -> dict:
+        return json.loads((self.state / "remote-main.json").read_text())
 
     def snapshot(self) -> dict[str, bytes]:
-        """Everything in the destination and the state directory (the state lock file aside)."""
-        return {str(p): p.read_bytes() for d in (self.dest, self.state) if d.exists() for p in sorted(d.rglob("*"))
-                if p.is_file() and p.name != ".lock"}
+        return node_snapshot(self.dest, self.state)
 
 
 @pytest.fixture
@@ -363,7 +361,7 @@ def test_a_stolen_online_key_is_recovered_by_a_root_that_replaces_it(client):
     trusting_root_1(client)
     legit = repo.index()
     # The thief signs an index with a huge version with the stolen online-1: before the rotation, it is accepted.
-    stolen = dataclasses.replace(repo.next_index(), version=1_000_000)
+    stolen = repo.next_index(1_000_000)
     stolen_data = stolen.to_bytes()
     stolen_pair = {"index.json": stolen_data, "index.json.asc": repo.keys.sign(stolen_data, "online-1")}
     repo.server.override = dict(stolen_pair)
@@ -372,12 +370,12 @@ def test_a_stolen_online_key_is_recovered_by_a_root_that_replaces_it(client):
     assert client.state_doc()["version"] == 1_000_000
     # The legitimate maintainers can no longer publish anything the client accepts under root 1 ...
     repo.server.override = {}
-    repo.publish_index(dataclasses.replace(repo.next_index(), version=legit.version + 1), "online-1")
+    repo.publish_index(repo.next_index(legit.version + 1), "online-1")
     proc = client.list()
     assert proc.returncode == 4 and "expected at least 1000000" in one_line(proc, "rollback")
     # ... until the root key holders sign root 2, which replaces online-1 by online-2.
     repo.install(repo.root(2, online=("online-2",)), "root-a", "root-b")
-    repo.publish_index(dataclasses.replace(repo.next_index(), version=legit.version + 2), "online-2")
+    repo.publish_index(repo.next_index(legit.version + 2), "online-2")
     proc = client.fetch()
     assert proc.returncode == 0, proc.stderr
     doc = client.state_doc()
@@ -388,7 +386,7 @@ def test_a_stolen_online_key_is_recovered_by_a_root_that_replaces_it(client):
     repo.server.override = dict(stolen_pair)
     proc = client.list()
     assert proc.returncode == 3 and "not pinned" in one_line(proc, "signature")
-    lower = dataclasses.replace(repo.next_index(), version=legit.version + 1).to_bytes()
+    lower = repo.next_index(legit.version + 1).to_bytes()
     repo.server.override = {"index.json": lower, "index.json.asc": repo.keys.sign(lower, "online-2")}
     proc = client.list()
     assert proc.returncode == 4 and f"expected at least {legit.version + 2}" in one_line(proc, "rollback")

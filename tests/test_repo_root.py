@@ -14,7 +14,8 @@ import pytest
 
 from tests.test_repo import index_of, make_artifact, tmplbuild
 from tests.test_repo import publish as publish_as
-from tests.test_root import Keys, keys  # noqa: F401 - `keys`: the module-scoped fixture of seven throwaway keys
+from tests.conftest import Keys
+from tests.test_server import snapshot
 from tmplbuild.repo import chain as repochain
 
 V1, V2, V3 = "12-20261120", "12-20261130", "12-20261201"
@@ -24,12 +25,6 @@ ROOT_KEYS = ("root-a", "root-b")
 def who(keys: Keys, name: str) -> tuple[Path, str]:
     """(GNUPGHOME, fingerprint) of one throwaway key, as tests/test_repo.py's helpers take a maintainer's key."""
     return keys.home, keys[name]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every served file (dot-paths aside) and its bytes: "nothing changed" means equal."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
 def install(repo: Path, keys: Keys, version: int, online: tuple[str, ...], signers: tuple[str, ...] = ROOT_KEYS,

@@ -374,6 +374,22 @@ class _Pre(html.parser.HTMLParser):
             self.blocks[-1] += data
 
 
+def run_page_command(command: str, home: Path, dest: Path, *fetch_args: str) -> str:
+    """One `tmplbuild ...` line the page shows, run as a node admin whose home is `home` (its own config and
+    state); fetch installs into `dest` (not the real /var/lib/vz/template/cache), with `fetch_args`. Its stdout."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k not in
+           ("GNUPGHOME", "TMPLBUILD_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_STATE_HOME")}
+    env.update(HOME=str(home), TMPLBUILD_STATE_DIR=str(home / "state"),
+               TMPLBUILD_SYSTEM_CONFIG_DIR=str(home / "etc"), NO_PROXY="*")
+    argv = shlex.split(command)
+    assert argv[0] == "tmplbuild"
+    extra = ["--dest", str(dest), *fetch_args] if argv[1] == "fetch" else []
+    proc = subprocess.run([sys.executable, "-m", "tmplbuild", *argv[1:], *extra], cwd=home, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (command, proc.stderr)
+    return proc.stdout
+
+
 def test_the_commands_on_the_page_fetch_the_template(tmp_path):
     """A node admin copies the page's tmplbuild commands, puts in the key file and fingerprint they got out of
     band (here: the key the page links, checked against the fingerprint the test knows), and runs them."""
@@ -399,25 +415,12 @@ def test_the_commands_on_the_page_fetch_the_template(tmp_path):
         assert [shlex.split(c)[1] for c in shown] == ["remote", "list", "fetch", "fetch"], shown
         commands = [c.replace("KEY.asc", str(key_file)).replace("FINGERPRINT", fpr) for c in shown]
 
-        def run(command: str, home: Path, dest: Path) -> str:
-            env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k not in
-                   ("GNUPGHOME", "TMPLBUILD_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_STATE_HOME")}
-            env.update(HOME=str(home), TMPLBUILD_STATE_DIR=str(home / "state"),
-                       TMPLBUILD_SYSTEM_CONFIG_DIR=str(home / "etc"), NO_PROXY="*")
-            argv = shlex.split(command)
-            assert argv[0] == "tmplbuild"
-            extra = ["--dest", str(dest)] if argv[1] == "fetch" else []  # not the real /var/lib/vz/template/cache
-            proc = subprocess.run([sys.executable, "-m", "tmplbuild", *argv[1:], *extra], cwd=home, env=env,
-                                  capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 0, (command, proc.stderr)
-            return proc.stdout
-
         for n, group in enumerate((commands[:3], commands[3:])):  # remote add, list, fetch --remote; one-off fetch
             home, dest = tmp_path / f"admin{n}", tmp_path / f"cache{n}"
             home.mkdir()
             dest.mkdir()
             for command in group:
-                out = run(command, home, dest)
+                out = run_page_command(command, home, dest)
                 if shlex.split(command)[1] == "list":
                     assert re.search(rf"^demo\s+{V1}\s+{host_arch()}\s", out, re.M), out
             assert [p.name for p in dest.iterdir()] == [tarball.name]

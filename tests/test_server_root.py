@@ -5,8 +5,9 @@ an expired root, the page and the API showing the root, and the publisher's side
 tmplbuild.repo.remote.publish_root_remote)."""
 from __future__ import annotations
 
+import re
 import secrets
-import shutil
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import Keys
 from tests.test_repo import index_of, make_artifact, tmplbuild
-from tests.test_repo import publish as publish_as
-from tests.test_repo_root import ROOT_KEYS, install, legacy_repo, snapshot, who
-from tests.test_root import Keys, keys  # noqa: F401 - `keys`: the module-scoped fixture of seven throwaway keys
-from tests.test_server import Server, post, tar_bytes, upload_members
+from tests.test_repo_root import ROOT_KEYS, install, legacy_repo, who
+from tests.test_server import (Server, _Pre, post, published_copy, run_page_command, snapshot, tar_bytes,
+                               upload_members)
 from tmplbuild.errors import AuthenticityError, FreshnessError
+from tmplbuild.repo import chain as repochain
 from tmplbuild.repo import remote
 
 V2, V3 = "12-20261130", "12-20261201"
@@ -57,10 +59,8 @@ class World:
 def world(tmp_path, keys):
     a = legacy_repo(tmp_path, keys)
     install(a, keys, 1, ("online-1",))
-    b = tmp_path / "b"
-    shutil.copytree(a, b, ignore=shutil.ignore_patterns(".*"))
-    proc = publish_as(b, who(keys, "online-1"), make_artifact(tmp_path / "v2", version=V2, payload="two\n"))
-    assert proc.returncode == 0, proc.stderr
+    b = published_copy(a, tmp_path / "b", who(keys, "online-1"),
+                       make_artifact(tmp_path / "v2", version=V2, payload="two\n"))
     token = "tok-" + secrets.token_hex(16)
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
@@ -96,7 +96,6 @@ def test_a_root_upload_signed_by_the_root_keys_is_installed(world):
                                   "name and version differ", "with an index"])
 def test_a_root_upload_that_breaks_the_successor_rule_is_refused_and_nothing_is_written(world, case):
     world.start()
-    k = world.keys
     if case == "under threshold":
         members, status, words = world.root_members(2, ("online-2",), signers=("root-a",)), 422, "root signature"
     elif case == "new keys only":  # the thief's own root: its root keys sign it, the trusted root's do not
@@ -120,7 +119,6 @@ def test_a_root_upload_that_breaks_the_successor_rule_is_refused_and_nothing_is_
     assert words in r.json()["error"]
     assert snapshot(world.a) == before
     assert sorted(p.name for p in (world.a / "root").iterdir()) == ["1.root.json", "1.root.json.asc"]
-    del k
 
 
 def test_an_index_signed_by_a_removed_online_key_is_refused(world):
@@ -164,13 +162,12 @@ def test_an_expired_root_refuses_every_index_upload(world):
 def test_publish_root_remote_and_the_review_step_of_publish_to(world):
     server = world.start()
     k = world.keys
-    bad = k.root(2, ROOT_KEYS, ("online-2",), threshold=2)
-    with pytest.raises(AuthenticityError, match="the server answered 422"):
-        remote.publish_root_remote(server.base, bad, k.sign(bad, "root-a"), world.token)
-    good = k.root(2, ROOT_KEYS, ("online-2",), threshold=2)
-    assert remote.publish_root_remote(server.base, good, k.sign(good, *ROOT_KEYS), world.token) == 2
+    two = k.root(2, ROOT_KEYS, ("online-2",), threshold=2)
+    with pytest.raises(AuthenticityError, match="the server answered 422"):  # under the threshold
+        remote.publish_root_remote(server.base, two, k.sign(two, "root-a"), world.token)
+    assert remote.publish_root_remote(server.base, two, k.sign(two, *ROOT_KEYS), world.token) == 2
     with pytest.raises(FreshnessError, match="409"):
-        remote.publish_root_remote(server.base, good, k.sign(good, *ROOT_KEYS), world.token)
+        remote.publish_root_remote(server.base, two, k.sign(two, *ROOT_KEYS), world.token)
 
     # publish --to pins the publisher's own key for the server's index: online-2 does not build on online-1's
     # index without review, and the error says what to do.
@@ -195,14 +192,9 @@ def test_publish_root_remote_and_the_review_step_of_publish_to(world):
 def test_the_pages_root_pinning_commands_fetch_the_template(world):
     """With a root, the page tells node admins to pin root key fingerprints (as many as the threshold); those
     commands, with the fingerprints put in, fetch the template."""
-    import os
-    import re
-    import shlex
-    import subprocess
-    import sys
-
-    from tests.test_server import _Pre
-
+    k = world.keys
+    three = k.root(2, ("root-a", "root-b", "root-c"), ("online-1",), threshold=2)  # root keys 2 of 3
+    repochain.install(world.a, three, k.sign(three, "root-a", "root-b", "root-c"))
     server = world.start()
     page = requests.get(server.url("/"), timeout=10).text
     assert "root of trust" in page and "out of band" in page
@@ -211,7 +203,7 @@ def test_the_pages_root_pinning_commands_fetch_the_template(world):
     shown = [line for block in parser.blocks for line in block.splitlines() if line.startswith("tmplbuild ")]
     assert [shlex.split(c)[1] for c in shown[:4]] == ["remote", "list", "fetch", "fetch"], shown
     assert all("--key" not in c for c in shown[:4]) and shown[0].count("--root-key") == 2  # a 2-of-3 root
-    pins = [world.keys[n] for n in ROOT_KEYS[:2]]
+    pins = [k["root-a"], k["root-c"]]  # two of its three root keys (root-c is new: the client anchors on root 2)
     commands = []
     for command in shown[:4]:
         for n, fpr in enumerate(pins, 1):
@@ -222,18 +214,10 @@ def test_the_pages_root_pinning_commands_fetch_the_template(world):
         home, dest = world.tmp / f"admin{n}", world.tmp / f"cache{n}"
         home.mkdir()
         dest.mkdir()
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k not in
-               ("GNUPGHOME", "TMPLBUILD_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_STATE_HOME")}
-        env.update(HOME=str(home), TMPLBUILD_STATE_DIR=str(home / "state"),
-                   TMPLBUILD_SYSTEM_CONFIG_DIR=str(home / "etc"), NO_PROXY="*")
         for command in group:
-            argv = shlex.split(command)
-            extra = ["--dest", str(dest), "--arch", "amd64"] if argv[1] == "fetch" else []
-            proc = subprocess.run([sys.executable, "-m", "tmplbuild", *argv[1:], *extra], cwd=home, env=env,
-                                  capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 0, (command, proc.stderr)
-            if argv[1] == "list":
-                assert re.search(r"^demo\s", proc.stdout, re.M), proc.stdout
+            out = run_page_command(command, home, dest, "--arch", "amd64")
+            if shlex.split(command)[1] == "list":
+                assert re.search(r"^demo\s", out, re.M), out
         assert [p.name for p in dest.iterdir()] == [tarball.name]
 
 
