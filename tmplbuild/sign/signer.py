@@ -60,6 +60,19 @@ class Signer:
         Raises UsageError if gpg does not sign (e.g. the key has a passphrase or expired since __init__)."""
         return self._check(self._gpg.sign(data, **self._sign_args(armored)))
 
+    def sign_message(self, data: bytes) -> bytes:
+        """A binary OpenPGP signed message holding `data` (what `gpg --sign` makes: not detached, not
+        clearsigned), SHA256, made by the primary key itself: containers' "simple signing" stores exactly this,
+        and its verifiers (containers/image with gpgme: skopeo, podman) accept only signatures whose key is a
+        primary key they imported ("Signature by key <subkey> is not accepted" otherwise).
+        Raises UsageError if the primary key cannot sign (only a subkey can), or gpg does not sign."""
+        if self.fingerprint not in self._signing_keys:
+            raise UsageError("sign", f"key {self.fingerprint} signs only through a subkey; a signed message must "
+                                     "be made by the primary key (containers/image accepts no subkey signature)")
+        # "FPR!" makes gpg use exactly the primary key, never the newest signing subkey.
+        return self._check(self._gpg.sign(data, **self._sign_args(False, detach=False, user=self.fingerprint + "!")),
+                           kind="S", keys=frozenset({self.fingerprint}))
+
     def sign_file(self, path: Path, *, armored: bool) -> bytes:
         """Like `sign`, over a file's content, streamed to gpg (templates are too big to hold in memory).
         Raises LocalIOError if the file cannot be read, UsageError if gpg does not sign."""
@@ -72,19 +85,19 @@ class Signer:
         with stream:
             return self._check(self._gpg.sign_file(stream, **self._sign_args(armored)))
 
-    def _sign_args(self, armored: bool) -> dict[str, object]:
+    def _sign_args(self, armored: bool, *, detach: bool = True, user: str | None = None) -> dict[str, object]:
         # --local-user rather than python-gnupg's --default-key: -u wins over any default-key in a gpg.conf.
-        return {"keyid": None, "detach": True, "clearsign": False, "binary": not armored,
-                "extra_args": ["--local-user", self.fingerprint, "--digest-algo", _DIGEST]}
+        return {"keyid": None, "detach": detach, "clearsign": False, "binary": not armored,
+                "extra_args": ["--local-user", user or self.fingerprint, "--digest-algo", _DIGEST]}
 
-    def _check(self, result: gnupg.Sign) -> bytes:
+    def _check(self, result: gnupg.Sign, *, kind: str = "D", keys: frozenset[str] | None = None) -> bytes:
         created = [s for s in status_lines(result.stderr) if s[0] == "SIG_CREATED"]
-        # SIG_CREATED <type> <pk-algo> <hash-algo> <class> <timestamp> <key-fpr>
+        # SIG_CREATED <type> <pk-algo> <hash-algo> <class> <timestamp> <key-fpr>; type D detached, S signed message
         if len(created) != 1 or len(created[0]) < 7 or not result.data:
             raise UsageError("sign", f"gpg made no signature with {self.fingerprint}: {_last_error(result.stderr)}")
-        kind, hash_algo, key = created[0][1], created[0][3], created[0][6].upper()
-        if kind != "D" or hash_algo != _DIGEST_ID or key not in self._signing_keys:
-            raise UsageError("sign", f"gpg made an unexpected signature (type {kind}, hash {hash_algo}, key {key})")
+        made, hash_algo, key = created[0][1], created[0][3], created[0][6].upper()
+        if made != kind or hash_algo != _DIGEST_ID or key not in (self._signing_keys if keys is None else keys):
+            raise UsageError("sign", f"gpg made an unexpected signature (type {made}, hash {hash_algo}, key {key})")
         return bytes(result.data)
 
     def close(self) -> None:
