@@ -5,9 +5,12 @@ PY := $(VENV)/bin/python
 # debootstrap + keyring: builds; gnupg: gpgv and the test keys; zstd/xz: unpacking in tests; openssh-client:
 # ssh-keygen in the key-scan tests; python3-venv: the virtual environment on Debian's own python3;
 # systemd-container: systemd-pull, which the tests use to show systemd can verify what we publish, and
-# systemd-nspawn; lxc, uidmap (newuidmap), dnsmasq-base, iproute2: `tmplbuild test` and its tests.
+# systemd-nspawn; lxc, uidmap (newuidmap), dnsmasq-base, iproute2: `tmplbuild test` and its tests; skopeo: the OCI
+# channel (push, pull, the stock verification the tests and the demo run); docker-registry: the Distribution
+# registry the tests and the demo start on 127.0.0.1; umoci and jq: lxc-oci (`lxc-create -t oci`), which the tests
+# run; apache2-utils: htpasswd, for the registry-authentication test.
 APT_PACKAGES := debootstrap debian-archive-keyring gnupg zstd xz-utils openssh-client python3-venv ca-certificates \
-	systemd-container lxc uidmap dnsmasq-base iproute2
+	systemd-container lxc uidmap dnsmasq-base iproute2 skopeo docker-registry umoci jq apache2-utils
 
 .PHONY: all system-deps venv test test-fast demo bench bench-serve bench-fetch bench-publish clean
 

@@ -75,7 +75,7 @@ def test_build_prints_each_step_with_duration_and_the_result(minimal):
 
 def test_two_builds_are_bit_identical_cold_and_warm(minimal):
     cold, warm, _, _ = minimal
-    for pattern in ("*.tar.zst", "*_amd64.tar.xz", "*.lxc-meta.tar.xz"):
+    for pattern in ("*.tar.zst", "*_amd64.tar.xz", "*.lxc-meta.tar.xz", "*.oci.tar"):
         a, b = only(cold, pattern), only(warm, pattern)
         assert a.name == b.name
         assert a.read_bytes() == b.read_bytes(), pattern
@@ -110,11 +110,12 @@ def test_template_is_a_debian_12_tree_and_manifest_matches_dpkg(minimal, tmp_pat
 def test_manifest_records_hashes_sizes_and_inputs(minimal):
     cold, _, _, _ = minimal
     manifest = json.loads(only(cold, "*.manifest.json").read_text())
-    files = [only(cold, "*.tar.zst"), only(cold, "*_amd64.tar.xz"), only(cold, "*.lxc-meta.tar.xz")]
+    files = [only(cold, "*.tar.zst"), only(cold, "*_amd64.tar.xz"), only(cold, "*.oci.tar"),
+             only(cold, "*.lxc-meta.tar.xz")]
     assert manifest["artifacts"] == [{"file": f.name, "format": fmt, "size": len(f.read_bytes()),
                                       "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
                                       "sha512": hashlib.sha512(f.read_bytes()).hexdigest()}
-                                     for f, fmt in zip(files, ("tar.zst", "tar.xz", "lxc-meta.tar.xz"))]
+                                     for f, fmt in zip(files, ("tar.zst", "tar.xz", "oci.tar", "lxc-meta.tar.xz"))]
     # The tar.xz holds the same tar as the tar.zst.
     assert subprocess.run(["xz", "-dc", str(files[1])], capture_output=True, check=True).stdout == \
         subprocess.run(["zstd", "-dcq", str(files[0])], capture_output=True, check=True).stdout
@@ -289,3 +290,50 @@ def test_round_trip_build_publish_serve_fetch(minimal, tmp_path):
         assert (cache_dir / tarball.name).read_bytes() == tarball.read_bytes()
     finally:
         server.stop()
+
+
+def test_the_real_template_is_an_oci_image_of_the_same_tar_that_stock_tools_take(minimal, tmp_path):
+    """The shipped recipe's image: its one layer is the template's tar (diff_id = the tar's sha256), Proxmox's
+    detection rule takes the archive, umoci unpacks exactly the tree GNU tar unpacks from the tar.zst, and
+    `tmplbuild oci export` of the same build writes the very bytes the build wrote."""
+    from tests.test_oci_image import proxmox_detects_oci, proxmox_import, snapshot
+    from tmplbuild.oci.image import REF_NAME_RE, verify_archive
+    from tmplbuild.oci.record import parse
+
+    cold, _, _, _ = minimal
+    archive, tarball = only(cold, "*.oci.tar"), only(cold, "*.tar.zst")
+    manifest = json.loads(only(cold, "*.manifest.json").read_text())
+    rec = parse(manifest["oci"])
+    assert rec.file == archive.name and rec.registry is None
+    assert rec.image.compression == {"format": "gzip", "implementation": "zlib", "version": rec.image.compression[
+        "version"], "level": 6}
+    tar = subprocess.run(["zstd", "-dcq", str(tarball)], capture_output=True, check=True).stdout
+    assert rec.image.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    verify_archive(archive, rec.image)
+    assert proxmox_detects_oci(archive)
+    config, layer = proxmox_import(archive)
+    assert layer == tar and config["Cmd"] == ["/sbin/init"] and "Entrypoint" not in config
+    assert config["StopSignal"] == "SIGRTMIN+3" and "Env" not in config
+    assert config["Labels"]["org.opencontainers.image.revision"] == manifest["build"]["input_hash"]
+
+    # The export verb on the same build gives the same bytes (another code path: a stream, not the pack tee).
+    again = tmp_path / "again"
+    again.mkdir()
+    for f in (tarball, only(cold, "*.manifest.json")):
+        shutil.copy(f, again / f.name)
+    proc = tmplbuild("oci", "export", str(again / tarball.name))
+    assert proc.returncode == 0, proc.stderr
+    assert (again / archive.name).read_bytes() == archive.read_bytes()
+    assert json.loads(only(again, "*.manifest.json").read_text())["oci"] == manifest["oci"]
+
+    # umoci (what lxc-oci unpacks with) against GNU tar on the tar.zst: names, types, modes, owners, links, hashes.
+    plain, layout, bundle = tmp_path / "plain", tmp_path / "layout", tmp_path / "bundle"
+    plain.mkdir()
+    subprocess.run(["tar", "--zstd", "--numeric-owner", "--xattrs", "--xattrs-include=security.capability", "-xpf",
+                    str(tarball), "-C", str(plain)], check=True)
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(tmp_path), "--one-top-level=layout"], check=True)
+    ref = json.loads((layout / "index.json").read_text())["manifests"][0]["annotations"][
+        "org.opencontainers.image.ref.name"]
+    assert REF_NAME_RE.match(ref)
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:{ref}", str(bundle)], check=True, capture_output=True)
+    assert snapshot(bundle / "rootfs") == snapshot(plain)

@@ -25,7 +25,8 @@ def test_fetch_offers_exactly_the_index_formats():
     from tmplbuild.recipe.model import Compression
 
     assert commands.FORMATS == index.FORMATS
-    assert index.ROOTFS_FORMATS == tuple(c.value for c in Compression)
+    assert index.ROOTFS_FORMATS == tuple(c.file_format for c in Compression if c.is_rootfs_tar)
+    assert index.OCI_FORMAT == Compression.OCI.file_format
 
 
 def test_the_client_path_imports_no_recipe_parser():

@@ -89,8 +89,9 @@ def test_shipped_recipes_load(name: str) -> None:
     assert recipe.name == name
     assert recipe.path == (RECIPES / f"{name}.toml").resolve()
     assert recipe.bootstrap.keyring == DEBIAN_KEYRING.resolve()
-    # Proxmox and LXC read zstd; lxc-create -t local and systemd 252 only xz.
-    assert recipe.formats == (Compression.ZSTD, Compression.XZ)
+    # Proxmox and LXC read zstd; lxc-create -t local and systemd 252 only xz; Proxmox VE 9.1, lxc-oci and
+    # registries an OCI image.
+    assert recipe.formats == (Compression.ZSTD, Compression.XZ, Compression.OCI)
     # A template's sources come from the host unless the recipe names them: never the build mirror.
     assert recipe.sources.mirror is None and recipe.bootstrap.mirror is None
     assert recipe.canonical.startswith(b"{")
@@ -156,7 +157,9 @@ INVALID = [
     ("description-newline", {"r.toml": sub('"Test template"', '"line one\\nline two"')}, "r.toml", 8,
      "template.description", 'found "line one\\nline two", expected a single line'),
     ("bad-format", {"r.toml": sub("description", 'formats = ["tar.gz"]\ndescription')}, "r.toml", 8,
-     "template.formats[0]", 'found "tar.gz", expected one of: tar.xz, tar.zst'),
+     "template.formats[0]", 'found "tar.gz", expected one of: oci, tar.xz, tar.zst'),
+    ("oci-without-a-tarball", {"r.toml": sub("description", 'formats = ["oci"]\ndescription')}, "r.toml", 8,
+     "template.formats", "found only oci, expected tar.zst or tar.xz too"),
     ("missing-suite", {"r.toml": sub('suite = "bookworm"\n', "")}, "r.toml", 1, "template.suite",
      "missing required field"),
     ("missing-bootstrap", {"r.toml": sub('[bootstrap]\nkeyring = "keyring.gpg"\n', "")}, "r.toml", None,

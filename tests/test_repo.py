@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import ROOT, gpg
 from tmplbuild.builder.pack import pack
+from tmplbuild.oci import record
+from tmplbuild.oci.image import ImageMeta
 from tmplbuild.recipe.model import Compression
 
 EPOCH = 1_780_000_000
@@ -34,15 +36,18 @@ def make_artifact(out: Path, name: str = "demo", version: str = "12-20261120", a
     (tree / "etc/os-release").write_text('NAME="Demo"\nVERSION_ID="12"\n')
     (tree / "etc/motd").write_text(payload)
     stem = f"{name}_{version}_{arch}"
-    _, _, artifacts = pack(tree, [(f, out / f"{stem}.{f.value}") for f in formats], EPOCH)
+    image = ImageMeta(name=name, version=version, arch=arch, description="demo template",
+                      revision="sha256:" + "0" * 64, epoch=EPOCH)
+    _, _, artifacts = pack(tree, [(f, out / f"{stem}.{f.file_format}") for f in formats], EPOCH, oci=image)
     shutil.rmtree(tree)
     manifest = {
         "schema": 1, "name": name, "version": version, "arch": arch, "distribution": "debian", "release": "12",
         "suite": "bookworm", "variant": "demo", "description": "demo template", "created": "2026-05-28T00:00:00Z",
-        "build": {"input_hash": "sha256:" + "0" * 64}, "packages": [],
+        "source_date_epoch": EPOCH, "build": {"input_hash": "sha256:" + "0" * 64}, "packages": [],
         "artifacts": [{"file": a.path.name, "format": a.format, "size": a.size, "sha256": a.sha256,
                        "sha512": a.sha512} for a in artifacts],
     }
+    manifest.update({"oci": record.built(a.path.name, a.oci) for a in artifacts if a.oci is not None})
     path = out / f"{stem}.manifest.json"
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path

@@ -5,7 +5,7 @@ rebuild read one (from the build output, or from a repository where the signed i
 every change (the changelog, the boot-test record) is a new value made with `dataclasses.replace`. Pure: no
 I/O. Unknown top-level fields are kept, so an older tmplbuild re-writing a newer manifest loses nothing.
 
-The nested records (`build`, `tree`, `test`, `changelog`) stay JSON objects: they are written once and read by
+The nested records (`build`, `tree`, `test`, `changelog`, `oci`) stay JSON objects: they are written once and read by
 people and by the few functions named in their comments, not branched on across the code.
 """
 from __future__ import annotations
@@ -73,6 +73,9 @@ class Manifest:
     artifacts: tuple[ManifestArtifact, ...] = ()
     changelog: dict[str, Any] | None = None  # tmplbuild.rebuild.changelog
     test: dict[str, Any] | None = None  # tmplbuild.boot.gate.test_record
+    # The OCI image (tmplbuild.oci.record): its digests as built, and once pushed, the registry reference, tags and
+    # the lookaside signature files. An older tmplbuild keeps it (as an unknown field) and ignores it.
+    oci: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level fields, kept
 
     @property
@@ -96,7 +99,7 @@ class Manifest:
             "packages": [p.doc() for p in self.packages], "artifacts": [a.doc() for a in self.artifacts],
         })
         for key, value in (("source_date_epoch", self.source_date_epoch), ("changelog", self.changelog),
-                           ("test", self.test)):
+                           ("test", self.test), ("oci", self.oci)):
             if value is not None:
                 doc[key] = value
         return doc
@@ -107,7 +110,7 @@ class Manifest:
 
 _KNOWN = {"schema", "name", "version", "arch", "distribution", "release", "suite", "variant", "description",
           "created", "source_date_epoch", "build", "apt_sources", "tree", "packages", "artifacts", "changelog",
-          "test"}
+          "test", "oci"}
 
 
 def parse(data: bytes) -> Manifest:
@@ -134,7 +137,7 @@ def from_doc(doc: Any) -> Manifest:
     if sde is not None and (not isinstance(sde, int) or isinstance(sde, bool) or not 0 <= sde < 1 << 40):
         raise ManifestError(f"source_date_epoch: found {sde!r}, expected seconds since the epoch")
     optional = {}
-    for name in ("changelog", "test"):
+    for name in ("changelog", "test", "oci"):
         value = doc.get(name)
         if value is not None and not isinstance(value, dict):
             raise ManifestError(f"{name}: found {type(value).__name__}, expected an object")

@@ -24,6 +24,8 @@ from tmplbuild.errors import AuthenticityError, BuildError, LocalIOError, UsageE
 from tmplbuild.files import atomic_write
 from tmplbuild.log import say, step
 from tmplbuild.manifest import Manifest, ManifestArtifact, Package
+from tmplbuild.oci import record
+from tmplbuild.oci.image import ImageMeta
 from tmplbuild.recipe.model import Compression, Recipe, Stage
 from tmplbuild.run import run
 
@@ -143,7 +145,7 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
         planned = plan_inputs(recipe, opts, fetcher, mirror)
         suites, epoch, version = planned.suites, planned.epoch, planned.version
         stem = artifact_stem(recipe, version, opts.arch)
-    finals = [opts.out_dir / f"{stem}.{fmt.value}" for fmt in recipe.formats]
+    finals = [opts.out_dir / f"{stem}.{fmt.file_format}" for fmt in recipe.formats]
     manifest_path = opts.out_dir / f"{stem}.manifest.json"
     meta_path = opts.out_dir / f"{stem}.{lxcmeta.FORMAT}" if Compression.XZ in recipe.formats else None
     existing = [p for p in finals + [manifest_path, meta_path] if p is not None and p.exists()]
@@ -182,8 +184,10 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
                 with step("pack + compress", timings):
                     outputs = [(fmt, final.with_name(f".{final.name}.part"))
                                for final, fmt in zip(finals, recipe.formats)]
+                    image = ImageMeta(name=recipe.name, version=version, arch=opts.arch,
+                                      description=recipe.description, revision=planned.input_hash, epoch=epoch)
                     entries, content_bytes, staged = pack.pack(root, outputs, epoch, opts.zstd_level,
-                                                               opts.xz_level)
+                                                               opts.xz_level, image)
             except BaseException:
                 _keep_log(log, opts.cache_dir / "logs" / f"{stem}.build.log")
                 # debootstrap's own log says which package failed to configure, and why; its path in the
@@ -205,8 +209,9 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
         for a in staged:
             a.path.unlink(missing_ok=True)
         raise LocalIOError("output", f"{opts.out_dir}: {exc.strerror}") from None
-    artifacts = [pack.Artifact(path=final, format=a.format, size=a.size, sha256=a.sha256, sha512=a.sha512)
-                 for a, final in zip(staged, finals)]
+    artifacts = [pack.Artifact(path=final, format=a.format, size=a.size, sha256=a.sha256, sha512=a.sha512,
+                               oci=a.oci) for a, final in zip(staged, finals)]
+    image_record = next((record.built(a.path.name, a.oci) for a in artifacts if a.oci is not None), None)
 
     manifest = Manifest(
         name=recipe.name, version=version, arch=opts.arch, distribution=recipe.distribution,
@@ -231,6 +236,7 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
         packages=tuple(Package(**p) for p in packages),
         artifacts=tuple(ManifestArtifact(file=a.path.name, format=a.format, size=a.size, sha256=a.sha256,
                                          sha512=a.sha512) for a in artifacts),
+        oci=image_record,
     )
     atomic_write(manifest_path, manifest.to_bytes())
     for a in artifacts:

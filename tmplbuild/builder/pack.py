@@ -17,6 +17,7 @@ import zstandard
 
 from tmplbuild.errors import BuildError, LocalIOError
 from tmplbuild.files import hash_file
+from tmplbuild.oci.image import ImageMeta, LayerSink, OciImage
 from tmplbuild.recipe.model import Compression
 
 CHUNK = 1 << 20
@@ -36,10 +37,11 @@ KEPT_XATTRS = ("security.capability",)  # ping and friends need it; other xattrs
 @dataclass(frozen=True)
 class Artifact:
     path: Path
-    format: str  # a file format of tmplbuild.repo.index.FORMATS: "tar.zst", "tar.xz", "lxc-meta.tar.xz"
+    format: str  # a file format of tmplbuild.repo.index.FORMATS: "tar.zst", "tar.xz", "lxc-meta.tar.xz", "oci.tar"
     size: int
     sha256: str
     sha512: str
+    oci: OciImage | None = None  # for "oci.tar": the image's digests
 
 
 def write_tar(root: Path, out: BinaryIO, epoch: int) -> tuple[int, int]:
@@ -131,15 +133,23 @@ class _Tee:
 
 
 def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
-         zstd_level: int = ZSTD_LEVEL, xz_level: int = XZ_LEVEL) -> tuple[int, int, list[Artifact]]:
-    """Pack root into each (format, path) of outputs. Returns (entries, content bytes, artifacts). On any
-    failure no output file exists afterwards. Raises LocalIOError on a write failure (disk full), BuildError
-    when xz fails."""
+         zstd_level: int = ZSTD_LEVEL, xz_level: int = XZ_LEVEL,
+         oci: ImageMeta | None = None) -> tuple[int, int, list[Artifact]]:
+    """Pack root into each (format, path) of outputs; an OCI output (tmplbuild.oci.image) needs `oci`, the image's
+    metadata. Returns (entries, content bytes, artifacts). On any failure no output file exists afterwards.
+    Raises LocalIOError on a write failure (disk full), BuildError when xz fails."""
     files: list[BinaryIO] = []
     procs: list[subprocess.Popen[bytes]] = []
+    layers: list[LayerSink] = []
     try:
         sinks: list[BinaryIO] = []
         for fmt, dest in outputs:
+            if fmt is Compression.OCI:
+                if oci is None:
+                    raise ValueError("an OCI output needs its ImageMeta")
+                layers.append(LayerSink(dest, oci))
+                sinks.append(layers[-1])  # type: ignore[arg-type]
+                continue
             f = open(dest, "wb")
             files.append(f)
             if fmt is Compression.ZSTD:
@@ -164,13 +174,17 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
                 raise BuildError("compress", f"xz exited {proc.returncode}: {err.decode().strip()}")
         for f in files:
             f.close()
-        artifacts = [Artifact(dest, Compression(fmt).value, *hash_file(dest)) for fmt, dest in outputs]
+        images = iter(layer.image for layer in layers)
+        artifacts = [Artifact(dest, fmt.file_format, *hash_file(dest),
+                              oci=next(images) if fmt is Compression.OCI else None) for fmt, dest in outputs]
     except BaseException as exc:
         for proc in procs:
             proc.kill()
             proc.wait()
         for f in files:
             f.close()
+        for layer in layers:
+            layer.abort()
         for _, dest in outputs:
             dest.unlink(missing_ok=True)
         if isinstance(exc, OSError):

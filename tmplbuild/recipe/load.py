@@ -40,6 +40,14 @@ def _keyring(val: Val) -> tuple[Path, str]:
     return path.resolve(), hashlib.sha256(data).hexdigest()
 
 
+def _formats(val: Val) -> tuple[Compression, ...]:
+    formats = tuple(map(Compression, v.unique_list(val, v.one_of([c.value for c in Compression]), "format")))
+    if not any(f.is_rootfs_tar for f in formats):
+        # The OCI image is made from the same tar; a template's boot test and its plain-tar users need one.
+        raise val.error(f"found only {', '.join(f.value for f in formats)}, expected tar.zst or tar.xz too")
+    return formats
+
+
 _TEMPLATE: dict[str, Callable[[Val], Any]] = {
     "name": v.grammar(v.NAME_RE, v.NAME_EXPECTED),
     "distribution": v.grammar(v.DISTRIBUTION_RE, v.NAME_EXPECTED),
@@ -48,8 +56,7 @@ _TEMPLATE: dict[str, Callable[[Val], Any]] = {
     "variant": v.grammar(v.NAME_RE, v.NAME_EXPECTED),
     "architectures": lambda val: v.unique_list(val, v.one_of(ARCHITECTURES), "architecture"),
     "description": v.description,
-    "formats": lambda val: tuple(map(Compression, v.unique_list(val, v.one_of([c.value for c in Compression]),
-                                                                 "format"))),
+    "formats": lambda val: _formats(val),
     "version": v.grammar(v.VERSION_RE, v.VERSION_EXPECTED),
 }
 _BOOTSTRAP: dict[str, Callable[[Val], Any]] = {

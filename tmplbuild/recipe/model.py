@@ -16,8 +16,21 @@ class Stage(str, enum.Enum):
 
 
 class Compression(str, enum.Enum):
+    """A recipe's `formats`: the root file system as tar.zst or tar.xz, and as an OCI image (an oci-archive holding
+    one gzip layer with the same tar, tmplbuild.oci.image) for Proxmox VE 9.1, lxc-oci, skopeo and registries."""
+
     ZSTD = "tar.zst"
     XZ = "tar.xz"
+    OCI = "oci"
+
+    @property
+    def file_format(self) -> str:
+        """The file's suffix and its format in the index: <name>_<version>_<arch>.<file_format>."""
+        return "oci.tar" if self is Compression.OCI else self.value
+
+    @property
+    def is_rootfs_tar(self) -> bool:
+        return self is not Compression.OCI
 
 
 # Debian architecture names debootstrap can target; validated at the edge so a typo fails before any work.
@@ -93,7 +106,7 @@ class Recipe:
     repositories: tuple[AptRepository, ...]
     scripts: tuple[Script, ...]  # in run order; parent recipe's first
     files: tuple[FileEntry, ...]
-    formats: tuple[Compression, ...]  # at least one; tar.zst by default
+    formats: tuple[Compression, ...]  # at least one tarball (tar.zst or tar.xz); tar.zst by default
     version: str | None = None  # fixed version; None derives one from the release and the archive date
     sources: Sources = Sources()
     extends: tuple[str, ...] = ()  # chain of parent recipe names, nearest first (for the manifest)

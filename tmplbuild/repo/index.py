@@ -33,12 +33,15 @@ PATH = re.compile(r"\Atemplates/[a-z0-9][a-z0-9.+-]*/[0-9A-Za-z][0-9A-Za-z.+~-]*
 
 
 # What a template entry may list, each as <name>_<version>_<arch>.<format>: the root file system for Proxmox and
-# LXC (zstd), for lxc-create -t local and systemd 252 (xz), and LXC's metadata tarball for lxc-create -t local.
-# The rootfs formats are the recipe's `formats` (tmplbuild.recipe.model.Compression; a test keeps them equal),
-# written out so that reading an index does not import the recipe parser.
+# LXC (zstd), for lxc-create -t local and systemd 252 (xz), LXC's metadata tarball for lxc-create -t local, and
+# the OCI image as an oci-archive (Proxmox VE 9.1, lxc-oci, skopeo). The rootfs and OCI formats are the recipe's
+# `formats` (tmplbuild.recipe.model.Compression; a test keeps them equal), written out so that reading an index
+# does not import the recipe parser. A tmplbuild older than the OCI format reads such an index as before: it
+# takes files[0] (tar.zst) unless asked for another format.
 ROOTFS_FORMATS = ("tar.zst", "tar.xz")
 LXC_META_FORMAT = "lxc-meta.tar.xz"
-FORMATS = (*ROOTFS_FORMATS, LXC_META_FORMAT)
+OCI_FORMAT = "oci.tar"
+FORMATS = (*ROOTFS_FORMATS, LXC_META_FORMAT, OCI_FORMAT)
 
 @dataclass(frozen=True)
 class FileRef:

@@ -1,0 +1,130 @@
+"""The manifest's `oci` record: the image a build made and, once published, where it is in a registry.
+
+Written into `<stem>.manifest.json`, whose sha256 the signed index carries, so the index binds the image's
+digests (manifest, config, layer, diff_id) and the registry reference a publish pushed it to. Pure: no I/O.
+
+    "oci": {"file": "<stem>.oci.tar", <OciImage.doc(): media_type, manifest_digest, ..., layer_compression>,
+            "registry": {"repository": "registry.example.org/templates/debian-12-minimal",
+                         "tags": ["12-20261122-amd64", "latest-amd64"],
+                         "signatures": [{"path": "sigstore/templates/debian-12-minimal@sha256=<hex>/signature-1",
+                                         "identity": "registry.example.org/templates/debian-12-minimal:12-...",
+                                         "size": 600, "sha256": "<hex>"}, ...]}}
+
+A tmplbuild older than this record keeps it as an unknown manifest field and ignores it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tmplbuild.oci.image import OciImage
+
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_FILE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+~-]*\.oci\.tar\Z")
+# docker's reference grammar, as skopeo reads it: host[:port]/path with lowercase components, and a tag.
+_REPOSITORY = re.compile(r"\A(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+                         r"(?::[0-9]{1,5})?)(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)+\Z")
+_TAG = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+SIGNATURE_PATH = re.compile(r"\Asigstore/[a-z0-9._/-]+@sha256=[0-9a-f]{64}/signature-[1-9][0-9]{0,2}\Z")
+MOVING_TAG = "latest-{arch}"  # one moving tag per template line (name, arch); the version tag never moves
+
+
+def tags(version: str, arch: str) -> tuple[str, str]:
+    """The version tag and the moving tag of a template line. Raises ValueError when the version holds a
+    character a tag cannot carry (Debian versions may hold + and ~)."""
+    result = (f"{version}-{arch}", MOVING_TAG.format(arch=arch))
+    for tag in result:
+        if not _TAG.match(tag):
+            raise ValueError(f"tag {tag!r}: a registry tag is [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}; build with a "
+                             "version without + or ~")
+    return result
+
+
+@dataclass(frozen=True)
+class Signature:
+    path: str  # in the repository: sigstore/<repository path>@sha256=<hex>/signature-N
+    identity: str  # the docker-reference it signs (repository:tag)
+    size: int
+    sha256: str
+
+    def doc(self) -> dict[str, Any]:
+        return {"path": self.path, "identity": self.identity, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Pushed:
+    repository: str  # host[:port]/path, without a tag
+    tags: tuple[str, ...]
+    signatures: tuple[Signature, ...]
+
+    def doc(self) -> dict[str, Any]:
+        return {"repository": self.repository, "tags": list(self.tags),
+                "signatures": [s.doc() for s in self.signatures]}
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str  # the oci-archive next to the manifest
+    image: OciImage
+    registry: Pushed | None = None
+
+    def by_digest(self) -> str:
+        """repository@sha256:…: what a pull by digest asks for (never a tag, which a registry can move)."""
+        if self.registry is None:
+            raise ValueError("the image was not pushed to a registry")
+        return f"{self.registry.repository}@{self.image.manifest_digest}"
+
+    def doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"file": self.file, **self.image.doc()}
+        if self.registry is not None:
+            doc["registry"] = self.registry.doc()
+        return doc
+
+
+def built(file: str, image: OciImage) -> dict[str, Any]:
+    """The record a build writes."""
+    return Record(file, image).doc()
+
+
+def parse(doc: Any) -> Record:
+    """The manifest's `oci` object, strictly. Raises ValueError naming the field."""
+    if not isinstance(doc, dict):
+        raise ValueError("oci: expected an object")
+    file = doc.get("file")
+    if not isinstance(file, str) or not _FILE.match(file):
+        raise ValueError(f"oci.file: found {str(file)[:80]!r}, expected <stem>.oci.tar")
+    image = OciImage.from_doc({k: v for k, v in doc.items() if k not in ("file", "registry")})
+    registry = doc.get("registry")
+    return Record(file, image, None if registry is None else _pushed(registry, image.manifest_digest))
+
+
+def _pushed(doc: Any, digest: str) -> Pushed:
+    if not isinstance(doc, dict) or set(doc) != {"repository", "tags", "signatures"}:
+        raise ValueError("oci.registry: expected an object with repository, tags and signatures")
+    repository, tag_list, signatures = doc["repository"], doc["tags"], doc["signatures"]
+    if not isinstance(repository, str) or not _REPOSITORY.match(repository) or "/" not in repository:
+        raise ValueError(f"oci.registry.repository: found {str(repository)[:120]!r}, expected host[:port]/path")
+    if not isinstance(tag_list, list) or not tag_list or not all(isinstance(t, str) and _TAG.match(t)
+                                                                 for t in tag_list):
+        raise ValueError("oci.registry.tags: expected a non-empty list of registry tags")
+    if not isinstance(signatures, list):
+        raise ValueError("oci.registry.signatures: expected a list")
+    parsed = []
+    for i, s in enumerate(signatures):
+        where = f"oci.registry.signatures[{i}]"
+        if not isinstance(s, dict) or set(s) != {"path", "identity", "size", "sha256"}:
+            raise ValueError(f"{where}: expected an object with path, identity, size and sha256")
+        path, identity, size, sha256 = s["path"], s["identity"], s["size"], s["sha256"]
+        if not isinstance(path, str) or not SIGNATURE_PATH.match(path) or ".." in path.split("/") \
+                or not path.split("@sha256=")[1].startswith(digest.removeprefix("sha256:")):
+            raise ValueError(f"{where}.path: found {str(path)[:160]!r}, expected sigstore/<path>@sha256=<the "
+                             "image's digest>/signature-N")
+        if not isinstance(identity, str) or not identity.startswith(repository + ":") \
+                or identity.rsplit(":", 1)[1] not in tag_list:
+            raise ValueError(f"{where}.identity: found {str(identity)[:160]!r}, expected {repository}:<tag>")
+        if type(size) is not int or not 0 < size <= 1 << 16 or not isinstance(sha256, str) \
+                or not _HEX64.match(sha256):
+            raise ValueError(f"{where}: malformed size or sha256")
+        parsed.append(Signature(path, identity, size, sha256))
+    return Pushed(repository, tuple(tag_list), tuple(parsed))
