@@ -27,6 +27,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from tmplbuild.client.config import REMOTE_NAME
 from tmplbuild.errors import TmplbuildError, UsageError
+from tmplbuild.oci import record
 from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo import store
 
@@ -210,7 +211,9 @@ def page() -> Response | str:
         except TmplbuildError:
             fingerprints = ()
     base = request.url_root.rstrip("/")
-    return render_template("index.html", snap=snap, index=snap.index, base=base, root=snap.root,
+    prefixes = sorted({rec.registry.repository.rsplit("/", 1)[0] for rec in snap.oci.values() if rec.registry})
+    return render_template("index.html", snap=snap, index=snap.index, base=base, root=snap.root, oci=snap.oci,
+                           oci_prefixes=prefixes,
                            root_path=rootdoc.path(snap.root.version) if snap.root is not None else None,
                            fingerprints=fingerprints, human=human_size, remote=remote_name(snap.index.repo_id),
                            templates=sorted(snap.index.templates, key=lambda e: (e.name, e.version, e.arch)))
@@ -239,7 +242,19 @@ def api_templates() -> Response:
     summary = root_summary(snap)
     if summary is not None:
         body["root"] = summary
+    if snap.oci:
+        body["oci"] = [oci_summary(key, rec) for key, rec in sorted(snap.oci.items())]
     return jsonify(body)
+
+
+def oci_summary(key: tuple[str, str, str], rec: record.Record) -> dict[str, Any]:
+    """A pushed image as /api/v1/templates shows it: where it is, by tag and by digest (what the signed index
+    binds through the manifest)."""
+    assert rec.registry is not None
+    name, version, arch = key
+    return {"name": name, "version": version, "arch": arch, "repository": rec.registry.repository,
+            "tags": list(rec.registry.tags), "digest": rec.image.manifest_digest, "reference": rec.by_digest(),
+            "lookaside": [s.path for s in rec.registry.signatures]}
 
 
 @bp.get("/healthz")

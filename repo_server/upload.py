@@ -1,7 +1,8 @@
 """POST /api/v1/publish: receive a publisher's upload, check it the way a client would, then put it in place.
 
-The body is an uncompressed tar of regular files with repository-relative paths: index.json, index.json.asc and
-files under templates/<name>/<version>/. It is streamed, member by member, into REPO/.upload-<random>/ (a
+The body is an uncompressed tar of regular files with repository-relative paths: index.json, index.json.asc,
+files under templates/<name>/<version>/ and the OCI images' lookaside signatures under sigstore/ (each listed with
+its sha256 by an uploaded manifest of the new index). It is streamed, member by member, into REPO/.upload-<random>/ (a
 dot-directory: never served, swept at start-up if a crash left it), hashing each file as it is written.
 
 Why a token is not enough: the bearer token only lets someone *send* an upload. What gets published is decided
@@ -39,9 +40,13 @@ from typing import Any, BinaryIO
 
 from tmplbuild.files import hash_file
 from tmplbuild.errors import AuthenticityError, FreshnessError, LocalIOError, TmplbuildError, UsageError
+from tmplbuild.manifest import ManifestError
+from tmplbuild.manifest import parse as parse_manifest
+from tmplbuild.oci import record
 from tmplbuild.repo import accept
 from tmplbuild.repo import chain
 from tmplbuild.repo import converge
+from tmplbuild.repo import lookaside
 from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import store, sums
@@ -118,9 +123,11 @@ def member_path(member: tarfile.TarInfo) -> str:
         raise Refused(400, f"tar member {name!r}: absolute or malformed path")
     if any(p in ("", ".", "..") or p.startswith(".") for p in name.split("/")):
         raise Refused(400, f"tar member {name!r}: empty, '.', '..' or dot component")
-    if name not in (store.INDEX, store.INDEX_SIG) and not idx.PATH.match(name) and _root_member(name) is None:
+    if name not in (store.INDEX, store.INDEX_SIG) and not idx.PATH.match(name) and _root_member(name) is None \
+            and not record.SIGNATURE_PATH.match(name):
         raise Refused(400, f"tar member {name!r}: expected index.json, index.json.asc, "
-                           f"templates/<name>/<version>/<file>, or root/<N>.root.json and its .asc")
+                           f"templates/<name>/<version>/<file>, sigstore/<path>@sha256=<hex>/signature-<N>, or "
+                           f"root/<N>.root.json and its .asc")
     return name
 
 
@@ -423,12 +430,44 @@ def _upload_checks(upload: Upload, new: idx.Index, listed: dict[str, idx.FileRef
         name = rel.rsplit("/", 1)[-1]
         if name.endswith(".asc") and rel != store.INDEX_SIG and rel[:-4] not in listed:
             note("signatures", f"{rel}: a signature for a file the new index does not list")
+    message = _check_lookaside(upload, listed)
+    if message:
+        note("files", message)
     for directory in sorted(data_dirs | {rel.rsplit("/", 1)[0] for rel in upload.files
                                          if rel.rsplit("/", 1)[-1] in (SUMS, SUMS_SIG)}):
         message = _check_sums(upload, directory, new, verifier, required=directory in data_dirs)
         if message:
             note("sums", message)
     return problems
+
+
+def _check_lookaside(upload: Upload, listed: dict[str, idx.FileRef]) -> str | None:
+    """The OCI images' lookaside signatures (sigstore/...): each uploaded one listed, with its size and sha256, by
+    an uploaded manifest the new index lists (tmplbuild.oci.record), and each such listed one uploaded."""
+    expected: dict[str, record.Signature] = {}
+    for rel, got in sorted(upload.files.items()):
+        ref = listed.get(rel)
+        if ref is None or not rel.endswith(".manifest.json") or (got.size, got.sha256) != (ref.size, ref.sha256):
+            continue  # not a listed manifest, or one the file checks refuse anyway
+        data = got.path.read_bytes()
+        if b'"oci"' not in data:
+            continue
+        try:
+            oci = parse_manifest(data).oci
+            pushed = record.parse(oci).registry if oci is not None else None
+        except (ManifestError, ValueError) as exc:
+            return f"{rel}: oci: {exc}"
+        expected.update((s.path, s) for s in (pushed.signatures if pushed else ()))
+    for rel, got in sorted(upload.files.items()):
+        if not rel.startswith(lookaside.DIRECTORY + "/"):
+            continue
+        sig = expected.get(rel)
+        if sig is None:
+            return f"{rel}: uploaded but listed by no manifest of the new index"
+        if (got.size, got.sha256) != (sig.size, sig.sha256):
+            return f"{rel}: size/sha256 {got.size}/{got.sha256[:16]}…, its manifest says {sig.size}/{sig.sha256[:16]}…"
+    missing = sorted(set(expected) - set(upload.files))
+    return f"{missing[0]}: listed by its manifest but missing from the upload" if missing else None
 
 
 def _check_sums(upload: Upload, directory: str, new: idx.Index, verifier, required: bool) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from tmplbuild import strictjson
 from tmplbuild.errors import TmplbuildError
 from tmplbuild.repo import accept
 from tmplbuild.repo import index as idx
-from tmplbuild.repo import chain, store
+from tmplbuild.oci import record
+from tmplbuild.repo import chain, lookaside, store
 from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo.root import Root
 
@@ -37,6 +38,8 @@ class Snapshot:
     doc: dict[str, Any]  # strictjson.loads(data): entries exactly as in index.json, for the API
     root: Root | None = None  # the newest root of the repository's chain (None: a repository without roots)
     stale: str | None = None  # the index was signed by a key the newest root no longer names (chain.carried_over)
+    # The images the index names through its manifests, pushed to a registry: (name, version, arch) -> record
+    oci: dict[tuple[str, str, str], record.Record] = field(default_factory=dict)
 
     @property
     def root_expired(self) -> bool:
@@ -83,7 +86,21 @@ def verify_pair(root: Path, data: bytes, sig: bytes) -> Snapshot:
         index, _ = accept.verify_and_parse(data, sig, verifier)
         stale = trust.carried_over(verifier)
     return Snapshot(index=index, data=data, doc=strictjson.loads(data, what="index.json", max_depth=idx.MAX_DEPTH),
-                    root=trust.root, stale=stale)
+                    root=trust.root, stale=stale, oci=pushed_images(root, index))
+
+
+def pushed_images(root: Path, index: idx.Index) -> dict[tuple[str, str, str], record.Record]:
+    """The registry records of the index's templates (read from the manifests it hashes; a manifest that does not
+    read as signed shows no image)."""
+    out = {}
+    for entry in index.templates:
+        try:
+            rec = lookaside.image_record(root, entry)
+        except lookaside.Unreadable:
+            continue
+        if rec is not None and rec.registry is not None:
+            out[entry.key] = rec
+    return out
 
 
 class IndexCache:

@@ -132,8 +132,9 @@ class Report:
 
 
 class LocalRepo:
-    def __init__(self, root: Path, signer, expires_in: int) -> None:
-        self.root, self.signer, self.expires_in = root, signer, expires_in
+    def __init__(self, root: Path, signer, expires_in: int, oci=None) -> None:
+        """`oci`: a tmplbuild.oci.publisher.Destination every published template's image is pushed to."""
+        self.root, self.signer, self.expires_in, self.oci = root, signer, expires_in, oci
 
     def index(self) -> idx.Index:
         """The index in place, read as a publisher reads it (chain.repo_trust: under the newest root or an earlier
@@ -158,7 +159,7 @@ class LocalRepo:
     def publish(self, paths: list[Path]):
         from tmplbuild.repo.publish import publish
 
-        return publish(self.root, paths, self.signer, self.expires_in)
+        return publish(self.root, paths, self.signer, self.expires_in, self.oci)
 
     def resign(self) -> idx.Index:
         from tmplbuild.repo.manage import resign
@@ -174,11 +175,12 @@ class LocalRepo:
 class RemoteRepo:
     """A repository server: its index verified with the signing key only (as `publish --to` does)."""
 
-    def __init__(self, url: str, signer, pinned_keys: bytes, token: str, expires_in: int) -> None:
+    def __init__(self, url: str, signer, pinned_keys: bytes, token: str, expires_in: int, oci=None) -> None:
         from tmplbuild.transport import Transport
 
         self.base = url.rstrip("/")
         self.signer, self.pinned_keys, self.token, self.expires_in = signer, pinned_keys, token, expires_in
+        self.oci = oci
         self.session = Transport()
 
     def _verified_index(self, verifier) -> idx.Index:
@@ -201,7 +203,7 @@ class RemoteRepo:
         from tmplbuild.repo.remote import publish_remote
 
         return publish_remote(self.base, paths, self.signer, self.pinned_keys, (self.signer.fingerprint,),
-                              self.token, self.expires_in)
+                              self.token, self.expires_in, self.oci)
 
     def resign(self) -> idx.Index:
         """The same catalogue, version + 1, fresh expiry, uploaded as an upload holding only the index pair

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tmplbuild.repo import index as idx
+from tmplbuild.repo import lookaside
 from tmplbuild.repo import sums
 from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo.store import (INDEX, INDEX_SIG, SUMS, SUMS_SIG, TEMPLATES, fsync_dir, io_error, key_files,
@@ -75,7 +76,9 @@ def converge(root: Path, current: idx.Index, repair: bool = False,
       before its index swap; stale .part files) is deleted, and then every empty directory. These are copies of
       artifacts the publisher still has: nothing is lost, and deleting (rather than moving aside) frees the
       space a full disk needs back.
-    Symlinks, devices and anything outside templates/ are not a publisher's leftovers: left alone, unless
+    The same for the lookaside signatures under sigstore/ that the index lists through its manifests
+    (tmplbuild.repo.lookaside), when every listed manifest reads as signed.
+    Symlinks, devices and anything else outside templates/ are not a publisher's leftovers: left alone, unless
     `repair`, which moves every unlisted non-dot path of the served tree to .quarantine/<stamp>/ instead of
     deleting it (an admin put it there; it is theirs to look at)."""
     done: list[str] = []
@@ -113,36 +116,13 @@ def converge(root: Path, current: idx.Index, repair: bool = False,
             if b.exists():
                 b.unlink()
 
-    # 2. Unlisted files under templates/, then empty directories, deepest first. Dot-directories (not served)
-    # are not entered, and of dot-files only a publisher's own (.part, .prev) are removed.
-    top = root / TEMPLATES
-    if top.is_dir() and not top.is_symlink():
-        walked = []
-        for dirpath, dirnames, filenames in os.walk(top):
-            base = Path(dirpath)
-            links = [n for n in dirnames if (base / n).is_symlink()]
-            dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and n not in links)
-            walked.append((base, sorted(filenames + links), list(dirnames)))
-        for base, names, subdirs in reversed(walked):  # a directory after everything under it
-            for name in subdirs:
-                path = base / name
-                try:
-                    path.rmdir()
-                except OSError:
-                    continue  # not empty: holds something listed, or an admin's symlink or dot-file
-                done.append(f"removed empty directory {path.relative_to(root).as_posix()}/")
-            for name in names:
-                path = base / name
-                rel = path.relative_to(root).as_posix()
-                if rel in keep or (name.startswith(".") and not name.endswith((".part", ".prev"))):
-                    continue
-                if stat.S_ISREG(os.lstat(path).st_mode):
-                    path.unlink()
-                    done.append(f"removed {rel} (not listed in the index)")
-                elif repair and not name.startswith("."):
-                    set_aside(path, rel)
-        if done:
-            fsync_dir(top)
+    # 2. Unlisted files under templates/ and sigstore/ (the OCI images' lookaside signatures, listed through the
+    # manifests), then empty directories. sigstore/ only when every manifest could be read as signed.
+    signatures = lookaside.listed(root, current)
+    managed = [TEMPLATES] + ([lookaside.DIRECTORY] if signatures is not None else [])
+    keep |= set(signatures or {})
+    for top in managed:
+        _remove_unlisted(root, root / top, keep, repair, set_aside, done)
 
     # 3. With --repair: whatever else is served and unlisted (keys/ keeps its pinned keys, root/ its root
     # documents and their signatures: the chain is checked by whoever reads it, never tidied away here).
@@ -151,13 +131,49 @@ def converge(root: Path, current: idx.Index, repair: bool = False,
         for dirpath, dirnames, filenames in os.walk(root):
             base = Path(dirpath)
             dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")
-                                 and not (base == root and n == TEMPLATES))
+                                 and not (base == root and n in managed))
             for name in sorted(filenames + [n for n in dirnames if (base / n).is_symlink()]):
                 rel = (base / name).relative_to(root).as_posix()
                 if not name.startswith(".") and rel not in keep and rel not in keys:
                     set_aside(base / name, rel)
             dirnames[:] = [n for n in dirnames if (base / n).exists() and not (base / n).is_symlink()]
     return done
+
+
+def _remove_unlisted(root: Path, top: Path, keep: set[str], repair: bool, set_aside: Callable[[Path, str], None],
+                     done: list[str]) -> None:
+    """Under `top`: delete every regular file not in `keep`, then every empty directory, deepest first.
+    Dot-directories (not served) are not entered, and of dot-files only a publisher's own (.part, .prev) are
+    removed; with `repair`, other unlisted non-dot paths (symlinks, devices) are set aside."""
+    if not top.is_dir() or top.is_symlink():
+        return
+    before = len(done)
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        base = Path(dirpath)
+        links = [n for n in dirnames if (base / n).is_symlink()]
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and n not in links)
+        walked.append((base, sorted(filenames + links), list(dirnames)))
+    for base, names, subdirs in reversed(walked):  # a directory after everything under it
+        for name in subdirs:
+            path = base / name
+            try:
+                path.rmdir()
+            except OSError:
+                continue  # not empty: holds something listed, or an admin's symlink or dot-file
+            done.append(f"removed empty directory {path.relative_to(root).as_posix()}/")
+        for name in names:
+            path = base / name
+            rel = path.relative_to(root).as_posix()
+            if rel in keep or (name.startswith(".") and not name.endswith((".part", ".prev"))):
+                continue
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                path.unlink()
+                done.append(f"removed {rel} (not listed in the index)")
+            elif repair and not name.startswith("."):
+                set_aside(path, rel)
+    if len(done) > before:
+        fsync_dir(top)
 
 
 def roll_back(root: Path, verifier, log=None,

@@ -8,6 +8,7 @@ root no longer names (a stolen online key, rotated out) is built upon only by `r
 `remove(carry_over=True)`: publish and prune refuse it (`refuse_carried_over`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -21,6 +22,7 @@ from tmplbuild.repo import chain
 from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo.converge import converge
 from tmplbuild.repo import index as idx
+from tmplbuild.repo import lookaside
 from tmplbuild.repo import store, sums
 from tmplbuild.sign import Signer, Verifier, export_public
 
@@ -171,7 +173,12 @@ def _drop(root: Path, current: idx.Index, kept: list[idx.Entry], removed: list[i
     """Sign and write the index listing `kept`, then delete the files of `removed` (and their directories when
     nothing is left in them), re-signing the SHA256SUMS pair of each directory that keeps entries."""
     new = current.successor(tuple(kept), expires_in)
+    dropped_signatures = [s for e in removed for s in lookaside.signatures_of(root, e) or ()]
     _sign_and_write(root, new, signer, trust, verifier)
+    for sig in dropped_signatures:  # the lookaside files of the images the index no longer names
+        (root / sig.path).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (root / sig.path).parent.rmdir()
     for directory in sorted({e.directory for e in removed}):
         remaining = [e for e in kept if e.directory == directory]
         if not remaining:
@@ -382,6 +389,9 @@ def _audit_index(root: Path, current: idx.Index, verifier, allowed: set[str], no
     for directory, entries in by_dir.items():
         allowed |= {f"{directory}/{sums.NAME}", f"{directory}/{sums.SIG}"}
         findings += map(Finding, _check_sums(root, directory, entries, verifier))
+    signatures = lookaside.listed(root, current) or {}  # None: a manifest finding above says why
+    allowed |= set(signatures)
+    findings += map(Finding, lookaside.problems(root, signatures))
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # dot-paths are never served
         for name in sorted(filenames):

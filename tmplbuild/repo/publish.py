@@ -10,6 +10,7 @@ removed again: at once when the publish fails with an error, else by the next pu
 repository on its signed index (tmplbuild.repo.converge), as the server's start and `repo verify --repair` do."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -22,6 +23,8 @@ from tmplbuild.errors import AuthenticityError, UsageError
 from tmplbuild.files import fsync_path
 from tmplbuild.manifest import Manifest, ManifestError
 from tmplbuild.manifest import parse as parse_manifest
+from tmplbuild.oci import publisher as oci_publisher
+from tmplbuild.oci.publisher import Destination as OciDestination
 from tmplbuild.repo import converge
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import sums
@@ -83,16 +86,22 @@ class Published:
     cleaned: list[str] = field(default_factory=list)  # leftovers of an interrupted publish, removed first
 
 
-def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int) -> Published:
-    """Raises UsageError, AuthenticityError (current index, artifact hashes, a new signature that does not
-    verify; "signer": a key the newest root does not name as online; "index signer": the index in place was
-    signed by a key the newest root dropped, which `repo resign --carry-over` must re-sign first),
-    FreshnessError ("root expired"), LocalIOError (lock, disk). The trust checks come before anything is
-    written. On any of these, nothing it wrote stays behind: no file, no empty directory, the previous
-    SHA256SUMS pairs."""
+def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int,
+            oci: OciDestination | None = None) -> Published:
+    """With `oci`, each new template's OCI image is also pushed to that registry and signed (tmplbuild.oci.publisher)
+    after the trust checks and before its files and the index are written; its lookaside signatures go under
+    sigstore/. Raises UsageError, AuthenticityError (current index, artifact hashes, a new signature that does
+    not verify; "signer": a key the newest root does not name as online; "index signer": the index in place was
+    signed by a key the newest root dropped, which `repo resign --carry-over` must re-sign first; "oci push": the
+    registry stored another digest), FreshnessError ("root expired"), TransportError (the registry), LocalIOError
+    (lock, disk). The trust checks come before anything is written or pushed. On any of these, nothing it wrote
+    stays behind: no file, no empty directory, the previous SHA256SUMS pairs."""
     from tmplbuild.repo.manage import _write_sums, refuse_carried_over, writer_trust
 
     artifacts = [load_artifact(p) for p in paths]
+    if oci is not None:
+        for art in artifacts:
+            oci_publisher.image_of(art.manifest, art.manifest_path)  # every one has an image, before any push
     with store.locked(root) as recovered:
         trust = writer_trust(root, signer, legacy_key_check=True)
         with trust.base_verifier() as base, trust.index_verifier() as verifier:
@@ -105,7 +114,8 @@ def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int) -> P
             cleaned = recovered + converge.converge(root, current, write_sums=write_sums)
             try:
                 added, unchanged = stage_additions(
-                    current, artifacts, lambda art, neighbours: _add(root, art, signer, verifier, neighbours))
+                    current, artifacts, lambda art, neighbours: _add(root, art, signer, verifier, neighbours,
+                                                                     push_image(art, oci, signer)))
                 new = current.successor(tuple(current.templates) + tuple(added), expires_in)
                 data = new.to_bytes()
                 sig = signer.sign(data, armored=True)
@@ -145,8 +155,23 @@ def _directory(art: Artifact) -> str:
     return f"templates/{art.manifest.name}/{art.manifest.version}"
 
 
-def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[idx.Entry]) -> idx.Entry:
-    """Write one template's files into its version directory and return its index entry."""
+def push_image(art: Artifact, oci: OciDestination | None, signer: Signer) -> Pushed | None:
+    """With `oci`: push the artifact's image and sign it (tmplbuild.oci.publisher.push); None without."""
+    return None if oci is None else oci_publisher.push(art.manifest, art.manifest_path, oci, signer)
+
+
+Pushed = tuple[Manifest, list[tuple[str, bytes]]]  # the manifest with its registry record, the lookaside files
+
+
+def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[idx.Entry],
+         pushed: Pushed | None = None) -> idx.Entry:
+    """Write one template's files into its version directory and return its index entry. `pushed`: its image is
+    in a registry; the manifest written is the one with the registry record, and the lookaside signature files
+    go under sigstore/."""
+    lookaside_files: list[tuple[str, bytes]] = []
+    if pushed is not None:
+        manifest, lookaside_files = pushed
+        art = dataclasses.replace(art, manifest=manifest, manifest_bytes=manifest.to_bytes())
     name, version, arch = art.key
     rel_dir = _directory(art)
     directory = root / rel_dir
@@ -197,6 +222,15 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[i
             staged.append((tmp, directory / fname))
         # One signature, as gpgv and systemd-pull read it: verify_file over the text as staged.
         verifier.verify_file(directory / ".SHA256SUMS.part", sums_sig)
+        for rel, data in lookaside_files:  # the image's simple signatures, where skopeo looks for them
+            final = root / rel
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise store.io_error("mkdir", final.parent, exc) from None
+            tmp = final.with_name(f".{final.name}.part")
+            store.write_durable(tmp, data)
+            staged.append((tmp, final))
         _fault("before-files")
         try:
             for tmp, _ in staged:
@@ -212,7 +246,8 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[i
         try:
             for tmp, final in order:
                 os.replace(tmp, final)
-            store.fsync_dir(directory)
+            for d in {directory, *(final.parent for _, final in staged)}:
+                store.fsync_dir(d)
         except OSError as exc:
             raise store.io_error("write", directory, exc) from None
     finally:

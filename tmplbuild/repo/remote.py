@@ -24,7 +24,9 @@ from typing import TypeVar
 from tmplbuild.errors import (AuthenticityError, FreshnessError, PublishConflictError, SignatureError, TransportError,
                               UsageError)
 from tmplbuild.repo import index as idx
-from tmplbuild.repo.publish import Published, _add, load_artifact, stage_additions
+from tmplbuild.oci.publisher import Destination as OciDestination
+from tmplbuild.oci.publisher import image_of
+from tmplbuild.repo.publish import Artifact, Published, Pushed, _add, load_artifact, push_image, stage_additions
 from tmplbuild.sign import Signer, Verifier
 from tmplbuild.transport import Transport, parse_seconds
 
@@ -166,19 +168,30 @@ def get_capped(session: Transport, url: str) -> bytes:
 
 
 def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: bytes, pinned: tuple[str, ...],
-                   token: str, expires_in: int) -> Published:
-    """Raises UsageError (artifacts, token refused), AuthenticityError (the server's index, an artifact, or
-    the server's verdict on the upload), PublishConflictError (409 conflicts past the publish deadline),
-    TransportError (HTTP), LocalIOError."""
+                   token: str, expires_in: int, oci: OciDestination | None = None) -> Published:
+    """With `oci`, each new template's image is pushed and signed first (once, whatever the retries), and its
+    lookaside signatures go into the upload. Raises UsageError (artifacts, token refused), AuthenticityError (the
+    server's index, an artifact, or the server's verdict on the upload), PublishConflictError (409 conflicts past
+    the publish deadline), TransportError (HTTP, the registry), LocalIOError."""
     artifacts = [load_artifact(p) for p in paths]
+    if oci is not None:
+        for art in artifacts:
+            image_of(art.manifest, art.manifest_path)  # every one has an image, before any push
     base = url.rstrip("/")
+    pushed: dict[tuple[str, str, str], Pushed | None] = {}
+
+    def add(staging: Path, verifier: Verifier, art: Artifact, neighbours: list[idx.Entry]) -> idx.Entry:
+        if art.key not in pushed:
+            pushed[art.key] = push_image(art, oci, signer)
+        return _add(staging, art, signer, verifier, neighbours, pushed[art.key])
+
     with Transport() as transport, Verifier(pinned_keys, pinned) as verifier:
         def attempt(n: int) -> Published:
             current = fetch_pinned_index(transport, base, verifier, pinned)
             staging = Path(tempfile.mkdtemp(prefix="tmplbuild-upload-"))
             try:
                 added, unchanged = stage_additions(
-                    current, artifacts, lambda art, neighbours: _add(staging, art, signer, verifier, neighbours))
+                    current, artifacts, lambda art, neighbours: add(staging, verifier, art, neighbours))
                 if not added:
                     return Published(current, [], unchanged)
                 new = current.successor(tuple(current.templates) + tuple(added), expires_in)

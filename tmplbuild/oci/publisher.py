@@ -1,0 +1,88 @@
+"""`publish --oci REGISTRY/PATH`: push a template's OCI image to a registry and sign it, before the index names it.
+
+For each template with an oci-archive: check the archive is the one its manifest lists, push it with skopeo
+(`copy --preserve-digests`) under the version tag and the moving tag, refuse a registry that stored another
+manifest digest, sign each tag with containers' simple signing (the publisher's key, an online key of the
+newest root: publish checked that first) and return the manifest with the registry record and the lookaside files,
+which the publisher writes into the repository with everything else, before the index swap. A failed push raises
+before anything is written to the repository, so the index never names an image the registry does not hold."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmplbuild import __version__
+from tmplbuild.errors import AuthenticityError, UsageError
+from tmplbuild.files import hash_file
+from tmplbuild.manifest import Manifest
+from tmplbuild.oci import record, simplesign, skopeo
+from tmplbuild.repo.lookaside import DIRECTORY
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where images go: a registry host[:port] and a path prefix; each template is a repository under it."""
+
+    prefix: str
+    tls_verify: bool = True
+    authfile: Path | None = None
+
+    def repository(self, name: str) -> str:
+        return f"{self.prefix.rstrip('/')}/{name}"
+
+
+def check_destination(prefix: str) -> None:
+    """Raises UsageError for a prefix that is not host[:port]/path."""
+    simplesign.parse_reference(f"{prefix.rstrip('/')}/x:t")
+
+
+def image_of(manifest: Manifest, manifest_path: Path) -> record.Record:
+    """The manifest's OCI record. Raises UsageError when the template has no OCI image."""
+    if manifest.oci is None:
+        raise UsageError("oci", f"{manifest_path.name}: the template has no OCI image: add \"oci\" to the recipe's "
+                                f"formats, or run `tmplbuild oci export {manifest_path}`")
+    try:
+        return record.parse(manifest.oci)
+    except ValueError as exc:
+        raise UsageError("oci", f"{manifest_path.name}: {exc}") from None
+
+
+def push(manifest: Manifest, manifest_path: Path, dest: Destination, signer
+         ) -> tuple[Manifest, list[tuple[str, bytes]]]:
+    """Push and sign one template's image. Returns the manifest with its registry record and the lookaside files
+    to write, as (path in the repository, bytes). Raises UsageError (no image, a version no tag can carry, the
+    registry refused our credentials), AuthenticityError (the archive is not the one its manifest lists; the
+    registry stored another digest), TransportError (the registry cannot be reached)."""
+    rec = image_of(manifest, manifest_path)
+    archive = manifest_path.with_name(rec.file)
+    listed = next((a for a in manifest.artifacts if a.file == rec.file), None)
+    try:
+        size, sha256, _ = hash_file(archive)
+    except OSError as exc:
+        raise UsageError("artifact", f"{archive}: {exc.strerror}") from None
+    if listed is None or (size, sha256) != (listed.size, listed.sha256):
+        raise AuthenticityError("artifact hash", f"{archive}: not the oci-archive its manifest lists")
+    try:
+        tags = record.tags(manifest.version, manifest.arch)
+    except ValueError as exc:
+        raise UsageError("oci tag", str(exc)) from None
+    repository = dest.repository(manifest.name)
+    digest = rec.image.manifest_digest
+    files: list[tuple[str, bytes]] = []
+    signatures = []
+    for index, tag in enumerate(tags, start=1):
+        reference = f"{repository}:{tag}"
+        stored = skopeo.push(archive, reference, tls_verify=dest.tls_verify, authfile=dest.authfile)
+        if stored != digest:
+            raise AuthenticityError("oci push", f"{reference}: the registry stored manifest {stored}, expected "
+                                                f"{digest} (the image the manifest lists)")
+        signed = simplesign.sign(signer, reference, digest, creator=f"tmplbuild {__version__}",
+                                 timestamp=int(time.time()))
+        path = f"{DIRECTORY}/{simplesign.lookaside_path(reference, digest, index)}"
+        files.append((path, signed))
+        signatures.append(record.Signature(path, reference, len(signed), hashlib.sha256(signed).hexdigest()))
+    pushed = dataclasses.replace(rec, registry=record.Pushed(repository, tags, tuple(signatures)))
+    return dataclasses.replace(manifest, oci=pushed.doc()), files
