@@ -272,6 +272,55 @@ def test_lxc_create_local_reads_the_xz_template_and_its_metadata_and_boots_witho
         subprocess.run(["umount", "-l", str(lxcpath)], capture_output=True)
 
 
+def test_lxc_oci_creates_a_container_from_the_image_that_boots_and_stops_cleanly(built, work):
+    """LXC's own OCI template (`lxc-create -t oci`: skopeo + umoci) takes the image as tmplbuild wrote it (a
+    verified copy: what `fetch --oci` or a stock `skopeo copy` under the signedBy policy leaves); the container
+    comes up `running` and `lxc-stop` ends it cleanly (systemd's halt, not a kill) within 10 s."""
+    archive = built["debian-12-minimal"].with_name(built["debian-12-minimal"].name.replace(".tar.zst", ".oci.tar"))
+    lxcpath, name = work / "lxc", f"tboci{os.getpid()}"
+    lxcpath.mkdir()
+    conf = work / "empty-net.conf"
+    conf.write_text("lxc.net.0.type = empty\nlxc.apparmor.profile = unconfined\n")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0711", "tmplbuild-pytest", str(lxcpath)], check=True)
+    lxc = ["-P", str(lxcpath), "-n", name]
+    try:
+        res = subprocess.run(["lxc-create", *lxc, "-f", str(conf), "-t", "oci", "--", "--url",
+                              f"oci-archive:{archive}", "--no-cache"], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        config = (lxcpath / name / "config").read_text()
+        assert "lxc.execute.cmd = '\"/sbin/init\" '" in config  # the image's Cmd, no Entrypoint
+        subprocess.run(["lxc-start", *lxc, "-d"], check=True, timeout=60)
+        state = subprocess.run(["lxc-attach", *lxc, "--", "sh", "-c", "for i in $(seq 300); do "
+                                "[ -S /run/systemd/private ] && break; sleep 0.1; done; "
+                                "timeout 60 systemctl is-system-running --wait"],
+                               capture_output=True, text=True, timeout=120)
+        failed = subprocess.run(["lxc-attach", *lxc, "--", "systemctl", "--failed", "--no-legend"],
+                                capture_output=True, text=True, timeout=30)
+        assert state.stdout.strip() == "running", (state.stdout, failed.stdout)
+        started = time.monotonic()
+        stop = subprocess.run(["lxc-stop", *lxc, "-t", "10"], capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - started
+        info = subprocess.run(["lxc-info", *lxc, "-s"], capture_output=True, text=True, timeout=30)
+        assert stop.returncode == 0 and "STOPPED" in info.stdout, (stop.stderr, info.stdout)
+        assert took < 10, f"lxc-stop took {took:.1f} s: the container did not halt by itself"
+    finally:
+        subprocess.run(["lxc-stop", *lxc, "-k"], capture_output=True, timeout=60)
+        subprocess.run(["lxc-wait", *lxc, "-s", "STOPPED", "-t", "30"], capture_output=True, timeout=60)
+        subprocess.run(["lxc-destroy", *lxc, "-f"], capture_output=True, timeout=60)
+        subprocess.run(["umount", "-l", str(lxcpath)], capture_output=True)
+
+
+def test_tmplbuild_test_boots_the_oci_image_as_it_boots_the_tarball(built, work):
+    archive = built["debian-12-minimal"].with_name(built["debian-12-minimal"].name.replace(".tar.zst", ".oci.tar"))
+    rc, report, err = boot_test(archive, work, "--manager", "nspawn")
+    assert rc == 0, err[-2000:]
+    assert report["template"]["file"] == archive.name
+    assert {name: c["status"] for name, c in checks_of(report, "nspawn").items()} == {
+        "boot": "pass", "network": "pass", "dns": "pass", "hostname": "pass", "hosts": "pass", "machine-id": "pass",
+        "apt": "skip", "sshd": "skip", "host-keys": "skip", "shutdown": "pass"}
+    assert_nothing_left(work)
+
+
 def test_publish_boots_the_template_first_and_refuses_one_that_fails(good, tmp_path, key, repo):
     """`tmplbuild publish` runs `tmplbuild test` on every manager here, records the result in the manifest the
     index signs, and publishes nothing when a check fails."""

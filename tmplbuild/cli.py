@@ -117,6 +117,7 @@ def cmd_key_export(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     paths = [Path(a) for a in args.artifacts]
     expires_in = _expires_in(args)
+    oci = _oci_destination(args)
     _test_before_publishing(paths, args.skip_test)
     if args.to:
         from tmplbuild.repo.remote import publish_remote, read_token
@@ -135,7 +136,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             keys += data
             pinned += fingerprints_in(data)
         result = publish_remote(args.to, paths, signer, keys, tuple(pinned), read_token(Path(args.token_file)),
-                                expires_in)
+                                expires_in, oci)
     else:
         from tmplbuild.repo.publish import publish
 
@@ -143,15 +144,51 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raise UsageError("publish", "give --repo DIR, or --to URL --token-file FILE")
         repo = Path(args.repo)
         signer, _ = _signer(args, [repo, Path.cwd()])
-        result = publish(repo, paths, signer, expires_in)
+        result = publish(repo, paths, signer, expires_in, oci)
     for e in result.added:
         print(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.files)}")
+        if oci is not None:
+            print(f"pushed {e.name} {e.version} {e.arch}: {oci.repository(e.name)}:"
+                  f"{{{','.join(oci_tags(e.version, e.arch))}}}, signed (lookaside: sigstore/)")
     for key in result.unchanged:
         print(f"unchanged {' '.join(key)}: already published with the same content")
     for line in result.cleaned:
         print(f"cleaned up: {line}")
     print(f"index version {result.index.version}, expires {result.index.expires}")
     return 0
+
+
+def oci_tags(version: str, arch: str) -> tuple[str, ...]:
+    from tmplbuild.oci.record import tags
+
+    return tags(version, arch)
+
+
+def _oci_destination(args: argparse.Namespace):
+    """--oci REGISTRY/PATH with its options, checked before anything is built, booted or pushed; None without.
+    Raises UsageError."""
+    if not args.oci:
+        if args.oci_authfile or args.oci_insecure_registry:
+            raise UsageError("oci", "--oci-authfile and --oci-insecure-registry go with --oci REGISTRY/PATH")
+        return None
+    from tmplbuild.oci.publisher import Destination, check_destination
+
+    check_destination(args.oci)  # with --oci-insecure-registry, every skopeo run says that TLS is off
+    return Destination(prefix=args.oci.rstrip("/"), tls_verify=not args.oci_insecure_registry,
+                       authfile=Path(args.oci_authfile) if args.oci_authfile else None)
+
+
+def _oci_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("OCI registry (templates built with the \"oci\" format)")
+    g.add_argument("--oci", metavar="REGISTRY/PATH",
+                   help="also push each template's OCI image to REGISTRY/PATH/<name>, tagged <version>-<arch> and "
+                        "latest-<arch>, and sign it (simple signing; the signatures go under sigstore/ in the "
+                        "repository), before the index names it")
+    g.add_argument("--oci-authfile", metavar="FILE",
+                   help="registry credentials (skopeo's auth.json; default: skopeo's own, or $REGISTRY_AUTH_FILE)")
+    g.add_argument("--oci-insecure-registry", action="store_true",
+                   help="do not verify the registry's TLS certificate (or use plain HTTP): for a registry on "
+                        "127.0.0.1 only; said on stderr every time")
 
 
 def _test_before_publishing(paths: list[Path], skip: bool) -> None:
@@ -259,6 +296,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     from tmplbuild.run import host_arch
 
     expires_in = _expires_in(args)
+    oci = _oci_destination(args)
     if args.to:
         from tmplbuild.repo.remote import read_token
         from tmplbuild.sign import export_public
@@ -267,10 +305,10 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             raise UsageError("rebuild", "--to needs --token-file")
         signer, home = _signer(args, [Path.cwd()])
         repo = RemoteRepo(args.to, signer, export_public(signer.fingerprint, home, armored=False),
-                          read_token(Path(args.token_file)), expires_in)
+                          read_token(Path(args.token_file)), expires_in, oci)
     else:
         signer, _ = _signer(args, [Path(args.repo), Path.cwd()])
-        repo = LocalRepo(Path(args.repo), signer, expires_in)
+        repo = LocalRepo(Path(args.repo), signer, expires_in, oci)
     report = rebuild(repo, RebuildOptions(
         recipes_dir=Path(args.recipes), host_arch=host_arch(),
         cache_dir=Path(args.cache_dir or default_cache_dir()), out_dir=Path(args.out) if args.out else None,
@@ -372,6 +410,7 @@ def parser() -> argparse.ArgumentParser:
     pb.add_argument("--repo-key", action="append", metavar="FILE",
                     help="with --to: another maintainer's public key to accept on the server's current index")
     _signing_args(pb)
+    _oci_args(pb)
     pb.set_defaults(func=cmd_publish)
 
     r = sub.add_parser("repo", help="create, audit and maintain a repository").add_subparsers(
@@ -430,6 +469,7 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--security-mirror", help="Debian security mirror URL (default as for build)")
     rb.add_argument("--json", action="store_true", help="the summary as JSON instead of a Markdown table")
     _signing_args(rb)
+    _oci_args(rb)
     rb.set_defaults(func=cmd_rebuild)
 
     c = sub.add_parser("check", help="parse and validate recipes without building")
@@ -437,7 +477,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_recipe_check)
 
     t = sub.add_parser("test", help="boot a template in throwaway containers and check that it works")
-    t.add_argument("artifact", help="a template: .tar.zst, .tar.xz (built or fetched)")
+    t.add_argument("artifact", help="a template: .tar.zst, .tar.xz, or the .oci.tar image (built or fetched)")
     t.add_argument("--manager", action="append", metavar="NAME",
                    help="nspawn, lxc, lxc-unprivileged, proxmox or all (default; repeatable or comma-separated). "
                         "Managers missing here are skipped under `all` and an error when named")
@@ -468,6 +508,9 @@ def parser() -> argparse.ArgumentParser:
     from tmplbuild.rootcmd import register as register_root
 
     register_root(sub)  # root init/next/sign/show/publish: the root key holders' verbs
+    from tmplbuild.oci.commands import register as register_oci
+
+    register_oci(sub)  # oci export/trust
     return p
 
 

@@ -37,6 +37,8 @@ def test_record(manifest: Manifest, manifest_path: Path, *, skip: bool, apt_mirr
 
     path, sha256 = primary_file(manifest, manifest_path)
     what = " ".join(manifest.key)
+    if manifest.oci is not None:
+        image_is_the_tar(manifest, manifest_path, path)
     if skip:
         print(f"tmplbuild: --skip-test: {what} is published UNTESTED: no container booted it; the manifest "
               "says so", file=sys.stderr, flush=True)
@@ -65,6 +67,38 @@ def test_record(manifest: Manifest, manifest_path: Path, *, skip: bool, apt_mirr
                                     + "); install lxc and systemd-container, or pass --skip-test")
     return {"result": "pass", "file": path.name, "sha256": sha256, "date": _now(), "tmplbuild": __version__,
             "seconds": round(report.seconds, 1), "managers": managers}
+
+
+def image_is_the_tar(manifest: Manifest, manifest_path: Path, tar: Path) -> None:
+    """The OCI image is covered by the boot of the tarball: its archive is the one its manifest records (every
+    digest), and its one layer is that very tar (diff_id = the sha256 of the uncompressed tar that boots). Raises
+    AuthenticityError ("oci image")."""
+    import hashlib
+
+    import zstandard
+
+    from tmplbuild.oci import record
+    from tmplbuild.oci.image import verify_archive
+
+    try:
+        rec = record.parse(manifest.oci)
+    except ValueError as exc:
+        raise AuthenticityError("oci image", f"{manifest_path.name}: {exc}") from None
+    verify_archive(manifest_path.with_name(rec.file), rec.image)
+    h = hashlib.sha256()
+    with open(tar, "rb") as f:
+        if tar.name.endswith(".tar.zst"):
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        else:
+            import lzma
+
+            reader = lzma.open(f)
+        with reader:
+            while chunk := reader.read(1 << 20):
+                h.update(chunk)
+    if f"sha256:{h.hexdigest()}" != rec.image.diff_id:
+        raise AuthenticityError("oci image", f"{rec.file}: its layer (diff_id {rec.image.diff_id}) is not the tar of "
+                                             f"{tar.name} (sha256:{h.hexdigest()}), which the test boots")
 
 
 def _now() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +19,51 @@ TAR_FLAGS = ["--numeric-owner", "-p", "--xattrs", "--xattrs-include=security.cap
 
 def decompressor(artifact: Path) -> str:
     name = artifact.name
+    if name.endswith(".oci.tar"):
+        return "--gzip"  # the image's one layer (tmplbuild.oci.image), read out of the oci-archive
     if name.endswith(".tar.zst"):
         return "--zstd"
     if name.endswith(".tar.xz"):
         return "--xz"
     if name.endswith(".tar.gz"):
         return "--gzip"
-    raise UsageError("artifact", f"{artifact}: found {name!r}, expected a .tar.zst, .tar.xz or .tar.gz template")
+    raise UsageError("artifact", f"{artifact}: found {name!r}, expected a .tar.zst, .tar.xz or .tar.gz template, "
+                                 "or an .oci.tar image")
+
+
+def _tar(argv: list[str], artifact: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv` (a tar reading the archive on standard input) on the template: the file itself, or for an
+    oci-archive the bytes of its one layer, as an OCI runtime unpacks the image (the outer tar is plain, so the
+    layer is one contiguous range of it)."""
+    with open(artifact, "rb") as src:
+        if not artifact.name.endswith(".oci.tar"):
+            return subprocess.run(argv, stdin=src, capture_output=True, env=CLEAN_ENV)
+        from tmplbuild.oci.image import layer_range
+
+        offset, size = layer_range(artifact)
+        # Its output into files, not pipes: this thread feeds tar's standard input until the layer ends.
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err, env=CLEAN_ENV)
+            _feed(src, offset, size, proc.stdin)
+            proc.wait()
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read())
+
+
+def _feed(src, offset: int, size: int, sink) -> None:
+    try:
+        src.seek(offset)
+        while size > 0 and (chunk := src.read(min(size, 1 << 20))):
+            sink.write(chunk)
+            size -= len(chunk)
+    except (BrokenPipeError, ValueError, OSError):
+        pass  # tar stopped reading: its exit code and message say why
+    finally:
+        try:
+            sink.close()
+        except OSError:
+            pass
 
 
 def unpack(artifact: Path, dest: Path, *, uid_offset: int = 0, log: Path | None = None) -> None:
@@ -38,8 +77,7 @@ def unpack(artifact: Path, dest: Path, *, uid_offset: int = 0, log: Path | None 
         os.chown(dest, uid_offset, uid_offset)
         argv = ["unshare", "--user", f"--map-users={uid_offset},0,65536", f"--map-groups={uid_offset},0,65536",
                 "--setuid", "0", "--setgid", "0", *argv]
-    with open(artifact, "rb") as src:
-        proc = subprocess.run(argv, stdin=src, capture_output=True, env=CLEAN_ENV)
+    proc = _tar(argv, artifact)
     if log is not None:
         with open(log, "ab") as f:
             f.write(f"$ {command_line(argv)} < {artifact}\n".encode() + proc.stdout + proc.stderr)
@@ -97,9 +135,9 @@ def template_facts(artifact: Path, dest: Path) -> TemplateFacts:
     """Extract only the few files the checks compare against into the new directory `dest` (tar reads the
     stream once and writes almost nothing) and read them. Raises UsageError when the archive is unreadable."""
     dest.mkdir()
-    argv = ["tar", decompressor(artifact), "-x", "-f", str(artifact), "-C", str(dest), "--numeric-owner",
+    argv = ["tar", decompressor(artifact), "-x", "-f", "-", "-C", str(dest), "--numeric-owner",
             *[f"./{p}" for p in FACT_PATHS]]
-    proc = subprocess.run(argv, capture_output=True, env=CLEAN_ENV)
+    proc = _tar(argv, artifact)
     errors = [ln for ln in proc.stderr.decode(errors="replace").splitlines()
               if "Not found in archive" not in ln and "Exiting with failure status" not in ln]
     # A template without sshd, say: tar reports the missing name and still extracts the rest.

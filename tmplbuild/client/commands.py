@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DEST = "/var/lib/vz/template/cache"  # Proxmox VE's template cache: what pct and pveam read
 ARCH = re.compile(r"\A[a-z0-9][a-z0-9-]*\Z")
-FORMATS = ("tar.zst", "tar.xz", "lxc-meta.tar.xz")  # tmplbuild.repo.index.FORMATS (a test keeps them equal)
+FORMATS = ("tar.zst", "tar.xz", "lxc-meta.tar.xz", "oci.tar")  # tmplbuild.repo.index.FORMATS (a test keeps them equal)
 
 
 def _read_key(path: str) -> bytes:
@@ -211,13 +211,30 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         raise LocalIOError("destination", f"{dest}: not a directory")
     created: list[Path] = []
 
+    fmt = args.format
+    if args.oci:
+        if fmt not in (None, "oci.tar"):
+            raise UsageError("format", f"--oci fetches the oci.tar image, not --format {fmt}")
+        fmt = "oci.tar"
+    elif args.oci_authfile or args.oci_insecure_registry:
+        raise UsageError("oci", "--oci-authfile and --oci-insecure-registry go with --oci")
+    pulled = ""
+
     def attempt(base: str):
+        nonlocal pulled
         trusted = run.index(base)
-        chosen = trust.select(trusted.index, args.name, version=args.version, arch=arch, fmt=args.format)
+        chosen = trust.select(trusted.index, args.name, version=args.version, arch=arch, fmt=fmt)
         if not dest.is_dir():  # a --dest the admin named: created once the index and entry have checked out
             created.extend(make_dirs(dest, 0o755, "destination"))
-        status = install(run.transport, _url(base, chosen.ref.path), chosen.ref, dest, chosen.filename,
-                         Progress(chosen.filename, chosen.ref.size))
+        if args.oci:
+            from tmplbuild.client import ocifetch
+
+            status, pulled = ocifetch.install(run.transport, base.rstrip("/"), chosen, dest,
+                                              tls_verify=not args.oci_insecure_registry,
+                                              authfile=Path(args.oci_authfile) if args.oci_authfile else None)
+        else:
+            status = install(run.transport, _url(base, chosen.ref.path), chosen.ref, dest, chosen.filename,
+                             Progress(chosen.filename, chosen.ref.size))
         return trusted, chosen, status
 
     try:
@@ -229,6 +246,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         raise
     e, ref = chosen.entry, chosen.ref
     what = "already present and verified" if status == "present" else "fetched and verified"
+    if pulled and status != "present":
+        what = f"pulled from {pulled} and verified"
     print(f"{dest / chosen.filename}: {what} ({e.name} {e.version} {e.arch}, {ref.size} bytes, sha256 {ref.sha256}, "
           f"index version {trusted.index.version} of {source.label})")
     return 0
@@ -396,6 +415,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--dest", metavar="DIR", help=f"destination directory, created if missing (default: {DEFAULT_DEST}, "
                                                  "Proxmox VE's template cache, which must exist)")
     f.add_argument("--format", choices=FORMATS, help="file format (default: the entry's primary, tar.zst)")
+    f.add_argument("--oci", action="store_true",
+                   help="take the OCI image (<stem>.oci.tar, what Proxmox VE 9.1 takes) from the registry the signed "
+                        "manifest names, pulled by digest with skopeo and checked against the signed index")
+    f.add_argument("--oci-authfile", metavar="FILE", help="with --oci: registry credentials (skopeo's auth.json)")
+    f.add_argument("--oci-insecure-registry", action="store_true",
+                   help="with --oci: do not verify the registry's TLS certificate (a registry on 127.0.0.1); the "
+                        "image is still checked against the signed index")
     _source_args(f)
     f.set_defaults(func=cmd_fetch)
 
