@@ -32,6 +32,7 @@ sys.path.insert(0, str(PROJECT))  # the package is run from its checkout, not in
 
 import zstandard  # noqa: E402
 
+from build import markdown, plain  # noqa: E402  (bench/build.py: the same tables)
 from tmplbuild.oci.image import FORMAT, GZIP_LEVEL  # noqa: E402
 
 RECIPE = "debian-12-minimal"
@@ -88,17 +89,6 @@ def metadata(template: Path) -> dict[str, str]:
 def decompress(template: Path, tar: Path) -> None:
     with open(template, "rb") as src, open(tar, "wb") as dst:
         zstandard.ZstdDecompressor().copy_stream(src, dst, read_size=CHUNK, write_size=CHUNK)
-
-
-def plain(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def main() -> int:

@@ -1,9 +1,10 @@
 #!/bin/sh
 # The main job end to end: build debian-12-minimal from its shipped recipe, make throwaway keys (a root key,
 # kept apart, and an online key as CI holds it), publish a signed root and the template into a signed
-# repository, audit it, check it the way a node admin with only gpgv and sha256sum would, serve it on
-# 127.0.0.1, fetch and verify it into a template cache with only the root key's fingerprint pinned, then rotate
-# the online key (as after a stolen CI key) and watch the client follow the new root.
+# repository (its OCI image pushed to a local registry and signed), audit it, check it the way a node admin with
+# only gpgv and sha256sum would, serve it on 127.0.0.1, fetch and verify it into a template cache with only the
+# root key's fingerprint pinned, verify the image with stock skopeo and fetch it with tmplbuild's own client,
+# then rotate the online key (as after a stolen CI key) and watch the client follow the new root.
 set -eu
 PYTHON=${PYTHON:-python3}
 OUT_GIVEN=${OUT+yes}
@@ -13,6 +14,7 @@ CACHE=${TMPLBUILD_CACHE_DIR:-/var/cache/tmplbuild}
 # /tmp, not a possibly long $TMPDIR: gpg-agent's socket goes in $WORK/gnupg, and a Unix socket path has at most 107 bytes.
 WORK=$(mktemp -d /tmp/tmplbuild-demo.XXXXXX)
 SERVER_PID=
+REGISTRY_PID=
 tarball=
 manifest=
 
@@ -26,20 +28,25 @@ cleanup() {
         wait "$SERVER_PID" 2>/dev/null
         kill -KILL -"$SERVER_PID" 2>/dev/null  # a worker that outlived its master
     fi
+    if [ -n "$REGISTRY_PID" ]; then
+        kill -TERM "$REGISTRY_PID" 2>/dev/null
+        wait "$REGISTRY_PID" 2>/dev/null
+    fi
     for home in "$WORK/gnupg" "$WORK/gnupg2" "$WORK/root-gnupg"; do
         [ -d "$home" ] && gpgconf --homedir "$home" --kill all 2>/dev/null
     done
     echo
     [ "$status" -eq 0 ] || echo "### the demo failed or was interrupted (exit $status)"
     echo "### what the demo left behind (no process of it is still running)"
-    echo "  $WORK: throwaway keys, roots, repository, server log, client config and state, fetched template"
+    echo "  $WORK: throwaway keys, roots, repository, registry storage, server and registry logs, client config and"
+    echo "    state, fetched template and image"
     if [ -z "$OUT_GIVEN" ]; then
         echo "  $OUT: the built template and its manifest"
         remove="'$OUT'"
     elif [ -n "$manifest" ]; then
         stem=${manifest%.manifest.json}
-        echo "  $stem.tar.zst $stem.tar.xz $stem.lxc-meta.tar.xz $manifest: the built template and its manifest"
-        remove="'$stem.tar.zst' '$stem.tar.xz' '$stem.lxc-meta.tar.xz' '$manifest'"
+        echo "  $stem.tar.zst $stem.tar.xz $stem.oci.tar $stem.lxc-meta.tar.xz $manifest: the built template and its manifest"
+        remove="'$stem.tar.zst' '$stem.tar.xz' '$stem.oci.tar' '$stem.lxc-meta.tar.xz' '$manifest'"
     else
         remove=
     fi
@@ -73,27 +80,44 @@ fi
 echo "checked: CI's GNUPGHOME holds no secret root key"
 
 echo
-echo "### 3. a signed repository with root 1, and the template published into it once it booted in containers ($WORK/repo)"
+echo "### 3. an OCI registry on 127.0.0.1 (Debian's docker-registry, storage in $WORK/registry)"
+port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+registry=127.0.0.1:$port
+mkdir -p "$WORK/registry"
+printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n' \
+    "$WORK/registry/data" "$registry" > "$WORK/registry/config.yml"
+docker-registry serve "$WORK/registry/config.yml" > "$WORK/registry.log" 2>&1 &
+REGISTRY_PID=$!
+for _ in $(seq 100); do
+    "$PYTHON" -c "import urllib.request as u; u.urlopen('http://$registry/v2/', timeout=1)" 2>/dev/null && break
+    sleep 0.1
+done
+echo "registry on http://$registry (plain HTTP on loopback: hence --oci-insecure-registry below)"
+
+echo
+echo "### 4. a signed repository with root 1, and the template published into it once it booted in containers"
+echo "###    ($WORK/repo), its OCI image pushed to the registry and signed by the same key"
 tb repo init "$WORK/repo" --key "$fpr" --gnupghome "$WORK/gnupg" --id tmplbuild-demo
 mkdir -p "$WORK/roots"
 tb root init "$WORK/roots/1.root.json" --repo-id tmplbuild-demo --root-key "$WORK/keys/root.asc" \
     --online-key "$WORK/keys/demo.asc"
 tb root sign "$WORK/roots/1.root.json" --key "$root_fpr" --gnupghome "$WORK/root-gnupg"
 tb root publish "$WORK/roots/1.root.json" --repo "$WORK/repo"
-tb publish "$manifest" --repo "$WORK/repo" --key "$fpr" --gnupghome "$WORK/gnupg"
+tb publish "$manifest" --repo "$WORK/repo" --key "$fpr" --gnupghome "$WORK/gnupg" \
+    --oci "$registry/tmplbuild" --oci-insecure-registry
 
 echo
-echo "### 4. audit: the root chain, then every file, hash and signature, with only the root fingerprint pinned"
+echo "### 5. audit: the root chain, then every file, hash and signature, with only the root fingerprint pinned"
 tb repo verify "$WORK/repo" --root-key "$root_fpr"
 
 echo
-echo "### 5. what a node admin without tmplbuild can check: gpgv + sha256sum -c"
+echo "### 6. what a node admin without tmplbuild can check: gpgv + sha256sum -c"
 tb key export --key "$fpr" --gnupghome "$WORK/gnupg" --out-dir "$WORK/keys" >/dev/null
 dir=$(dirname "$(ls "$WORK"/repo/templates/debian-12-minimal/*/*.tar.zst | tail -n 1)")
 (cd "$dir" && gpgv --keyring "$WORK/keys/$fpr.gpg" SHA256SUMS.gpg SHA256SUMS && sha256sum -c SHA256SUMS)
 
 echo
-echo "### 6. serve the repository on 127.0.0.1 (gunicorn)"
+echo "### 7. serve the repository on 127.0.0.1 (gunicorn)"
 # Not through tb: a shell function in the background is a subshell, and $! would be the subshell's pid, not
 # the server's. setsid makes the server (gunicorn's master) the leader of its own process group, so cleanup
 # stops master and workers together.
@@ -109,7 +133,7 @@ done
 grep -m 1 "^serving" "$WORK/serve.log" || true
 
 echo
-echo "### 7. a node admin pins the root key's fingerprint and fetches into a template cache ($WORK/cache)"
+echo "### 8. a node admin pins the root key's fingerprint and fetches into a template cache ($WORK/cache)"
 mkdir -p "$WORK/cache"
 export TMPLBUILD_STATE_DIR="$WORK/state" TMPLBUILD_CONFIG_DIR="$WORK/config"
 tb remote add demo "$url" --root-key "$root_fpr"
@@ -118,7 +142,26 @@ tb fetch debian-12-minimal --remote demo --dest "$WORK/cache"
 tb verify "$WORK/cache"/debian-12-minimal_*_amd64.tar.zst --remote demo
 
 echo
-echo "### 8. CI's key is replaced (as after a theft): root 2, signed with the root key, drops it"
+echo "### 9. the same template from the OCI registry: verified by stock skopeo, and by tmplbuild's own client"
+tb oci trust --remote demo --registry "$registry/tmplbuild" --out "$WORK/oci"
+skopeo --policy "$WORK/oci/policy.json" --registries.d "$WORK/oci/registries.d" copy --quiet \
+    --src-tls-verify=false --remove-signatures "docker://$registry/tmplbuild/debian-12-minimal:latest-amd64" \
+    "oci-archive:$WORK/stock-skopeo.oci.tar"
+echo "stock skopeo verified the signature ($WORK/oci/policy.json, signedBy the root's online key) and copied the image"
+echo "the same image under a tag no signature names (as a registry could serve it):"
+skopeo --policy "$WORK/oci/policy.json" --registries.d "$WORK/oci/registries.d" copy --quiet --remove-signatures \
+    --src-tls-verify=false --dest-tls-verify=false "docker://$registry/tmplbuild/debian-12-minimal:latest-amd64" \
+    "docker://$registry/tmplbuild/debian-12-minimal:renamed"
+if skopeo --policy "$WORK/oci/policy.json" --registries.d "$WORK/oci/registries.d" copy --quiet \
+    --src-tls-verify=false --remove-signatures "docker://$registry/tmplbuild/debian-12-minimal:renamed" \
+    "oci-archive:$WORK/renamed.oci.tar" 2> "$WORK/renamed.err"; then
+    echo "stock skopeo took an image under a tag nobody signed"; exit 1
+fi
+echo "refused by stock skopeo: $(tail -n 1 "$WORK/renamed.err" | sed 's/.*msg="//; s/"$//')"
+tb fetch debian-12-minimal --remote demo --oci --oci-insecure-registry --dest "$WORK/cache"
+
+echo
+echo "### 10. CI's key is replaced (as after a theft): root 2, signed with the root key, drops it"
 fpr2=$(tb key generate --name "tmplbuild demo CI 2 <demo2@example.invalid>" --gnupghome "$WORK/gnupg2" \
        --expire 1d --out "$WORK/keys/demo2.asc")
 tb root next "$WORK/repo/root/1.root.json" "$WORK/roots/2.root.json" --remove-online "$fpr" \
@@ -138,4 +181,4 @@ tb list --remote demo
 tb fetch debian-12-minimal --remote demo --dest "$WORK/cache"
 tb remote list
 echo
-echo "done: $(ls "$WORK"/cache/*.tar.zst) fetched and verified; repository in $WORK/repo"
+echo "done: $(ls "$WORK"/cache/*.tar.zst) and $(ls "$WORK"/cache/*.oci.tar) fetched and verified; repository in $WORK/repo"

@@ -235,41 +235,55 @@ def test_a_template_built_through_a_proxy_names_the_hosts_mirror_and_keeps_the_m
     assert (root / "etc/services").is_file() and (root / "etc/protocols").is_file()  # netbase
 
 
-def test_lxc_create_local_reads_the_xz_template_and_its_metadata_and_boots_without_a_network(built, work):
-    """What `lxc-create -t local` needs, unmodified: the .tar.xz and the generated metadata tarball. The container
-    comes up `running` with no network at all (lxc.net.0.type = empty): nothing waits for one, nothing fails."""
-    tarball = built["debian-12-minimal"]
-    xz = tarball.with_name(tarball.name.replace(".tar.zst", ".tar.xz"))
-    meta = tarball.with_name(tarball.name.replace(".tar.zst", ".lxc-meta.tar.xz"))
-    lxcpath, name = work / "lxc", f"tblocal{os.getpid()}"
+@contextlib.contextmanager
+def lxc_container(work: Path, name: str):
+    """An LXC path on a tmpfs of the test's own and the lxc-* arguments naming `name` in it, with a config that gives
+    the container no network at all (lxc.net.0.type = empty); the container is stopped and destroyed afterwards."""
+    lxcpath = work / "lxc"
     lxcpath.mkdir()
     conf = work / "empty-net.conf"
     conf.write_text("lxc.net.0.type = empty\nlxc.apparmor.profile = unconfined\n")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0711", "tmplbuild-pytest", str(lxcpath)], check=True)
     lxc = ["-P", str(lxcpath), "-n", name]
     try:
-        res = subprocess.run(["lxc-create", *lxc, "-f", str(conf), "-t", "local", "--", "--metadata", str(meta),
-                              "--fstree", str(xz)], capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert "You just created a container from debian-12-minimal" in res.stdout
-        config = (lxcpath / name / "config").read_text()
-        assert "lxc.include = /usr/share/lxc/config/debian.common.conf" in config and "lxc.arch = x86_64" in config
-        subprocess.run(["lxc-start", *lxc, "-d"], check=True, timeout=60)
-        # lxc-start -d returns before PID 1 listens: wait for its socket, then for the boot to settle.
-        state = subprocess.run(["lxc-attach", *lxc, "--", "sh", "-c", "for i in $(seq 300); do "
-                                "[ -S /run/systemd/private ] && break; sleep 0.1; done; "
-                                "timeout 60 systemctl is-system-running --wait"],
-                               capture_output=True, text=True, timeout=120)
-        failed = subprocess.run(["lxc-attach", *lxc, "--", "systemctl", "--failed", "--no-legend"],
-                                capture_output=True, text=True, timeout=30)
-        assert state.stdout.strip() == "running", (state.stdout, failed.stdout)
-        hostname = subprocess.run(["lxc-attach", *lxc, "--", "hostname"], capture_output=True, text=True, timeout=30)
-        assert hostname.stdout.strip() == name
+        yield lxc, conf
     finally:
         subprocess.run(["lxc-stop", *lxc, "-k"], capture_output=True, timeout=60)
         subprocess.run(["lxc-wait", *lxc, "-s", "STOPPED", "-t", "30"], capture_output=True, timeout=60)
         subprocess.run(["lxc-destroy", *lxc, "-f"], capture_output=True, timeout=60)
         subprocess.run(["umount", "-l", str(lxcpath)], capture_output=True)
+
+
+def start_and_wait_running(lxc: list[str]) -> None:
+    """lxc-start, then wait for systemd's socket and for the boot to settle: it must say `running`."""
+    subprocess.run(["lxc-start", *lxc, "-d"], check=True, timeout=60)
+    # lxc-start -d returns before PID 1 listens: wait for its socket, then for the boot to settle.
+    state = subprocess.run(["lxc-attach", *lxc, "--", "sh", "-c", "for i in $(seq 300); do "
+                            "[ -S /run/systemd/private ] && break; sleep 0.1; done; "
+                            "timeout 60 systemctl is-system-running --wait"],
+                           capture_output=True, text=True, timeout=120)
+    failed = subprocess.run(["lxc-attach", *lxc, "--", "systemctl", "--failed", "--no-legend"],
+                            capture_output=True, text=True, timeout=30)
+    assert state.stdout.strip() == "running", (state.stdout, failed.stdout)
+
+
+def test_lxc_create_local_reads_the_xz_template_and_its_metadata_and_boots_without_a_network(built, work):
+    """What `lxc-create -t local` needs, unmodified: the .tar.xz and the generated metadata tarball. The container
+    comes up `running` with no network at all (lxc.net.0.type = empty): nothing waits for one, nothing fails."""
+    tarball = built["debian-12-minimal"]
+    xz = tarball.with_name(tarball.name.replace(".tar.zst", ".tar.xz"))
+    meta = tarball.with_name(tarball.name.replace(".tar.zst", ".lxc-meta.tar.xz"))
+    name = f"tblocal{os.getpid()}"
+    with lxc_container(work, name) as (lxc, conf):
+        res = subprocess.run(["lxc-create", *lxc, "-f", str(conf), "-t", "local", "--", "--metadata", str(meta),
+                              "--fstree", str(xz)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "You just created a container from debian-12-minimal" in res.stdout
+        config = (work / "lxc" / name / "config").read_text()
+        assert "lxc.include = /usr/share/lxc/config/debian.common.conf" in config and "lxc.arch = x86_64" in config
+        start_and_wait_running(lxc)
+        hostname = subprocess.run(["lxc-attach", *lxc, "--", "hostname"], capture_output=True, text=True, timeout=30)
+        assert hostname.stdout.strip() == name
 
 
 def test_lxc_oci_creates_a_container_from_the_image_that_boots_and_stops_cleanly(built, work):
@@ -277,37 +291,20 @@ def test_lxc_oci_creates_a_container_from_the_image_that_boots_and_stops_cleanly
     verified copy: what `fetch --oci` or a stock `skopeo copy` under the signedBy policy leaves); the container
     comes up `running` and `lxc-stop` ends it cleanly (systemd's halt, not a kill) within 10 s."""
     archive = built["debian-12-minimal"].with_name(built["debian-12-minimal"].name.replace(".tar.zst", ".oci.tar"))
-    lxcpath, name = work / "lxc", f"tboci{os.getpid()}"
-    lxcpath.mkdir()
-    conf = work / "empty-net.conf"
-    conf.write_text("lxc.net.0.type = empty\nlxc.apparmor.profile = unconfined\n")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0711", "tmplbuild-pytest", str(lxcpath)], check=True)
-    lxc = ["-P", str(lxcpath), "-n", name]
-    try:
+    name = f"tboci{os.getpid()}"
+    with lxc_container(work, name) as (lxc, conf):
         res = subprocess.run(["lxc-create", *lxc, "-f", str(conf), "-t", "oci", "--", "--url",
                               f"oci-archive:{archive}", "--no-cache"], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
-        config = (lxcpath / name / "config").read_text()
+        config = (work / "lxc" / name / "config").read_text()
         assert "lxc.execute.cmd = '\"/sbin/init\" '" in config  # the image's Cmd, no Entrypoint
-        subprocess.run(["lxc-start", *lxc, "-d"], check=True, timeout=60)
-        state = subprocess.run(["lxc-attach", *lxc, "--", "sh", "-c", "for i in $(seq 300); do "
-                                "[ -S /run/systemd/private ] && break; sleep 0.1; done; "
-                                "timeout 60 systemctl is-system-running --wait"],
-                               capture_output=True, text=True, timeout=120)
-        failed = subprocess.run(["lxc-attach", *lxc, "--", "systemctl", "--failed", "--no-legend"],
-                                capture_output=True, text=True, timeout=30)
-        assert state.stdout.strip() == "running", (state.stdout, failed.stdout)
+        start_and_wait_running(lxc)
         started = time.monotonic()
         stop = subprocess.run(["lxc-stop", *lxc, "-t", "10"], capture_output=True, text=True, timeout=60)
         took = time.monotonic() - started
         info = subprocess.run(["lxc-info", *lxc, "-s"], capture_output=True, text=True, timeout=30)
         assert stop.returncode == 0 and "STOPPED" in info.stdout, (stop.stderr, info.stdout)
         assert took < 10, f"lxc-stop took {took:.1f} s: the container did not halt by itself"
-    finally:
-        subprocess.run(["lxc-stop", *lxc, "-k"], capture_output=True, timeout=60)
-        subprocess.run(["lxc-wait", *lxc, "-s", "STOPPED", "-t", "30"], capture_output=True, timeout=60)
-        subprocess.run(["lxc-destroy", *lxc, "-f"], capture_output=True, timeout=60)
-        subprocess.run(["umount", "-l", str(lxcpath)], capture_output=True)
 
 
 def test_tmplbuild_test_boots_the_oci_image_as_it_boots_the_tarball(built, work):

@@ -124,9 +124,18 @@ def test_the_demo_succeeds_leaves_no_process_and_says_how_to_remove_its_files(tm
     for line in ("checked: CI's GNUPGHOME holds no secret root key", "published root 1 of tmplbuild-demo",
                  "published root 2 of tmplbuild-demo", "(exit 3, as it must be)"):
         assert line in proc.stdout, line
-    assert "root:" in proc.stdout.split("### 8.")[1]  # `remote list`: the remote pins a root key, no index key
-    assert sorted(p.name.split("_amd64")[1] for p in built) == [".lxc-meta.tar.xz", ".manifest.json", ".tar.xz",
-                                                                 ".tar.zst"]
+    assert "root:" in proc.stdout.split("### 10.")[1]  # `remote list`: the remote pins a root key, no index key
+    assert sorted(p.name.split("_amd64")[1] for p in built) == [".lxc-meta.tar.xz", ".manifest.json", ".oci.tar",
+                                                                 ".tar.xz", ".tar.zst"]
+    # The image went to a registry on 127.0.0.1 signed by CI's key; stock skopeo verified it under the policy
+    # `tmplbuild oci trust` wrote and refused it under a tag nobody signed; tmplbuild's own client pulled it by the
+    # digest the signed index binds.
+    oci = proc.stdout.split("### 9.")[1].split("### 10.")[0]
+    assert "stock skopeo verified the signature" in oci and "refused by stock skopeo: " in oci, oci
+    assert "is not accepted" in oci, oci
+    assert re.search(r"oci\.tar: pulled from 127\.0\.0\.1:\d+/tmplbuild/debian-12-minimal@sha256:[0-9a-f]{64} and "
+                     r"verified", oci), oci
+    assert len(list(work.glob("cache/debian-12-minimal_*_amd64.oci.tar"))) == 1
     tail = proc.stdout[proc.stdout.index("### what the demo left behind"):]
     for path in (work, *built, cache):
         assert str(path) in tail, path

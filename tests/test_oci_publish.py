@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import requests
 
+from tests.conftest import ROOT
 from tests.oci_registry import registry  # noqa: F401 - a fixture
 from tests.test_client import client_env, node_snapshot, run_client
 from tests.test_repo import index_of, make_artifact, publish, tmplbuild
@@ -245,6 +247,36 @@ def test_publish_to_a_server_uploads_the_signatures_with_the_template(w, tmp_pat
         assert ok.returncode == 0, ok.stderr
     finally:
         server.stop()
+
+
+PREVIOUS = "a28090d"  # the last tmplbuild before OCI data appeared in repositories
+
+
+def test_the_previous_tmplbuild_still_lists_fetches_and_verifies_a_repository_with_images(w, tmp_path):
+    """Signed formats evolve without stranding users: the tmplbuild before this change, run from its own source,
+    reads the index (an oci.tar in `files`), fetches the tarball and verifies it, against this repository."""
+    old = tmp_path / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS, "tmplbuild"], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"no git history with {PREVIOUS} here: {archive.stderr.decode().strip()[:200]}")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    env, dest, _ = node(w, tmp_path)
+    env["PYTHONPATH"] = str(old)
+    pins = ["--url", w.server.base, "--key", str(w.tmp / "pub.asc"), "--fingerprint", w.key[1]]
+
+    def previous(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tmplbuild", *args], cwd=tmp_path, capture_output=True,
+                              text=True, env=env, timeout=120)
+
+    assert "oci" not in previous("fetch", "--help").stdout  # really the previous client
+    listing = previous("list", *pins)
+    assert listing.returncode == 0 and V2 in listing.stdout, listing.stderr
+    fetched = previous("fetch", "demo", "--dest", str(dest), *pins)
+    assert fetched.returncode == 0, fetched.stderr
+    got = dest / f"demo_{V2}_amd64.tar.zst"
+    assert got.read_bytes() == (w.repo / f"templates/demo/{V2}/{got.name}").read_bytes()
+    assert previous("verify", str(got), *pins).returncode == 0
 
 
 def test_fetch_oci_from_an_unreachable_registry_is_a_transport_failure(w, tmp_path):
