@@ -30,7 +30,7 @@ def recipes(session: Path) -> tuple[Path, Path]:
     d = session / "recipes"
     d.mkdir()
     shutil.copy(PROJECT / "recipes" / f"{RECIPE}.toml", d / f"{RECIPE}.toml")
-    (d / "files").symlink_to(PROJECT / "recipes" / "files")
+    shutil.copytree(PROJECT / "recipes" / "files", d / "files")  # a recipe reads only inside its own directory
     child = d / f"{NO_OCI}.toml"
     child.write_text(f'extends = "{RECIPE}"\n\n[template]\nname = "{NO_OCI}"\nformats = ["tar.zst", "tar.xz"]\n')
     return d / f"{RECIPE}.toml", child

@@ -1,6 +1,6 @@
 """`publish --oci REGISTRY/PATH`: push a template's OCI image to a registry and sign it, before the index names it.
 
-For each template with an oci-archive: check the archive is the one its manifest lists, push it with skopeo
+For each template with an oci-archive: push it with skopeo
 (`copy --preserve-digests`) under the version tag and the moving tag, refuse a registry that stored another
 manifest digest, sign each tag with containers' simple signing (the publisher's key, an online key of the
 newest root: publish checked that first) and return the manifest with the registry record and the lookaside files,
@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tmplbuild import __version__
 from tmplbuild.errors import AuthenticityError, UsageError
-from tmplbuild.files import hash_file
 from tmplbuild.manifest import Manifest
 from tmplbuild.oci import record, simplesign, skopeo
 from tmplbuild.repo.lookaside import DIRECTORY
@@ -54,35 +54,40 @@ def push(manifest: Manifest, manifest_path: Path, dest: Destination, signer
          ) -> tuple[Manifest, list[tuple[str, bytes]]]:
     """Push and sign one template's image. Returns the manifest with its registry record and the lookaside files
     to write, as (path in the repository, bytes). Raises UsageError (no image, a version no tag can carry, the
-    registry refused our credentials), AuthenticityError (the archive is not the one its manifest lists; the
-    registry stored another digest), TransportError (the registry cannot be reached)."""
+    registry refused our credentials), AuthenticityError (the registry stored another digest than the image the
+    manifest records), TransportError (the registry cannot be reached).
+
+    The archive's own bytes are not hashed here: what the registry holds is bound by its digest, which must be the
+    manifest's, and publish checks the file against the manifest when it copies it. The signatures need only that
+    digest, so gpg signs while skopeo uploads."""
     rec = image_of(manifest, manifest_path)
     archive = manifest_path.with_name(rec.file)
-    listed = next((a for a in manifest.artifacts if a.file == rec.file), None)
-    try:
-        size, sha256, _ = hash_file(archive)
-    except OSError as exc:
-        raise UsageError("artifact", f"{archive}: {exc.strerror}") from None
-    if listed is None or (size, sha256) != (listed.size, listed.sha256):
-        raise AuthenticityError("artifact hash", f"{archive}: not the oci-archive its manifest lists")
+    if not any(a.file == rec.file for a in manifest.artifacts):
+        raise UsageError("artifact", f"{manifest_path.name}: {rec.file} is not among the files it lists")
     try:
         tags = record.tags(manifest.version, manifest.arch)
     except ValueError as exc:
         raise UsageError("oci tag", str(exc)) from None
     repository = dest.repository(manifest.name)
     digest = rec.image.manifest_digest
+    references = [f"{repository}:{tag}" for tag in tags]
+    now = int(time.time())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        signing = pool.submit(lambda: [simplesign.sign(signer, ref, digest, creator=f"tmplbuild {__version__}",
+                                                       timestamp=now) for ref in references])
+        source: Path | str = archive
+        for reference in references:
+            stored = skopeo.push(source, reference, tls_verify=dest.tls_verify, authfile=dest.authfile)
+            source = f"{repository}@{digest}"  # the next tag: the image is in place, the archive need not be read
+            if stored != digest:
+                raise AuthenticityError("oci push", f"{reference}: the registry stored manifest {stored}, expected "
+                                                    f"{digest} (the image the manifest records)")
+        signed = signing.result()
     files: list[tuple[str, bytes]] = []
     signatures = []
-    for index, tag in enumerate(tags, start=1):
-        reference = f"{repository}:{tag}"
-        stored = skopeo.push(archive, reference, tls_verify=dest.tls_verify, authfile=dest.authfile)
-        if stored != digest:
-            raise AuthenticityError("oci push", f"{reference}: the registry stored manifest {stored}, expected "
-                                                f"{digest} (the image the manifest lists)")
-        signed = simplesign.sign(signer, reference, digest, creator=f"tmplbuild {__version__}",
-                                 timestamp=int(time.time()))
+    for index, (reference, data) in enumerate(zip(references, signed), start=1):
         path = f"{DIRECTORY}/{simplesign.lookaside_path(reference, digest, index)}"
-        files.append((path, signed))
-        signatures.append(record.Signature(path, reference, len(signed), hashlib.sha256(signed).hexdigest()))
+        files.append((path, data))
+        signatures.append(record.Signature(path, reference, len(data), hashlib.sha256(data).hexdigest()))
     pushed = dataclasses.replace(rec, registry=record.Pushed(repository, tags, tuple(signatures)))
     return dataclasses.replace(manifest, oci=pushed.doc()), files

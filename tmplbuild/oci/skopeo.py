@@ -100,18 +100,24 @@ def _archive(path: Path) -> str:
     return f"oci-archive:{path}"
 
 
-def push_argv(archive: Path, reference: str, *, policy: Path, registries_d: Path, digestfile: Path,
+def push_argv(archive: Path | str, reference: str, *, policy: Path, registries_d: Path, digestfile: Path,
               tls_verify: bool = True, authfile: Path | None = None,
               timeout: float | None = DEFAULT_TIMEOUT) -> list[str]:
-    """`skopeo copy --preserve-digests` of the oci-archive to docker://reference (host/path:tag). Raises
-    UsageError for a bad reference or archive path."""
+    """`skopeo copy --preserve-digests` of the oci-archive to docker://reference (host/path:tag); `archive` may
+    instead be a reference already in the same registry (host/path@sha256:...), to tag it without reading the
+    archive again. Raises UsageError for a bad reference or archive path."""
     ref = parse_reference(reference)
     argv = _global(policy, registries_d, timeout) + [
         "copy", "--preserve-digests", "--remove-signatures", "--digestfile", str(digestfile),
         _tls("--dest-tls-verify", tls_verify)]
+    if isinstance(archive, str):
+        argv += [_tls("--src-tls-verify", tls_verify)]
+        source = f"docker://{parse_pinned(archive)}"
+    else:
+        source = _archive(archive)
     if authfile is not None:
         argv += ["--authfile", str(authfile)]
-    return argv + [_archive(archive), f"docker://{ref}"]
+    return argv + [source, f"docker://{ref}"]
 
 
 def pull_argv(reference: str, dest: Path, *, policy: Path, registries_d: Path, tls_verify: bool = True,
@@ -154,14 +160,16 @@ def inspect_argv(reference: str, *, policy: Path, registries_d: Path, tls_verify
 
 # -- runners --------------------------------------------------------------------------------------------------
 
-def push(archive: Path, reference: str, *, tls_verify: bool = True, authfile: Path | None = None,
+def push(archive: Path | str, reference: str, *, tls_verify: bool = True, authfile: Path | None = None,
          timeout: float | None = DEFAULT_TIMEOUT) -> str:
-    """Push the oci-archive `archive` to `reference` (host/path:tag) and return the manifest digest the registry
-    stored ("sha256:<hex>"). The caller must refuse a digest other than the archive's manifest digest.
+    """Push the oci-archive `archive` (or, to tag it again, the image `host/path@sha256:...` already in that
+    registry) to `reference` (host/path:tag) and return the manifest digest the registry stored ("sha256:<hex>").
+    The caller must refuse a digest other than the archive's manifest digest.
     Raises UsageError (bad reference, no archive, credentials refused, no skopeo), TransportError (registry
     unreachable, TLS failure, bad answer), LocalIOError (local disk)."""
     ref = parse_reference(reference)
-    _check_file(archive, "oci archive")
+    if isinstance(archive, Path):
+        _check_file(archive, "oci archive")
     _check_file(authfile, "registry auth")
     _warn_insecure(ref, tls_verify)
     with _private() as (policy, registries_d):
