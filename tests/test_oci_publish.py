@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,11 @@ from tests.oci_registry import registry  # noqa: F401 - a fixture
 from tests.test_client import client_env, node_snapshot, run_client
 from tests.test_repo import index_of, make_artifact, publish, tmplbuild
 from tests.test_server import Server, init_repo, kill_agents, make_key
+from tmplbuild.oci import simplesign
 from tmplbuild.oci.image import verify_archive
 from tmplbuild.oci.record import parse as parse_record
 from tmplbuild.recipe.model import Compression
+from tmplbuild.sign import Signer
 
 FORMATS = (Compression.ZSTD, Compression.OCI)
 V1, V2 = "12-20261120", "12-20261127"
@@ -94,9 +97,9 @@ def test_publish_pushes_signs_and_the_signed_manifest_binds_the_image(w):
         assert proc.returncode == 0, proc.stderr
         assert "sha256:" + hashlib.sha256(proc.stdout.encode()).hexdigest() == rec.image.manifest_digest
     verify_archive(w.repo / f"templates/demo/{V1}/{rec.file}", rec.image)
-    for sig in rec.registry.signatures:
-        data = (w.repo / sig.path).read_bytes()
-        assert (len(data), hashlib.sha256(data).hexdigest()) == (sig.size, sig.sha256)
+    assert [s.identity for s in rec.registry.signatures] == [f"{rec.registry.repository}:{t}" for t in
+                                                             rec.registry.tags]
+    assert all((w.repo / s.path).is_file() for s in rec.registry.signatures)
     audit = tmplbuild("repo", "verify", str(w.repo))
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
@@ -247,6 +250,57 @@ def test_publish_to_a_server_uploads_the_signatures_with_the_template(w, tmp_pat
         assert ok.returncode == 0, ok.stderr
     finally:
         server.stop()
+
+
+def test_repo_verify_checks_each_lookaside_signature_as_skopeo_would(w, tmp_path):
+    """A signature file replaced by a good signature of another image (or by garbage) is a finding naming it."""
+    repo = tmp_path / "copy"
+    shutil.copytree(w.repo, repo, ignore=shutil.ignore_patterns(".*"))
+    v1 = parse_record(manifest_of(repo, V1)["oci"]).registry.signatures[0]
+    other = v1.identity.rsplit(":", 1)[0] + ":other"
+    with Signer(*w.key) as signer:  # good, by the index key, but for another tag
+        (repo / v1.path).write_bytes(simplesign.sign(signer, other, v1.digest))
+    proc = tmplbuild("repo", "verify", str(repo))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"{v1.path}: oci signature: signs {other} as {v1.digest}, expected {v1.identity}" in proc.stderr
+    (repo / v1.path).write_bytes(b"not a signature")
+    proc = tmplbuild("repo", "verify", str(repo))
+    assert proc.returncode == 3 and f"{v1.path}: oci signature: " in proc.stderr, proc.stderr
+
+
+def test_carrying_over_a_rotation_re_signs_the_images_with_the_new_key(w, keys, tmp_path):
+    """After root 2 drops the key that signed the images, `repo resign --carry-over` signs them again with the new
+    online key: stock skopeo set up with the new key accepts them, and the audit passes."""
+    from tests.test_repo_root import install, who
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    install(repo, keys, 1, ("online-1",))
+    assert tmplbuild("repo", "init", str(repo), "--gnupghome", str(keys.home), "--id", "test-repo", "--key",
+                     keys["online-1"]).returncode == 0
+    home, fpr = who(keys, "online-1")
+    art = make_artifact(tmp_path / "out", "rotated", V1, formats=FORMATS)
+    proc = tmplbuild("publish", "--skip-test", str(art), "--repo", str(repo), "--key", fpr, "--gnupghome", str(home),
+                     "--oci", w.prefix, "--oci-insecure-registry")
+    assert proc.returncode == 0, proc.stderr
+    install(repo, keys, 2, ("online-2",))
+    new_key = tmp_path / "online-2.asc"
+    new_key.write_bytes(keys.armored[keys["online-2"]])
+    trust = tmp_path / "trust"
+    assert tmplbuild("oci", "trust", "--url", "http://127.0.0.1:9/unused", "--lookaside", f"file://{repo}/sigstore",
+                     "--key", str(new_key), "--fingerprint", keys["online-2"], "--registry", w.prefix, "--out",
+                     str(trust)).returncode == 0
+    ref = f"{w.prefix}/rotated:{V1}-amd64"
+    before = stock_copy(w, ref, tmp_path / "before.tar", trust)
+    assert before.returncode != 0 and "Source image rejected" in before.stderr, before.stderr
+    proc = tmplbuild("repo", "resign", str(repo), "--carry-over", "--key", keys["online-2"], "--gnupghome",
+                     str(keys.home))
+    assert proc.returncode == 0, proc.stderr
+    assert "and 2 image signature(s) (sigstore/)" in proc.stderr, proc.stderr
+    after = stock_copy(w, ref, tmp_path / "after.tar", trust)
+    assert after.returncode == 0, after.stderr
+    audit = tmplbuild("repo", "verify", str(repo))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 PREVIOUS = "a28090d"  # the last tmplbuild before OCI data appeared in repositories

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import hashlib
 import json
 import secrets
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, can_build, recipe_dir
+from tests.oci_registry import registry  # noqa: F401 - a fixture
 from tests.test_repo import index_of
 from tests.test_server import init_repo, kill_agents, make_key
 from tmplbuild.manifest import Manifest, Package
@@ -295,4 +297,29 @@ def test_5_a_template_that_fails_its_container_test_is_not_published(world):
     assert "boot" in table["rb-extra"][3] and "not published" in table["rb-extra"][3]
     assert "rb-broken.service" in proc.stdout + proc.stderr  # the test's evidence names the failed unit
     assert entries(world["repo"], "rb-extra") == before
+    assert tmplbuild("repo", "verify", str(world["repo"])).returncode == 0
+
+
+@pytest.mark.build
+@pytest.mark.skipif(can_build() is not None, reason=str(can_build()))
+def test_6_rebuild_with_oci_pushes_and_signs_what_it_publishes(world, registry):  # noqa: F811
+    """The weekly job with `--oci`: the new version's image is in the registry under both tags, its signatures are
+    in the repository's lookaside, the signed manifest binds it, and the audit passes."""
+    write_recipes(world["recipes"], minimal_extra=["bzip2", "less"])
+    (world["recipes"] / "rb-extra.toml").unlink()  # one recipe is enough here
+    prefix = f"{registry.host}/weekly"
+    proc = rebuild(world["recipes"], world["repo"], world["key"], world["cache"], "--oci", prefix,
+                   "--oci-insecure-registry")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    table = rows(proc)
+    assert table["rb-minimal"][1] == "published", table
+    new = next(e for e in entries(world["repo"], "rb-minimal") if e["version"] == table["rb-minimal"][2])
+    oci = json.loads((world["repo"] / new["manifest"]["path"]).read_text())["oci"]
+    assert oci["registry"]["repository"] == f"{prefix}/rb-minimal"
+    assert [f["format"] for f in new["files"]] == ["tar.zst", "tar.xz", "oci.tar", "lxc-meta.tar.xz"]
+    for tag in oci["registry"]["tags"]:
+        raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{prefix}/rb-minimal:{tag}"],
+                             capture_output=True, check=True).stdout
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == oci["manifest_digest"]
+    assert all((world["repo"] / s["path"]).is_file() for s in oci["registry"]["signatures"])
     assert tmplbuild("repo", "verify", str(world["repo"])).returncode == 0

@@ -9,7 +9,6 @@ before anything is written to the repository, so the index never names an image 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,9 +50,9 @@ def image_of(manifest: Manifest, manifest_path: Path) -> record.Record:
 
 
 def push(manifest: Manifest, manifest_path: Path, dest: Destination, signer
-         ) -> tuple[Manifest, list[tuple[str, bytes]]]:
+         ) -> tuple[Manifest, list[tuple[record.Signature, bytes]]]:
     """Push and sign one template's image. Returns the manifest with its registry record and the lookaside files
-    to write, as (path in the repository, bytes). Raises UsageError (no image, a version no tag can carry, the
+    to write, as (the record's signature: its path in the repository and what it signs, bytes). Raises UsageError (no image, a version no tag can carry, the
     registry refused our credentials), AuthenticityError (the registry stored another digest than the image the
     manifest records), TransportError (the registry cannot be reached).
 
@@ -83,11 +82,7 @@ def push(manifest: Manifest, manifest_path: Path, dest: Destination, signer
                 raise AuthenticityError("oci push", f"{reference}: the registry stored manifest {stored}, expected "
                                                     f"{digest} (the image the manifest records)")
         signed = signing.result()
-    files: list[tuple[str, bytes]] = []
-    signatures = []
-    for index, (reference, data) in enumerate(zip(references, signed), start=1):
-        path = f"{DIRECTORY}/{simplesign.lookaside_path(reference, digest, index)}"
-        files.append((path, data))
-        signatures.append(record.Signature(path, reference, len(data), hashlib.sha256(data).hexdigest()))
-    pushed = dataclasses.replace(rec, registry=record.Pushed(repository, tags, tuple(signatures)))
+    files = [(record.Signature(f"{DIRECTORY}/{simplesign.lookaside_path(reference, digest, index)}", reference), data)
+             for index, (reference, data) in enumerate(zip(references, signed), start=1)]
+    pushed = dataclasses.replace(rec, registry=record.Pushed(repository, tags, tuple(sig for sig, _ in files)))
     return dataclasses.replace(manifest, oci=pushed.doc()), files

@@ -7,8 +7,8 @@ digests (manifest, config, layer, diff_id) and the registry reference a publish 
             "registry": {"repository": "registry.example.org/templates/debian-12-minimal",
                          "tags": ["12-20261122-amd64", "latest-amd64"],
                          "signatures": [{"path": "sigstore/templates/debian-12-minimal@sha256=<hex>/signature-1",
-                                         "identity": "registry.example.org/templates/debian-12-minimal:12-...",
-                                         "size": 600, "sha256": "<hex>"}, ...]}}
+                                         "identity": "registry.example.org/templates/debian-12-minimal:12-..."},
+                                        ...]}}
 
 A tmplbuild older than this record keeps it as an unknown manifest field and ignores it.
 """
@@ -20,7 +20,6 @@ from typing import Any
 
 from tmplbuild.oci.image import OciImage
 
-_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _FILE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+~-]*\.oci\.tar\Z")
 # docker's reference grammar, as skopeo reads it: host[:port]/path with lowercase components, and a tag.
 _REPOSITORY = re.compile(r"\A(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
@@ -43,13 +42,20 @@ def tags(version: str, arch: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Signature:
+    """A lookaside file, listed by path and what it signs: like a template file's .asc, it is checked by its own
+    OpenPGP signature (tmplbuild.oci.simplesign.check), not by a hash, so a key rotation can re-sign it without
+    rewriting the signed manifest."""
+
     path: str  # in the repository: sigstore/<repository path>@sha256=<hex>/signature-N
     identity: str  # the docker-reference it signs (repository:tag)
-    size: int
-    sha256: str
+
+    @property
+    def digest(self) -> str:
+        """The image's manifest digest, as the path names it."""
+        return "sha256:" + self.path.split("@sha256=", 1)[1].split("/", 1)[0]
 
     def doc(self) -> dict[str, Any]:
-        return {"path": self.path, "identity": self.identity, "size": self.size, "sha256": self.sha256}
+        return {"path": self.path, "identity": self.identity}
 
 
 @dataclass(frozen=True)
@@ -113,9 +119,9 @@ def _pushed(doc: Any, digest: str) -> Pushed:
     parsed = []
     for i, s in enumerate(signatures):
         where = f"oci.registry.signatures[{i}]"
-        if not isinstance(s, dict) or set(s) != {"path", "identity", "size", "sha256"}:
-            raise ValueError(f"{where}: expected an object with path, identity, size and sha256")
-        path, identity, size, sha256 = s["path"], s["identity"], s["size"], s["sha256"]
+        if not isinstance(s, dict) or set(s) != {"path", "identity"}:
+            raise ValueError(f"{where}: expected an object with path and identity")
+        path, identity = s["path"], s["identity"]
         if not isinstance(path, str) or not SIGNATURE_PATH.match(path) or ".." in path.split("/") \
                 or not path.split("@sha256=")[1].startswith(digest.removeprefix("sha256:")):
             raise ValueError(f"{where}.path: found {str(path)[:160]!r}, expected sigstore/<path>@sha256=<the "
@@ -123,8 +129,5 @@ def _pushed(doc: Any, digest: str) -> Pushed:
         if not isinstance(identity, str) or not identity.startswith(repository + ":") \
                 or identity.rsplit(":", 1)[1] not in tag_list:
             raise ValueError(f"{where}.identity: found {str(identity)[:160]!r}, expected {repository}:<tag>")
-        if type(size) is not int or not 0 < size <= 1 << 16 or not isinstance(sha256, str) \
-                or not _HEX64.match(sha256):
-            raise ValueError(f"{where}: malformed size or sha256")
-        parsed.append(Signature(path, identity, size, sha256))
+        parsed.append(Signature(path, identity))
     return Pushed(repository, tuple(tag_list), tuple(parsed))

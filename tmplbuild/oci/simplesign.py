@@ -35,7 +35,7 @@ from typing import Any
 
 from tmplbuild import __version__
 from tmplbuild import strictjson
-from tmplbuild.errors import UsageError
+from tmplbuild.errors import AuthenticityError, SignatureError, UsageError
 
 SIGNATURE_TYPE = "atomic container signature"
 # docker/reference/regexp.go, ASCII only (Go's \w is [0-9A-Za-z_]).
@@ -235,3 +235,23 @@ def sign(signer, reference: str, manifest_digest: str, *, creator: str | None = 
     data = payload(reference, manifest_digest, creator if creator is not None else f"tmplbuild {__version__}",
                    int(time.time()) if timestamp is None else timestamp)
     return signer.sign_message(data)
+
+
+MAX_SIGNATURE = 64 << 10  # a simple signature is a few hundred bytes; a lookaside file above this is not one
+
+
+def check(verifier, signed: bytes, reference: str, manifest_digest: str) -> None:
+    """`signed` is a simple signature by one of `verifier`'s keys (a tmplbuild.sign.Verifier, or a root's online
+    keys) saying that `reference` (host/path:tag) is the image `manifest_digest`: what skopeo's signedBy rule with
+    exact identity matching accepts. Raises AuthenticityError("oci signature")."""
+    if len(signed) > MAX_SIGNATURE:
+        raise AuthenticityError("oci signature", f"{len(signed)} bytes, more than a simple signature "
+                                                 f"({MAX_SIGNATURE})")
+    try:
+        _, data = verifier.verify_message(signed)
+        got = parse_payload(data)
+    except (SignatureError, UsageError) as exc:
+        raise AuthenticityError("oci signature", f"{reference}: {exc.message}") from None
+    if (got.reference, got.manifest_digest) != (reference, manifest_digest):
+        raise AuthenticityError("oci signature", f"signs {got.reference} as {got.manifest_digest}, expected "
+                                                 f"{reference} as {manifest_digest}")

@@ -101,6 +101,9 @@ class HistoryVerifier:
     def verify_file(self, path: Path, signature: bytes, what: str = "signature"):
         return self._first(lambda v: v.verify_file(path, signature, what))
 
+    def verify_message(self, signed: bytes):
+        return self._first(lambda v: v.verify_message(signed))
+
     def close(self) -> None:
         for v in self._verifiers.values():
             v.close()

@@ -118,7 +118,7 @@ def converge(root: Path, current: idx.Index, repair: bool = False,
 
     # 2. Unlisted files under templates/ and sigstore/ (the OCI images' lookaside signatures, listed through the
     # manifests), then empty directories. sigstore/ only when every manifest could be read as signed.
-    signatures = lookaside.listed(root, current)
+    signatures = lookaside.listed(root, current.templates)
     managed = [TEMPLATES] + ([lookaside.DIRECTORY] if signatures is not None else [])
     keep |= set(signatures or {})
     for top in managed:

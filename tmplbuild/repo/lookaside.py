@@ -7,11 +7,14 @@ Reads the repository directory; the caller holds the lock where it writes."""
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
+from tmplbuild.errors import AuthenticityError
 from tmplbuild.manifest import ManifestError
 from tmplbuild.manifest import parse as parse_manifest
-from tmplbuild.oci import record
+from tmplbuild.oci import record, simplesign
 from tmplbuild.repo import index as idx
 
 DIRECTORY = "sigstore"
@@ -48,20 +51,21 @@ def signatures_of(root: Path, entry: idx.Entry) -> list[record.Signature] | None
     return list(rec.registry.signatures) if rec is not None and rec.registry is not None else []
 
 
-def listed(root: Path, index: idx.Index) -> dict[str, record.Signature] | None:
-    """Every lookaside file `index` lists, by path; None when any listed manifest cannot be read as signed (see
+def listed(root: Path, entries: Iterable[idx.Entry]) -> dict[str, record.Signature] | None:
+    """Every lookaside file an index with `entries` lists, by path; None when any listed manifest cannot be read as signed (see
     signatures_of): then nothing under sigstore/ may be taken for a leftover.
 
     A moving tag's signature (latest-<arch>) is listed for the newest version of its line only: once a newer
     version is published, the older image's moving-tag signature goes (convergence removes it), so a registry that
     points the moving tag back at the older image fails skopeo's signature check. Its version tag keeps its own."""
+    entries = tuple(entries)
     newest = {}
-    for entry in index.templates:  # by created, then version: what `fetch` takes as the newest
+    for entry in entries:  # by created, then version: what `fetch` takes as the newest
         line = (entry.name, entry.arch)
         if line not in newest or (entry.created, entry.version) > (newest[line].created, newest[line].version):
             newest[line] = entry
     out: dict[str, record.Signature] = {}
-    for entry in index.templates:
+    for entry in entries:
         signatures = signatures_of(root, entry)
         if signatures is None:
             return None
@@ -71,16 +75,48 @@ def listed(root: Path, index: idx.Index) -> dict[str, record.Signature] | None:
     return out
 
 
-def problems(root: Path, signatures: dict[str, record.Signature]) -> list[str]:
-    """`repo verify`: each listed signature file present with its signed size and sha256."""
+def problems(root: Path, signatures: dict[str, record.Signature], verifier) -> list[str]:
+    """`repo verify`: each listed signature file present, and a good simple signature by `verifier`'s keys of what
+    its manifest says it signs (tmplbuild.oci.simplesign.check, as stock skopeo checks it)."""
     out = []
     for path, sig in sorted(signatures.items()):
         try:
-            data = (root / path).read_bytes()
+            with open(root / path, "rb") as f:
+                data = f.read(simplesign.MAX_SIGNATURE + 1)
         except OSError:
             out.append(f"{path}: listed in {sig.identity}'s manifest but missing")
             continue
-        if (len(data), hashlib.sha256(data).hexdigest()) != (sig.size, sig.sha256):
-            out.append(f"{path}: size/sha256 {len(data)}/{hashlib.sha256(data).hexdigest()[:16]}…, its manifest "
-                       f"says {sig.size}/{sig.sha256[:16]}…")
+        try:
+            simplesign.check(verifier, data, sig.identity, sig.digest)
+        except AuthenticityError as exc:
+            out.append(f"{path}: {exc}")
     return out
+
+
+def resign(root: Path, entries: Iterable[idx.Entry], signer, verifier) -> int:
+    """Carrying an index over after a rotation: every lookaside signature `entries` list that `verifier` (the
+    newest root's online keys) does not accept is made again by `signer`, checked, and renamed into place; the
+    manifests need no change (they list each file by path and identity, not by hash). Returns how many. Raises
+    AuthenticityError, LocalIOError."""
+    from tmplbuild import __version__
+    from tmplbuild.repo import store
+
+    count = 0
+    for path, sig in sorted((listed(root, entries) or {}).items()):
+        final = root / path
+        try:
+            simplesign.check(verifier, final.read_bytes(), sig.identity, sig.digest)
+            continue
+        except (AuthenticityError, OSError):
+            pass
+        data = simplesign.sign(signer, sig.identity, sig.digest, creator=f"tmplbuild {__version__}")
+        simplesign.check(verifier, data, sig.identity, sig.digest)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise store.io_error("mkdir", final.parent, exc) from None
+        tmp = final.with_name(f".{final.name}.part")
+        store.write_durable(tmp, data)
+        os.replace(tmp, final)
+        count += 1
+    return count

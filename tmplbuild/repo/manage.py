@@ -201,7 +201,9 @@ def _resign_files(root: Path, entries: Iterable[idx.Entry], signer: Signer, veri
     """Carrying an index over: every listed file's .asc and every directory's SHA256SUMS.gpg that `verifier` (the
     newest root's online keys) does not accept is signed again by `signer`, verified, then renamed into place.
     Content is not re-hashed here: `repo verify` checks it. The SHA256SUMS pairs of directories in `skip` are left
-    to the caller. Raises AuthenticityError, LocalIOError."""
+    to the caller. The OCI images' lookaside signatures are carried over the same way (tmplbuild.repo.lookaside).
+    Raises AuthenticityError, LocalIOError."""
+    entries = list(entries)
     count = 0
     by_dir: dict[str, list[idx.Entry]] = {}
     for e in entries:
@@ -230,8 +232,10 @@ def _resign_files(root: Path, entries: Iterable[idx.Entry], signer: Signer, veri
             pass
         _write_sums(d, listed, signer, verifier)
         count += 1
-    if count and notes is not None:
-        notes.append(f"re-signed {count} file signature(s) (.asc, SHA256SUMS.gpg) with {signer.fingerprint}")
+    images = lookaside.resign(root, entries, signer, verifier)  # the OCI images' lookaside
+    if (count or images) and notes is not None:
+        notes.append(f"re-signed {count} file signature(s) (.asc, SHA256SUMS.gpg)"
+                     + (f" and {images} image signature(s) (sigstore/)" if images else "") + f" with {signer.fingerprint}")
 
 
 def _write_sums(directory: Path, entries: list[idx.Entry], signer: Signer, verifier) -> None:
@@ -389,9 +393,9 @@ def _audit_index(root: Path, current: idx.Index, verifier, allowed: set[str], no
     for directory, entries in by_dir.items():
         allowed |= {f"{directory}/{sums.NAME}", f"{directory}/{sums.SIG}"}
         findings += map(Finding, _check_sums(root, directory, entries, verifier))
-    signatures = lookaside.listed(root, current) or {}  # None: a manifest finding above says why
+    signatures = lookaside.listed(root, current.templates) or {}  # None: a manifest finding above says why
     allowed |= set(signatures)
-    findings += map(Finding, lookaside.problems(root, signatures))
+    findings += map(Finding, lookaside.problems(root, signatures, verifier))
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # dot-paths are never served
         for name in sorted(filenames):

@@ -24,6 +24,7 @@ from tmplbuild.files import fsync_path
 from tmplbuild.manifest import Manifest, ManifestError
 from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.oci import publisher as oci_publisher
+from tmplbuild.oci import record, simplesign
 from tmplbuild.oci.publisher import Destination as OciDestination
 from tmplbuild.repo import converge
 from tmplbuild.repo import index as idx
@@ -160,7 +161,7 @@ def push_image(art: Artifact, oci: OciDestination | None, signer: Signer) -> Pus
     return None if oci is None else oci_publisher.push(art.manifest, art.manifest_path, oci, signer)
 
 
-Pushed = tuple[Manifest, list[tuple[str, bytes]]]  # the manifest with its registry record, the lookaside files
+Pushed = tuple[Manifest, list[tuple[record.Signature, bytes]]]  # the manifest with its registry record, the lookaside files
 
 
 def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[idx.Entry],
@@ -168,7 +169,7 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[i
     """Write one template's files into its version directory and return its index entry. `pushed`: its image is
     in a registry; the manifest written is the one with the registry record, and the lookaside signature files
     go under sigstore/."""
-    lookaside_files: list[tuple[str, bytes]] = []
+    lookaside_files: list[tuple[record.Signature, bytes]] = []
     if pushed is not None:
         manifest, lookaside_files = pushed
         art = dataclasses.replace(art, manifest=manifest, manifest_bytes=manifest.to_bytes())
@@ -222,8 +223,9 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[i
             staged.append((tmp, directory / fname))
         # One signature, as gpgv and systemd-pull read it: verify_file over the text as staged.
         verifier.verify_file(directory / ".SHA256SUMS.part", sums_sig)
-        for rel, data in lookaside_files:  # the image's simple signatures, where skopeo looks for them
-            final = root / rel
+        for sig, data in lookaside_files:  # the image's simple signatures, where skopeo looks for them
+            simplesign.check(verifier, data, sig.identity, sig.digest)  # as stock skopeo will, with the same keys
+            final = root / sig.path
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:

@@ -459,6 +459,11 @@ class RootVerifier:
     def verify_file(self, file: Path, signature: bytes, what: str = "signature"):
         return self._check(lambda b: self._verifier.verify_file(file, b), signature, self.file_threshold, what)
 
+    def verify_message(self, signed: bytes):
+        """A signed message (a simple signature of an OCI image) by one of the role's keys: one signature, as
+        skopeo reads it. Returns (Verified, data). Raises SignatureError."""
+        return self._verifier.verify_message(signed)
+
     def close(self) -> None:
         self._verifier.close()
 

@@ -126,6 +126,32 @@ class Verifier:
             raise LocalIOError("verify", f"cannot read {path}: {exc.strerror}") from None
         return self._verify_path(os.path.abspath(path), signature)  # absolute: never read as an option
 
+    def verify_message(self, signed: bytes, cap: int = 1 << 20) -> tuple[Verified, bytes]:
+        """Check an OpenPGP signed message (what `gpg --sign` makes: containers' simple signatures) and return
+        the signature and the signed data, at most `cap` bytes of it. The same rules as `verify`: exactly one
+        good signature by a pinned, usable, strong key, a SHA-2 digest, a document signature. Raises
+        SignatureError (exit 3)."""
+        fd, msg_path = tempfile.mkstemp(dir=self._home, suffix=".msg")
+        out_path = msg_path + ".out"
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(signed)
+            # --decrypt of a message that is only signed writes its data and reports the signature like --verify.
+            result = self._gpg.decrypt_file(msg_path, output=out_path)
+            verified = self._judge(result.stderr, message=True)
+            try:
+                with open(out_path, "rb") as f:
+                    data = f.read(cap + 1)
+            except OSError:
+                _refuse("the signed message holds no data")
+            if len(data) > cap:
+                _refuse(f"the signed message holds more than {cap} bytes")
+            return verified, data
+        finally:
+            os.unlink(msg_path)
+            if os.path.exists(out_path):
+                os.unlink(out_path)
+
     def _verify_path(self, data_path: str, signature: bytes) -> Verified:
         # gpg takes the detached signature as a file: it goes into our private home, nowhere else.
         fd, sig_path = tempfile.mkstemp(dir=self._home, suffix=".sig")
@@ -136,7 +162,8 @@ class Verifier:
         finally:
             os.unlink(sig_path)
 
-    def _judge(self, stderr: str) -> Verified:
+    def _judge(self, stderr: str, message: bool = False) -> Verified:
+        """`message`: a signed message, which carries its data (PLAINTEXT), rather than a detached signature."""
         status = status_lines(stderr)
         seen = {s[0]: s for s in status}
         count = sum(1 for s in status if s[0] == "NEWSIG")
@@ -144,8 +171,10 @@ class Verifier:
             _refuse("no signature found")
         if count > 1:
             _refuse(f"{count} signatures, expected exactly 1")
-        if "PLAINTEXT" in seen:
+        if "PLAINTEXT" in seen and not message:
             _refuse("not a detached signature: it carries signed data of its own")
+        if message and ("PLAINTEXT" not in seen or "DECRYPTION_OKAY" in seen or "BEGIN_DECRYPTION" in seen):
+            _refuse("not a signed message (no signed data, or encrypted data)")
         if "BADSIG" in seen:
             _refuse("bad signature (data changed since it was signed)")
         if "ERRSIG" in seen:
