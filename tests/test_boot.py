@@ -331,7 +331,7 @@ def test_publish_boots_the_template_first_and_refuses_one_that_fails(good, tmp_p
                     "--gnupghome", str(home))
     assert res.returncode == 0, res.stderr[-3000:]
     (entry,) = index_of(repo)["templates"]
-    assert [f["format"] for f in entry["files"]] == ["tar.zst", "tar.xz", "lxc-meta.tar.xz"]
+    assert [f["format"] for f in entry["files"]] == ["tar.zst", "tar.xz", "oci.tar", "lxc-meta.tar.xz"]
     manifest = json.loads((repo / entry["manifest"]["path"]).read_text())
     assert manifest["test"]["result"] == "pass" and manifest["test"]["sha256"] == entry["files"][0]["sha256"]
     assert {m["manager"] for m in manifest["test"]["managers"]} == {"nspawn", "lxc", "lxc-unprivileged", "proxmox"}
@@ -346,7 +346,7 @@ def test_publish_boots_the_template_first_and_refuses_one_that_fails(good, tmp_p
     from tmplbuild.files import hash_file
 
     size, sha256, sha512 = hash_file(broken)
-    bad = {**manifest, "version": version, "test": None,
+    bad = {**manifest, "version": version, "test": None, "oci": None,  # a tarball only
            "artifacts": [{"file": broken.name, "format": "tar.zst", "size": size, "sha256": sha256, "sha512": sha512}]}
     (out / f"{bad_stem}.manifest.json").write_text(json.dumps(bad))
     before = index_of(repo)

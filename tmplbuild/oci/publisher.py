@@ -60,9 +60,7 @@ def push(manifest: Manifest, manifest_path: Path, dest: Destination, signer
     manifest's, and publish checks the file against the manifest when it copies it. The signatures need only that
     digest, so gpg signs while skopeo uploads."""
     rec = image_of(manifest, manifest_path)
-    archive = manifest_path.with_name(rec.file)
-    if not any(a.file == rec.file for a in manifest.artifacts):
-        raise UsageError("artifact", f"{manifest_path.name}: {rec.file} is not among the files it lists")
+    archive = manifest_path.with_name(rec.file)  # among the files the manifest lists (publish.load_artifact)
     try:
         tags = record.tags(manifest.version, manifest.arch)
     except ValueError as exc:
