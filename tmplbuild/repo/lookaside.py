@@ -99,7 +99,6 @@ def resign(root: Path, entries: Iterable[idx.Entry], signer, verifier) -> int:
     manifests need no change (they list each file by path and identity, not by hash). Returns how many. Raises
     AuthenticityError, LocalIOError."""
     from tmplbuild import __version__
-    from tmplbuild.repo import store
 
     count = 0
     for path, sig in sorted((listed(root, entries) or {}).items()):
@@ -110,13 +109,23 @@ def resign(root: Path, entries: Iterable[idx.Entry], signer, verifier) -> int:
         except (AuthenticityError, OSError):
             pass
         data = simplesign.sign(signer, sig.identity, sig.digest, creator=f"tmplbuild {__version__}")
-        simplesign.check(verifier, data, sig.identity, sig.digest)
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise store.io_error("mkdir", final.parent, exc) from None
-        tmp = final.with_name(f".{final.name}.part")
-        store.write_durable(tmp, data)
-        os.replace(tmp, final)
+        os.replace(stage(root, sig, data, verifier), final)
         count += 1
     return count
+
+
+def stage(root: Path, sig: record.Signature, data: bytes, verifier) -> Path:
+    """Check the signature `data` as stock skopeo will (with `verifier`'s keys: a good signed message of what
+    `sig` says it signs) and write it, durably, to a hidden .part name beside its place under sigstore/, which it
+    returns for the caller to rename in. Raises AuthenticityError, LocalIOError."""
+    from tmplbuild.repo import store
+
+    simplesign.check(verifier, data, sig.identity, sig.digest)
+    final = root / sig.path
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise store.io_error("mkdir", final.parent, exc) from None
+    tmp = final.with_name(f".{final.name}.part")
+    store.write_durable(tmp, data)
+    return tmp

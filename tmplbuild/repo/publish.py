@@ -24,9 +24,10 @@ from tmplbuild.files import fsync_path
 from tmplbuild.manifest import Manifest, ManifestError
 from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.oci import publisher as oci_publisher
-from tmplbuild.oci import record, simplesign
+from tmplbuild.oci import record
 from tmplbuild.oci.publisher import Destination as OciDestination
 from tmplbuild.repo import converge
+from tmplbuild.repo import lookaside
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import sums
 from tmplbuild.repo import store
@@ -231,15 +232,7 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[i
         # One signature, as gpgv and systemd-pull read it: verify_file over the text as staged.
         verifier.verify_file(directory / ".SHA256SUMS.part", sums_sig)
         for sig, data in lookaside_files:  # the image's simple signatures, where skopeo looks for them
-            simplesign.check(verifier, data, sig.identity, sig.digest)  # as stock skopeo will, with the same keys
-            final = root / sig.path
-            try:
-                final.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise store.io_error("mkdir", final.parent, exc) from None
-            tmp = final.with_name(f".{final.name}.part")
-            store.write_durable(tmp, data)
-            staged.append((tmp, final))
+            staged.append((lookaside.stage(root, sig, data, verifier), root / sig.path))
         _fault("before-files")
         try:
             for tmp, _ in staged:
