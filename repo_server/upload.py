@@ -40,8 +40,6 @@ from typing import Any, BinaryIO
 
 from tmplbuild.files import hash_file
 from tmplbuild.errors import AuthenticityError, FreshnessError, LocalIOError, TmplbuildError, UsageError
-from tmplbuild.manifest import ManifestError
-from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.oci import record, simplesign
 from tmplbuild.repo import accept
 from tmplbuild.repo import chain
@@ -450,15 +448,12 @@ def _check_lookaside(upload: Upload, listed: dict[str, idx.FileRef], verifier) -
         ref = listed.get(rel)
         if ref is None or not rel.endswith(".manifest.json") or (got.size, got.sha256) != (ref.size, ref.sha256):
             continue  # not a listed manifest, or one the file checks refuse anyway
-        data = got.path.read_bytes()
-        if b'"oci"' not in data:
-            continue
         try:
-            oci = parse_manifest(data).oci
-            pushed = record.parse(oci).registry if oci is not None else None
-        except (ManifestError, ValueError) as exc:
+            rec = record.in_manifest(got.path.read_bytes())
+        except ValueError as exc:
             return f"{rel}: oci: {exc}"
-        expected.update((s.path, s) for s in (pushed.signatures if pushed else ()))
+        if rec is not None and rec.registry is not None:
+            expected.update((s.path, s) for s in rec.registry.signatures)
     for rel, got in sorted(upload.files.items()):
         if not rel.startswith(lookaside.DIRECTORY + "/"):
             continue

@@ -148,20 +148,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
     for e in result.added:
         print(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.files)}")
         if oci is not None:
+            from tmplbuild.oci.record import tags
+
             print(f"pushed {e.name} {e.version} {e.arch}: {oci.repository(e.name)}:"
-                  f"{{{','.join(oci_tags(e.version, e.arch))}}}, signed (lookaside: sigstore/)")
+                  f"{{{','.join(tags(e.version, e.arch))}}}, signed (lookaside: sigstore/)")
     for key in result.unchanged:
         print(f"unchanged {' '.join(key)}: already published with the same content")
     for line in result.cleaned:
         print(f"cleaned up: {line}")
     print(f"index version {result.index.version}, expires {result.index.expires}")
     return 0
-
-
-def oci_tags(version: str, arch: str) -> tuple[str, ...]:
-    from tmplbuild.oci.record import tags
-
-    return tags(version, arch)
 
 
 def _oci_destination(args: argparse.Namespace):

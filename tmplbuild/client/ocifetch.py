@@ -19,11 +19,9 @@ from tmplbuild.client import trust
 from tmplbuild.client.download import hash_file, present
 from tmplbuild.errors import AuthenticityError, LocalIOError, UsageError
 from tmplbuild.files import fsync_path
-from tmplbuild.manifest import ManifestError
 from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.oci import record, skopeo
 from tmplbuild.oci.image import FORMAT, ImageMeta, assemble
-from tmplbuild.repo.index import parse_stamp
 from tmplbuild.transport import Transport
 
 
@@ -39,17 +37,15 @@ def image_record(transport: Transport, base: str, chosen: trust.Selected) -> tup
                                             f"says {e.manifest.size}/{e.manifest.sha256[:16]}…")
     try:
         m = parse_manifest(data)
-        rec = record.parse(m.oci) if m.oci is not None else None
-    except (ManifestError, ValueError) as exc:
+        rec = record.of(m)
+    except ValueError as exc:  # a ManifestError too
         raise AuthenticityError("manifest", f"{e.manifest.path}: {exc}") from None
     if rec is None or rec.file != chosen.filename or (m.name, m.version, m.arch) != e.key:
         raise AuthenticityError("manifest", f"{e.manifest.path}: names no OCI image {chosen.filename}")
     if rec.registry is None:
         raise UsageError("oci", f"{e.name} {e.version} {e.arch}: its image was not pushed to a registry; fetch "
                                 f"{chosen.filename} from the repository instead (--format {FORMAT}, without --oci)")
-    epoch = m.source_date_epoch if m.source_date_epoch is not None else parse_stamp(m.created)
-    return rec, ImageMeta(name=m.name, version=m.version, arch=m.arch, description=m.description,
-                          revision=m.input_hash, epoch=epoch)
+    return rec, record.image_meta(m)
 
 
 def install(transport: Transport, base: str, chosen: trust.Selected, dest: Path, *, tls_verify: bool = True,

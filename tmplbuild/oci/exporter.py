@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import lzma
 import os
 from pathlib import Path
 from typing import BinaryIO
-
-import zstandard
 
 from tmplbuild.errors import AuthenticityError, UsageError
 from tmplbuild.files import atomic_write, hash_file
 from tmplbuild.manifest import ManifestArtifact
 from tmplbuild.oci import record
-from tmplbuild.oci.image import FORMAT, ImageMeta, OciImage, export
-from tmplbuild.repo.index import parse_stamp
+from tmplbuild.oci.image import FORMAT, OciImage, export, open_tar
+from tmplbuild.repo.index import ROOTFS_FORMATS
 from tmplbuild.repo.publish import load_artifact
 
 
@@ -43,7 +40,7 @@ def export_artifact(path: Path, force: bool = False) -> tuple[Path, OciImage]:
     /dev, an OCI whiteout name), LocalIOError."""
     art = load_artifact(path)
     m = art.manifest
-    source = next((a for a in m.artifacts if a.format in ("tar.zst", "tar.xz")), None)
+    source = next((a for a in m.artifacts if a.format in ROOTFS_FORMATS), None)
     if source is None:
         raise UsageError("oci export", f"{art.manifest_path.name} lists no .tar.zst or .tar.xz to make an image of")
     src = art.manifest_path.with_name(source.file)
@@ -51,19 +48,13 @@ def export_artifact(path: Path, force: bool = False) -> tuple[Path, OciImage]:
     dest = art.manifest_path.with_name(f"{stem}.{FORMAT}")
     if dest.exists() and not force:
         raise UsageError("output", f"{dest} exists; pass --force to replace it")
-    epoch = m.source_date_epoch if m.source_date_epoch is not None else parse_stamp(m.created)
-    meta = ImageMeta(name=m.name, version=m.version, arch=m.arch, description=m.description,
-                     revision=m.input_hash, epoch=epoch)
+    meta = record.image_meta(m)
     part = dest.with_name(f".{dest.name}.part")
     try:
         with open(src, "rb") as raw:
             hashing = _Hashing(raw)
-            if source.format == "tar.zst":
-                stream = zstandard.ZstdDecompressor().stream_reader(hashing, read_across_frames=True)
-            else:
-                stream = lzma.open(hashing)  # type: ignore[arg-type]
-            with stream:
-                image = export(stream, part, meta)  # type: ignore[arg-type]
+            with open_tar(hashing, source.format) as stream:  # type: ignore[arg-type]
+                image = export(stream, part, meta)
             while hashing.read(1 << 20):  # whatever the decompressor did not need to read
                 pass
     except FileNotFoundError:

@@ -598,6 +598,20 @@ def _copy(src: int, dst: int, size: int) -> None:
             left -= len(chunk)
 
 
+def open_tar(f: BinaryIO, fmt: str) -> BinaryIO:
+    """The uncompressed tar read out of a template file `f` of format tar.zst or tar.xz (its every frame), as a
+    stream to use in a `with` block."""
+    if fmt == "tar.zst":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(f, read_size=CHUNK, read_across_frames=True)  # type: ignore[return-value]
+    if fmt == "tar.xz":
+        import lzma
+
+        return lzma.open(f)  # type: ignore[return-value]
+    raise ValueError(f"{fmt}: not a compressed tar")
+
+
 def export(tar_stream: BinaryIO, dest: Path, meta: ImageMeta) -> OciImage:
     """From an uncompressed template tar stream (e.g. zstandard's stream_reader over the .tar.zst) to the
     oci-archive at dest, through a hidden temporary name and os.replace: nothing at dest on failure. Raises
@@ -966,8 +980,8 @@ def main(argv: list[str] | None = None) -> int:
                 import zstandard
 
                 try:
-                    with zstandard.ZstdDecompressor().stream_reader(src, read_size=CHUNK) as reader:
-                        image = export(reader, args.out, meta)  # type: ignore[arg-type]
+                    with open_tar(src, "tar.zst") as reader:
+                        image = export(reader, args.out, meta)
                 except zstandard.ZstdError as exc:
                     raise UsageError(CHECK, f"{args.tar}: not a readable zstd file ({exc})") from None
             else:

@@ -40,13 +40,14 @@ def check_destination(prefix: str) -> None:
 
 def image_of(manifest: Manifest, manifest_path: Path) -> record.Record:
     """The manifest's OCI record. Raises UsageError when the template has no OCI image."""
-    if manifest.oci is None:
-        raise UsageError("oci", f"{manifest_path.name}: the template has no OCI image: add \"oci\" to the recipe's "
-                                f"formats, or run `tmplbuild oci export {manifest_path}`")
     try:
-        return record.parse(manifest.oci)
+        rec = record.of(manifest)
     except ValueError as exc:
         raise UsageError("oci", f"{manifest_path.name}: {exc}") from None
+    if rec is None:
+        raise UsageError("oci", f"{manifest_path.name}: the template has no OCI image: add \"oci\" to the recipe's "
+                                f"formats, or run `tmplbuild oci export {manifest_path}`")
+    return rec
 
 
 def push(manifest: Manifest, manifest_path: Path, dest: Destination, signer

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tmplbuild.oci.image import OciImage
+from tmplbuild.manifest import Manifest
+from tmplbuild.oci.image import ImageMeta, OciImage
 
 _FILE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+~-]*\.oci\.tar\Z")
 # docker's reference grammar, as skopeo reads it: host[:port]/path with lowercase components, and a tag.
@@ -91,6 +92,30 @@ class Record:
 def built(file: str, image: OciImage) -> dict[str, Any]:
     """The record a build writes."""
     return Record(file, image).doc()
+
+
+def of(manifest: Manifest) -> Record | None:
+    """The manifest's image record; None for a template without an image. Raises ValueError."""
+    return None if manifest.oci is None else parse(manifest.oci)
+
+
+def in_manifest(data: bytes) -> Record | None:
+    """The image record of a manifest's bytes; None without one (most manifests, which are then not parsed at
+    all). Raises ValueError (a ManifestError included)."""
+    if b'"oci"' not in data:
+        return None
+    from tmplbuild.manifest import parse as parse_manifest
+
+    return of(parse_manifest(data))
+
+
+def image_meta(manifest: Manifest) -> ImageMeta:
+    """What the image says about the template besides its tar, as the build gave it. Raises UsageError."""
+    from tmplbuild.repo.index import parse_stamp
+
+    epoch = manifest.source_date_epoch if manifest.source_date_epoch is not None else parse_stamp(manifest.created)
+    return ImageMeta(name=manifest.name, version=manifest.version, arch=manifest.arch,
+                     description=manifest.description, revision=manifest.input_hash, epoch=epoch)
 
 
 def parse(doc: Any) -> Record:

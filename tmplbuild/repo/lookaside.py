@@ -12,8 +12,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tmplbuild.errors import AuthenticityError
-from tmplbuild.manifest import ManifestError
-from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.oci import record, simplesign
 from tmplbuild.repo import index as idx
 
@@ -32,12 +30,9 @@ def image_record(root: Path, entry: idx.Entry) -> record.Record | None:
         raise Unreadable(f"{entry.manifest.path}: {exc.strerror}") from None
     if hashlib.sha256(data).hexdigest() != entry.manifest.sha256:
         raise Unreadable(f"{entry.manifest.path}: not the manifest the index signs")
-    if b'"oci"' not in data:  # most manifests: no parse needed
-        return None
     try:
-        manifest = parse_manifest(data)
-        return None if manifest.oci is None else record.parse(manifest.oci)
-    except (ManifestError, ValueError) as exc:
+        return record.in_manifest(data)
+    except ValueError as exc:
         raise Unreadable(f"{entry.manifest.path}: {exc}") from None
 
 

@@ -77,13 +77,12 @@ def load_artifact(path: Path) -> Artifact:
     for fmt, p, *_ in files:
         if fmt not in FORMATS or p.name != f"{name}_{version}_{arch}.{fmt}":
             raise UsageError("artifact", f"{manifest_path}: unexpected file {p.name}")
-    if manifest.oci is not None:
-        try:
-            image_file = record.parse(manifest.oci).file
-        except ValueError as exc:
-            raise UsageError("artifact", f"{manifest_path}: {exc}") from None
-        if (idx.OCI_FORMAT, image_file) not in {(fmt, p.name) for fmt, p, *_ in files}:
-            raise UsageError("artifact", f"{manifest_path}: its image {image_file} is not among the files it lists")
+    try:
+        image = record.of(manifest)
+    except ValueError as exc:
+        raise UsageError("artifact", f"{manifest_path}: {exc}") from None
+    if image is not None and (idx.OCI_FORMAT, image.file) not in {(fmt, p.name) for fmt, p, *_ in files}:
+        raise UsageError("artifact", f"{manifest_path}: its image {image.file} is not among the files it lists")
     return Artifact(manifest_path, data, manifest, files)
 
 
