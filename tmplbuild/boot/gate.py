@@ -7,12 +7,16 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tmplbuild import __version__
 from tmplbuild.errors import AuthenticityError, EnvironmentUnfitError, TemplateTestError, UsageError
 from tmplbuild.files import hash_file
 from tmplbuild.manifest import Manifest
 from tmplbuild.repo.index import ROOTFS_FORMATS
+
+if TYPE_CHECKING:
+    from tmplbuild.oci.image import OciImage
 
 
 def primary_file(manifest: Manifest, manifest_path: Path) -> tuple[Path, str]:
@@ -23,9 +27,10 @@ def primary_file(manifest: Manifest, manifest_path: Path) -> tuple[Path, str]:
     raise EnvironmentUnfitError("template test", f"{manifest_path.name}: lists no .tar.zst or .tar.xz to boot")
 
 
-def already_tested(manifest: Manifest, sha256: str) -> bool:
+def already_tested(manifest: Manifest, sha256: str, image: str | None = None) -> bool:
+    """A passing record of this tar; with `image` (the OCI image's diff_id), one that also checked that image."""
     record = manifest.test or {}
-    return record.get("result") == "pass" and record.get("sha256") == sha256
+    return record.get("result") == "pass" and record.get("sha256") == sha256 and record.get("image") == image
 
 
 def test_record(manifest: Manifest, manifest_path: Path, *, skip: bool, apt_mirror: str | None = "named") -> dict:
@@ -35,17 +40,24 @@ def test_record(manifest: Manifest, manifest_path: Path, *, skip: bool, apt_mirr
     it here; --skip-test is the explicit way out)."""
     from tmplbuild.boot.runner import ALL, TestOptions, render, test_artifact
 
+    from tmplbuild.oci import record
+
     path, sha256 = primary_file(manifest, manifest_path)
     what = " ".join(manifest.key)
-    if manifest.oci is not None:
-        image_is_the_tar(manifest, manifest_path, path)
+    try:
+        image = record.of(manifest)
+    except ValueError as exc:
+        raise AuthenticityError("oci image", f"{manifest_path.name}: {exc}") from None
+    covered = {"image": image.image.diff_id} if image is not None else {}
+    if already_tested(manifest, sha256, covered.get("image")):
+        return dict(manifest.test or {})  # its run checked the image too: not again (rebuild, then publish)
+    if image is not None:
+        image_is_the_tar(manifest_path.with_name(image.file), image.image, path)
     if skip:
         print(f"tmplbuild: --skip-test: {what} is published UNTESTED: no container booted it; the manifest "
               "says so", file=sys.stderr, flush=True)
         return {"result": "skipped", "reason": "--skip-test", "file": path.name, "sha256": sha256,
                 "date": _now(), "tmplbuild": __version__}
-    if already_tested(manifest, sha256):
-        return dict(manifest.test or {})
     try:
         _, actual, _ = hash_file(path)
     except OSError as exc:
@@ -65,39 +77,25 @@ def test_record(manifest: Manifest, manifest_path: Path, *, skip: bool, apt_mirr
         raise EnvironmentUnfitError("template test", f"{what}: no container manager can boot it here ("
                                     + "; ".join(f"{m.manager}: {m.reason}" for m in report.managers)
                                     + "); install lxc and systemd-container, or pass --skip-test")
-    return {"result": "pass", "file": path.name, "sha256": sha256, "date": _now(), "tmplbuild": __version__,
-            "seconds": round(report.seconds, 1), "managers": managers}
+    return {"result": "pass", "file": path.name, "sha256": sha256, **covered, "date": _now(),
+            "tmplbuild": __version__, "seconds": round(report.seconds, 1), "managers": managers}
 
 
-def image_is_the_tar(manifest: Manifest, manifest_path: Path, tar: Path) -> None:
-    """The OCI image is covered by the boot of the tarball: its archive is the one its manifest records (every
+def image_is_the_tar(archive: Path, image: OciImage, tar: Path) -> None:
+    """The OCI image is covered by the boot of the tarball: `archive` is the image its manifest records (every
     digest), and its one layer is that very tar (diff_id = the sha256 of the uncompressed tar that boots). Raises
     AuthenticityError ("oci image")."""
     import hashlib
 
-    import zstandard
+    from tmplbuild.oci.image import open_tar, verify_archive
 
-    from tmplbuild.oci import record
-    from tmplbuild.oci.image import verify_archive
-
-    try:
-        rec = record.parse(manifest.oci)
-    except ValueError as exc:
-        raise AuthenticityError("oci image", f"{manifest_path.name}: {exc}") from None
-    verify_archive(manifest_path.with_name(rec.file), rec.image)
+    verify_archive(archive, image)
     h = hashlib.sha256()
-    with open(tar, "rb") as f:
-        if tar.name.endswith(".tar.zst"):
-            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-        else:
-            import lzma
-
-            reader = lzma.open(f)
-        with reader:
-            while chunk := reader.read(1 << 20):
-                h.update(chunk)
-    if f"sha256:{h.hexdigest()}" != rec.image.diff_id:
-        raise AuthenticityError("oci image", f"{rec.file}: its layer (diff_id {rec.image.diff_id}) is not the tar of "
+    with open(tar, "rb") as f, open_tar(f, "tar.zst" if tar.name.endswith(".tar.zst") else "tar.xz") as reader:
+        while chunk := reader.read(1 << 20):
+            h.update(chunk)
+    if f"sha256:{h.hexdigest()}" != image.diff_id:
+        raise AuthenticityError("oci image", f"{archive.name}: its layer (diff_id {image.diff_id}) is not the tar of "
                                              f"{tar.name} (sha256:{h.hexdigest()}), which the test boots")
 
 
