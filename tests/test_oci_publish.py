@@ -18,7 +18,7 @@ import requests
 from tests.conftest import ROOT
 from tests.oci_registry import registry  # noqa: F401 - a fixture
 from tests.test_client import client_env, node_snapshot, run_client
-from tests.test_repo import index_of, make_artifact, publish, tmplbuild
+from tests.test_repo import index_of, make_artifact, tmplbuild
 from tests.test_server import Server, init_repo, kill_agents, make_key
 from tmplbuild.oci import simplesign
 from tmplbuild.oci.image import verify_archive

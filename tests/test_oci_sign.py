@@ -18,7 +18,7 @@ import requests
 from tests.conftest import gpg
 from tests.oci_registry import (Registry, free_port, htpasswd_entry, kill_agents, make_archive, make_key,
                                 registry)  # noqa: F401  (registry: a fixture)
-from tmplbuild.errors import AuthenticityError, ExitCode, LocalIOError, TransportError, UsageError
+from tmplbuild.errors import ExitCode, LocalIOError, TransportError, UsageError
 from tmplbuild.oci import consumer, simplesign, skopeo
 from tmplbuild.sign import Signer
 
