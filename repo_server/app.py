@@ -28,6 +28,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 from tmplbuild.client.config import REMOTE_NAME
 from tmplbuild.errors import TmplbuildError, UsageError
 from tmplbuild.oci import record
+from tmplbuild.repo import index as idx
 from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo import store
 
@@ -238,13 +239,23 @@ def api_templates() -> Response:
         return snap
     doc = snap.doc
     body = {"repo_id": doc["repo_id"], "version": doc["version"], "generated": doc["generated"],
-            "expires": doc["expires"], "templates": doc["templates"]}
+            "expires": doc["expires"], "templates": [with_documents(t) for t in doc["templates"]]}
     summary = root_summary(snap)
     if summary is not None:
         body["root"] = summary
     if snap.oci:
         body["oci"] = [oci_summary(key, rec) for key, rec in sorted(snap.oci.items())]
     return jsonify(body)
+
+
+DOCUMENT_KINDS = {idx.SPDX_FORMAT: "spdx", idx.CYCLONEDX_FORMAT: "cyclonedx", idx.PROVENANCE_FORMAT: "provenance"}
+
+
+def with_documents(entry: dict[str, Any]) -> dict[str, Any]:
+    """An index entry as /api/v1/templates shows it: as signed, plus `documents` (kind -> path) naming its SBOMs
+    and provenance among its files, when it has any."""
+    docs = {DOCUMENT_KINDS[f["format"]]: f["path"] for f in entry.get("files", []) if f.get("format") in DOCUMENT_KINDS}
+    return {**entry, "documents": docs} if docs else entry
 
 
 def oci_summary(key: tuple[str, str, str], rec: record.Record) -> dict[str, Any]:

@@ -78,11 +78,20 @@ def test_changelog_added_removed_upgraded_downgraded():
         "removed": [{"name": "gone", "version": "3"}],
         "upgraded": [{"name": "b", "from": "2.0", "to": "2.0+deb12u1"}, {"name": "d", "from": "1.0~rc1", "to": "1.0"}],
         "downgraded": [{"name": "c", "from": "1:1.0", "to": "9.9"}],  # the epoch wins
+        # Packages without a Source field are their own source (dpkg's rule): a manifest from before SBOMs
+        "sources": [{"name": "b", "from": "2.0", "to": "2.0+deb12u1"}, {"name": "c", "from": "1:1.0", "to": "9.9"},
+                    {"name": "d", "from": "1.0~rc1", "to": "1.0"}, {"name": "gone", "from": "3", "to": None},
+                    {"name": "new", "from": None, "to": "0.1-2"}],
     }
     assert changelog_summary(log) == "+1 -1 ↑2 ↓1 since 12-20261101"
     first = changelog(None, new, None)
     assert first["previous_version"] is None and len(first["added"]) == 5
     assert changelog_summary(first) == "+5 -0 ↑0 ↓0 (first version)"
+    # Two binaries of one source (libssl3 and openssl from openssl): one source line, by source version.
+    old = (Package("libssl3", "3.0.15-1~deb12u1", source="openssl"), Package("openssl", "3.0.15-1~deb12u1"))
+    new = (Package("libssl3", "3.0.16-1~deb12u1", source="openssl"), Package("openssl", "3.0.16-1~deb12u1"))
+    assert changelog(old, new, "v1")["sources"] == [{"name": "openssl", "from": "3.0.15-1~deb12u1",
+                                                     "to": "3.0.16-1~deb12u1"}]
 
 
 def test_pick_version_and_newest():

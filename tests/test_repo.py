@@ -16,9 +16,13 @@ import pytest
 
 from tests.conftest import ROOT, gpg
 from tmplbuild.builder.pack import pack
+from tmplbuild.manifest import Package
+from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.oci import record
 from tmplbuild.oci.image import ImageMeta
 from tmplbuild.recipe.model import Compression
+from tmplbuild.repo import index as idx
+from tmplbuild.sbom import documents
 
 EPOCH = 1_780_000_000
 
@@ -29,8 +33,10 @@ def tmplbuild(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 
 def make_artifact(out: Path, name: str = "demo", version: str = "12-20261120", arch: str = "amd64",
-                  formats: tuple[Compression, ...] = (Compression.ZSTD,), payload: str = "hello\n") -> Path:
-    """A small template exactly as `tmplbuild build` lays it out: tarball(s) + manifest."""
+                  formats: tuple[Compression, ...] = (Compression.ZSTD,), payload: str = "hello\n",
+                  packages: tuple[Package, ...] | None = None) -> Path:
+    """A small template exactly as `tmplbuild build` lays it out: tarball(s) + manifest. With `packages`, the
+    manifest lists them and the SBOMs and provenance are written as the builder writes them."""
     tree = out / f"tree-{name}-{version}-{arch}"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc/os-release").write_text('NAME="Demo"\nVERSION_ID="12"\n')
@@ -49,6 +55,20 @@ def make_artifact(out: Path, name: str = "demo", version: str = "12-20261120", a
     }
     manifest.update({"oci": record.built(a.path.name, a.oci) for a in artifacts if a.oci is not None})
     path = out / f"{stem}.manifest.json"
+    if packages is not None:
+        manifest["packages"] = [p.doc() for p in packages]
+        m = parse_manifest(json.dumps(manifest).encode())
+        made = {idx.SPDX_FORMAT: documents.spdx(m), idx.CYCLONEDX_FORMAT: documents.cyclonedx(m)}
+        subjects = [(a.file, a.sha256) for a in m.artifacts] + [
+            (f"{stem}.{fmt}", hashlib.sha256(data).hexdigest()) for fmt, data in made.items()]
+        made[idx.PROVENANCE_FORMAT] = documents.provenance(
+            m, subjects, [documents.Release("http://mirror.invalid/debian/dists/bookworm/InRelease", "1" * 64)],
+            [f.file_format for f in formats])
+        for fmt, data in made.items():
+            (out / f"{stem}.{fmt}").write_bytes(data)
+            manifest["artifacts"].append({"file": f"{stem}.{fmt}", "format": fmt, "size": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest(),
+                                          "sha512": hashlib.sha512(data).hexdigest()})
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 

@@ -507,6 +507,9 @@ def parser() -> argparse.ArgumentParser:
     from tmplbuild.oci.commands import register as register_oci
 
     register_oci(sub)  # oci export/trust
+    from tmplbuild.client.documents import register as register_documents
+
+    register_documents(sub)  # sbom, show: what a published template is made of
     return p
 
 

@@ -29,14 +29,39 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Package:
+    """One installed dpkg package. The fields after installed_size_kib came with the SBOMs (tmplbuild.sbom); a
+    manifest from before them reads with "" there, and `source_name`/`source_ver` fall back as dpkg does (a
+    package without a Source field is its own source, at its own version)."""
+
     name: str
     version: str
     arch: str = ""
     installed_size_kib: int = 0
+    source: str = ""  # the source package (dpkg's ${source:Package})
+    source_version: str = ""  # its version (${source:Version}; differs after a binNMU)
+    maintainer: str = ""  # the Maintainer field: the supplier in the SBOMs
+    sha256: str = ""  # the .deb's SHA-256 from the signed Packages index ("" when no verified index listed it)
+    uri: str = ""  # where the build downloaded that .deb from ("" when unknown)
+    license: str = ""  # an SPDX expression from a machine-readable debian/copyright, else "NOASSERTION"
+
+    @property
+    def source_name(self) -> str:
+        return self.source or self.name
+
+    @property
+    def source_ver(self) -> str:
+        return self.source_version or self.version
 
     def doc(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "arch": self.arch,
-                "installed_size_kib": self.installed_size_kib}
+        doc: dict[str, Any] = {"name": self.name, "version": self.version, "arch": self.arch,
+                               "installed_size_kib": self.installed_size_kib}
+        for key in _PACKAGE_EXTRA:
+            if getattr(self, key):
+                doc[key] = getattr(self, key)
+        return doc
+
+
+_PACKAGE_EXTRA = ("source", "source_version", "maintainer", "sha256", "uri", "license")
 
 
 @dataclass(frozen=True)
@@ -189,5 +214,9 @@ def _package(doc: Any, i: int) -> Package:
     size = _get(doc, "installed_size_kib", int, 0, where)
     if not 0 <= size <= MAX_SIZE:
         raise ManifestError(f"{where}installed_size_kib: found {size}, expected 0 to {MAX_SIZE}")
+    sha = _get(doc, "sha256", str, "", where)
+    if sha and not _HEX64.match(sha):
+        raise ManifestError(f"{where}sha256: malformed")
     return Package(name=_get(doc, "name", str, where=where), version=_get(doc, "version", str, where=where),
-                   arch=_get(doc, "arch", str, "", where), installed_size_kib=size)
+                   arch=_get(doc, "arch", str, "", where), installed_size_kib=size,
+                   **{k: _get(doc, k, str, "", where) for k in _PACKAGE_EXTRA})

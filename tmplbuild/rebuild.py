@@ -57,6 +57,12 @@ def changelog(old: tuple[Package, ...] | None, new: tuple[Package, ...], previou
             log["upgraded"].append({"name": name, "from": before[name], "to": after[name]})
         elif cmp < 0:
             log["downgraded"].append({"name": name, "from": before[name], "to": after[name]})
+    # The same change by source package (what a security advisory names), from the same package data the SBOMs
+    # are written from: each source whose version changed, with from/to (None: new, or gone).
+    src_before = {p.source_name: p.source_ver for p in (old or ())}
+    src_after = {p.source_name: p.source_ver for p in new}
+    log["sources"] = [{"name": n, "from": src_before.get(n), "to": src_after.get(n)}
+                      for n in sorted(src_before.keys() | src_after.keys()) if src_before.get(n) != src_after.get(n)]
     return log
 
 

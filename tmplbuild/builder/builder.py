@@ -4,6 +4,7 @@ Reads as the list of steps it is: archive, resolve, download, bootstrap, scripts
 compress. Each step prints its duration. Nothing reaches the output directory until every step succeeded."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from tmplbuild import __version__
 from tmplbuild.builder import archive, chroot, lxcmeta, normalize, pack
-from tmplbuild.builder.manifest import installed_packages
+from tmplbuild.builder.manifest import inventory
 from tmplbuild.builder.mirror import host_proxies, resolve_mirror, template_mirror
 from tmplbuild.builder.plan import BootstrapPlan, debootstrap_argv, lists_name, make_plan, missing_packages
 from tmplbuild.errors import AuthenticityError, BuildError, LocalIOError, UsageError
@@ -27,7 +28,9 @@ from tmplbuild.manifest import Manifest, ManifestArtifact, Package
 from tmplbuild.oci import record
 from tmplbuild.oci.image import ImageMeta
 from tmplbuild.recipe.model import Compression, Recipe, Stage
+from tmplbuild.repo.index import DOCUMENT_FORMATS, CYCLONEDX_FORMAT, PROVENANCE_FORMAT, SPDX_FORMAT
 from tmplbuild.run import run
+from tmplbuild.sbom import documents
 
 
 APT_SIGNATURE_ERRORS = ("NO_PUBKEY", "is not signed", "BADSIG", "EXPKEYSIG", "REVKEYSIG",
@@ -148,7 +151,8 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
     finals = [opts.out_dir / f"{stem}.{fmt.file_format}" for fmt in recipe.formats]
     manifest_path = opts.out_dir / f"{stem}.manifest.json"
     meta_path = opts.out_dir / f"{stem}.{lxcmeta.FORMAT}" if Compression.XZ in recipe.formats else None
-    existing = [p for p in finals + [manifest_path, meta_path] if p is not None and p.exists()]
+    doc_paths = [opts.out_dir / f"{stem}.{fmt}" for fmt in DOCUMENT_FORMATS]
+    existing = [p for p in finals + doc_paths + [manifest_path, meta_path] if p is not None and p.exists()]
     if existing and not opts.force:
         raise UsageError("output", f"{existing[0]} exists; pass --force to replace it")
 
@@ -174,13 +178,17 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
                     _customise(root, recipe, env, log)
                     # The template's own sources, whatever mirror or proxy the build downloaded through.
                     (root / "etc/apt/sources.list").write_text(planned.sources)
+                with step("inventory", timings):
+                    # Before the clean-up, which empties the apt lists a script's packages are looked up in.
+                    known = {(p.name, p.version, p.arch): (p.sha256, f"{p.base_url or mirror}/{p.filename}")
+                             for p in plan.debs}
+                    packages = inventory(root, known, [x.url for x in suites]
+                                         + [u for r in recipe.repositories for u in r.uris])
                 with step("clean-up", timings):
                     if chroot.mounts_under(root):
                         raise BuildError("clean-up", f"mounts still active under {root}; refusing to clean")
                     normalize.clean(root, epoch)
                     normalize.refuse_private_keys(root)
-                with step("manifest", timings):
-                    packages = installed_packages(root)
                 with step("pack + compress", timings):
                     outputs = [(fmt, final.with_name(f".{final.name}.part"))
                                for final, fmt in zip(finals, recipe.formats)]
@@ -202,6 +210,40 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
             staged.append(_stage_bytes(meta_path, lxcmeta.FORMAT, lxcmeta.meta_tarball(
                 recipe.name, version, opts.arch, recipe.distribution, recipe.description, epoch)))
             finals.append(meta_path)
+        image_record = next((record.built(f.name, a.oci) for a, f in zip(staged, finals) if a.oci is not None), None)
+        manifest = Manifest(
+            name=recipe.name, version=version, arch=opts.arch, distribution=recipe.distribution,
+            release=recipe.release, suite=recipe.suite, variant=recipe.variant, description=recipe.description,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)), source_date_epoch=epoch,
+            build={
+                "input_hash": planned.input_hash,
+                "recipe_sha256": hashlib.sha256(recipe.canonical).hexdigest(),
+                "extends": list(recipe.extends),
+                "archive": [{"suite": x.suite, "codename": x.release.codename, "date": x.release.date,
+                             "inrelease_sha256": x.release.inrelease_sha256} for x in suites],
+                "bootstrap_variant": recipe.bootstrap.variant,
+                # Where this build downloaded from: not an input (the template names its own sources below).
+                "mirror": planned.mirror,
+                "security_mirror": next((x.url for x in suites if x.suite.endswith("-security")), None),
+                "zstd_level": opts.zstd_level,
+                "xz_level": opts.xz_level if Compression.XZ in recipe.formats else None,
+                "tmplbuild": __version__,
+            },
+            apt_sources=tuple(planned.sources.splitlines()),
+            tree={"entries": entries, "content_bytes": content_bytes},
+            packages=tuple(Package(**p) for p in packages),
+            artifacts=tuple(ManifestArtifact(file=f.name, format=a.format, size=a.size, sha256=a.sha256,
+                                             sha512=a.sha512) for a, f in zip(staged, finals)),
+            oci=image_record,
+        )
+        with step("sbom + provenance", timings):
+            staged_docs = _documents(manifest, doc_paths, suites,
+                                     [fmt.file_format for fmt in recipe.formats])
+        staged += staged_docs
+        finals += doc_paths
+        manifest = dataclasses.replace(manifest, artifacts=manifest.artifacts + tuple(
+            ManifestArtifact(file=f.name, format=a.format, size=a.size, sha256=a.sha256, sha512=a.sha512)
+            for a, f in zip(staged_docs, doc_paths)))
         # All formats land together, the manifest last: a reader that sees the manifest sees every file.
         for a, final in zip(staged, finals):
             os.replace(a.path, final)
@@ -209,35 +251,12 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
         for a in staged:
             a.path.unlink(missing_ok=True)
         raise LocalIOError("output", f"{opts.out_dir}: {exc.strerror}") from None
+    except BaseException:
+        for a in staged:
+            a.path.unlink(missing_ok=True)
+        raise
     artifacts = [pack.Artifact(path=final, format=a.format, size=a.size, sha256=a.sha256, sha512=a.sha512,
                                oci=a.oci) for a, final in zip(staged, finals)]
-    image_record = next((record.built(a.path.name, a.oci) for a in artifacts if a.oci is not None), None)
-
-    manifest = Manifest(
-        name=recipe.name, version=version, arch=opts.arch, distribution=recipe.distribution,
-        release=recipe.release, suite=recipe.suite, variant=recipe.variant, description=recipe.description,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)), source_date_epoch=epoch,
-        build={
-            "input_hash": planned.input_hash,
-            "recipe_sha256": hashlib.sha256(recipe.canonical).hexdigest(),
-            "extends": list(recipe.extends),
-            "archive": [{"suite": x.suite, "codename": x.release.codename, "date": x.release.date,
-                         "inrelease_sha256": x.release.inrelease_sha256} for x in suites],
-            "bootstrap_variant": recipe.bootstrap.variant,
-            # Where this build downloaded from: not an input (the template names its own sources below).
-            "mirror": planned.mirror,
-            "security_mirror": next((x.url for x in suites if x.suite.endswith("-security")), None),
-            "zstd_level": opts.zstd_level,
-            "xz_level": opts.xz_level if Compression.XZ in recipe.formats else None,
-            "tmplbuild": __version__,
-        },
-        apt_sources=tuple(planned.sources.splitlines()),
-        tree={"entries": entries, "content_bytes": content_bytes},
-        packages=tuple(Package(**p) for p in packages),
-        artifacts=tuple(ManifestArtifact(file=a.path.name, format=a.format, size=a.size, sha256=a.sha256,
-                                         sha512=a.sha512) for a in artifacts),
-        oci=image_record,
-    )
     atomic_write(manifest_path, manifest.to_bytes())
     for a in artifacts:
         say(f"==> {a.path} {a.size / 1e6:.1f} MB sha256 {a.sha256}")
@@ -430,6 +449,19 @@ class _plain_dir:
     def __exit__(self, *exc) -> None:
         for point in chroot.mounts_under(self.path):
             chroot.umount(point)
+
+
+def _documents(manifest: Manifest, paths: list[Path], suites: list[SuiteSource],
+               formats: list[str]) -> list[pack.Artifact]:
+    """The SBOMs and the provenance, staged next to the template's files (tmplbuild.sbom.documents)."""
+    by_format = dict(zip(DOCUMENT_FORMATS, paths))
+    out = [_stage_bytes(by_format[SPDX_FORMAT], SPDX_FORMAT, documents.spdx(manifest)),
+           _stage_bytes(by_format[CYCLONEDX_FORMAT], CYCLONEDX_FORMAT, documents.cyclonedx(manifest))]
+    subjects = [(a.file, a.sha256) for a in manifest.artifacts] + [(p.name, a.sha256) for p, a in zip(paths, out)]
+    releases = [documents.Release(f"{x.url}/dists/{x.suite}/InRelease", x.release.inrelease_sha256) for x in suites]
+    out.append(_stage_bytes(by_format[PROVENANCE_FORMAT], PROVENANCE_FORMAT,
+                            documents.provenance(manifest, subjects, releases, formats)))
+    return out
 
 
 def _stage_bytes(final: Path, fmt: str, data: bytes) -> pack.Artifact:

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 DEFAULT_DEST = "/var/lib/vz/template/cache"  # Proxmox VE's template cache: what pct and pveam read
 ARCH = re.compile(r"\A[a-z0-9][a-z0-9-]*\Z")
-FORMATS = ("tar.zst", "tar.xz", "lxc-meta.tar.xz", "oci.tar")  # tmplbuild.repo.index.FORMATS (a test keeps them equal)
+# tmplbuild.repo.index.FORMATS but the documents (`tmplbuild sbom` fetches those); a test keeps them equal
+FORMATS = ("tar.zst", "tar.xz", "lxc-meta.tar.xz", "oci.tar")
 
 
 def _read_key(path: str) -> bytes:

@@ -41,7 +41,12 @@ PATH = re.compile(r"\Atemplates/[a-z0-9][a-z0-9.+-]*/[0-9A-Za-z][0-9A-Za-z.+~-]*
 ROOTFS_FORMATS = ("tar.zst", "tar.xz")
 LXC_META_FORMAT = "lxc-meta.tar.xz"
 OCI_FORMAT = "oci.tar"
-FORMATS = (*ROOTFS_FORMATS, LXC_META_FORMAT, OCI_FORMAT)
+# What the template is made of and how (tmplbuild.sbom.documents): SPDX and CycloneDX SBOMs and the in-toto SLSA
+# provenance. Listed after the template's own files; a tmplbuild older than them lists, verifies and keeps them
+# like any file, and fetches files[0] as before.
+SPDX_FORMAT, CYCLONEDX_FORMAT, PROVENANCE_FORMAT = "spdx.json", "cdx.json", "intoto.json"
+DOCUMENT_FORMATS = (SPDX_FORMAT, CYCLONEDX_FORMAT, PROVENANCE_FORMAT)
+FORMATS = (*ROOTFS_FORMATS, LXC_META_FORMAT, OCI_FORMAT, *DOCUMENT_FORMATS)
 
 @dataclass(frozen=True)
 class FileRef:

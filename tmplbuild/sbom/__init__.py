@@ -1,0 +1,1 @@
+"""Software bills of materials (SPDX, CycloneDX), SLSA provenance, and the package queries over them."""
