@@ -31,6 +31,7 @@ from tmplbuild.oci import record
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import root as rootdoc
 from tmplbuild.repo import store
+from tmplbuild.sbom import affected
 
 from repo_server import safety, upload
 from repo_server.verified import IndexCache, IndexUnavailable, Snapshot
@@ -266,6 +267,37 @@ def oci_summary(key: tuple[str, str, str], rec: record.Record) -> dict[str, Any]
     return {"name": name, "version": version, "arch": arch, "repository": rec.registry.repository,
             "tags": list(rec.registry.tags), "digest": rec.image.manifest_digest, "reference": rec.by_digest(),
             "lookaside": [s.path for s in rec.registry.signatures]}
+
+
+@bp.get("/api/v1/affected")
+def api_affected() -> Response:
+    """Which template versions carry ?package=NAME (below ?fixed=VERSION; only ?arch=ARCH): the answer `tmplbuild
+    affected --json` prints (tmplbuild.sbom.affected). The manifests are read from the repository and checked
+    against the verified index, and kept parsed by sha256 for the next query; one that does not match its signed
+    sha256 (or cannot be read) makes the answer 503, naming it: never a partial answer. 400 for a bad query."""
+    if "package" not in request.args:
+        return _json_error(400, "package: missing, expected ?package=NAME (a binary or source package name)")
+    try:
+        q = affected.query(request.args["package"], request.args.get("fixed"), request.args.get("arch"))
+    except UsageError as exc:
+        return _json_error(400, str(exc))
+    snap = _snapshot_or_503()
+    if isinstance(snap, Response):
+        return snap
+    root = state().root_real
+    cache = current_app.extensions.setdefault("tmplbuild.affected", affected.ManifestCache())
+
+    def read(entry):
+        with open(os.path.join(root, entry.manifest.path), "rb") as f:
+            return f.read(entry.manifest.size + 1)
+
+    try:
+        pairs = cache.manifests(snap.index, affected.entries(snap.index, q.arch), read)
+        return jsonify(affected.report(snap.index, q, pairs))
+    except OSError as exc:
+        return _json_error(503, f"manifest: {os.path.relpath(exc.filename or root, root)}: {exc.strerror}")
+    except TmplbuildError as exc:
+        return _json_error(503, str(exc))
 
 
 @bp.get("/healthz")

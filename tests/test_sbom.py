@@ -241,3 +241,41 @@ def test_a_tampered_sbom_is_refused_with_exit_3_and_nothing_written(served, tmp_
         assert got.returncode == 3 and got.stdout == b""
     finally:
         path.write_bytes(good)
+
+
+# -- the previous tmplbuild reads a repository with documents -------------------------------------------------------
+
+PREVIOUS = "bb8622b"  # main before the SBOMs (issue 19's last commit)
+
+
+@pytest.fixture(scope="module")
+def previous(tmp_path_factory):
+    """The previous tmplbuild's source, from this repository's history."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the previous release's source is not at hand")
+    dest = tmp_path_factory.mktemp("previous")
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS, "tmplbuild", "repo_server"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def test_the_previous_tmplbuild_lists_fetches_and_audits_a_repository_with_documents(served, previous, tmp_path):
+    base, repo, server, key, pub, art = served
+    env = {**client_env(tmp_path, tmp_path / "config", tmp_path / "state"), "PYTHONPATH": str(previous)}
+    src = ["--url", server.url(""), "--key", str(pub), "--fingerprint", key[1]]
+
+    def old(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "tmplbuild", *args], cwd=previous, capture_output=True, env=env,
+                              timeout=120)
+
+    assert b"sbom" not in old("--help").stdout  # it is the previous one
+    listed = old("list", "--json", *src)
+    assert listed.returncode == 0, listed.stderr
+    entry = json.loads(listed.stdout)["templates"][0]
+    assert [f["format"] for f in entry["files"]][-3:] == list(idx.DOCUMENT_FORMATS)
+    got = old("fetch", "demo", "--arch", "amd64", "--dest", str(tmp_path / "cache"), *src)
+    assert got.returncode == 0, got.stderr
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["demo_12-20261120_amd64.tar.zst"]
+    audit = old("repo", "verify", str(repo))
+    assert audit.returncode == 0, audit.stderr + audit.stdout

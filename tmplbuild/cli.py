@@ -510,6 +510,9 @@ def parser() -> argparse.ArgumentParser:
     from tmplbuild.client.documents import register as register_documents
 
     register_documents(sub)  # sbom, show: what a published template is made of
+    from tmplbuild.client.affected import register as register_affected
+
+    register_affected(sub)  # affected: which templates carry a package
     return p
 
 
