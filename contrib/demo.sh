@@ -4,6 +4,7 @@
 # repository (its OCI image pushed to a local registry and signed), audit it, check it the way a node admin with
 # only gpgv and sha256sum would, serve it on 127.0.0.1, fetch and verify it into a template cache with only the
 # root key's fingerprint pinned, verify the image with stock skopeo and fetch it with tmplbuild's own client,
+# read its SBOMs and provenance and ask which versions carry openssl,
 # then rotate the online key (as after a stolen CI key) and watch the client follow the new root.
 set -eu
 PYTHON=${PYTHON:-python3}
@@ -45,8 +46,10 @@ cleanup() {
         remove="'$OUT'"
     elif [ -n "$manifest" ]; then
         stem=${manifest%.manifest.json}
-        echo "  $stem.tar.zst $stem.tar.xz $stem.oci.tar $stem.lxc-meta.tar.xz $manifest: the built template and its manifest"
-        remove="'$stem.tar.zst' '$stem.tar.xz' '$stem.oci.tar' '$stem.lxc-meta.tar.xz' '$manifest'"
+        echo "  $stem.tar.zst $stem.tar.xz $stem.oci.tar $stem.lxc-meta.tar.xz $stem.spdx.json $stem.cdx.json"
+        echo "    $stem.intoto.json $manifest: the built template, its SBOMs and provenance, and its manifest"
+        remove="'$stem.tar.zst' '$stem.tar.xz' '$stem.oci.tar' '$stem.lxc-meta.tar.xz' '$stem.spdx.json' '$stem.cdx.json'"
+        remove="$remove '$stem.intoto.json' '$manifest'"
     else
         remove=
     fi
@@ -161,7 +164,20 @@ echo "refused by stock skopeo: $(tail -n 1 "$WORK/renamed.err" | sed 's/.*msg="/
 tb fetch debian-12-minimal --remote demo --oci --oci-insecure-registry --dest "$WORK/cache"
 
 echo
-echo "### 10. CI's key is replaced (as after a theft): root 2, signed with the root key, drops it"
+echo "### 10. what the template is made of: its SBOMs and provenance, checked like the template; which versions"
+echo "###     carry openssl (exit 1: some do), and below a version that would fix it"
+tb sbom debian-12-minimal --remote demo --format cyclonedx -o "$WORK/sbom.cdx.json" 2>&1
+tb sbom debian-12-minimal --remote demo --format provenance -o "$WORK/provenance.intoto.json" 2>&1
+tb show debian-12-minimal --remote demo | sed -n '1,/packages:/p'
+set +e
+tb affected openssl --remote demo 2>&1
+status=$?
+set -e
+[ "$status" -eq 1 ] || { echo "expected exit 1 (the template carries openssl), got $status"; exit 1; }
+tb affected openssl --fixed 1.0 --remote demo 2>&1
+
+echo
+echo "### 11. CI's key is replaced (as after a theft): root 2, signed with the root key, drops it"
 fpr2=$(tb key generate --name "tmplbuild demo CI 2 <demo2@example.invalid>" --gnupghome "$WORK/gnupg2" \
        --expire 1d --out "$WORK/keys/demo2.asc")
 tb root next "$WORK/repo/root/1.root.json" "$WORK/roots/2.root.json" --remove-online "$fpr" \

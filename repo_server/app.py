@@ -218,6 +218,7 @@ def page() -> Response | str:
                            oci_prefixes=prefixes,
                            root_path=rootdoc.path(snap.root.version) if snap.root is not None else None,
                            fingerprints=fingerprints, human=human_size, remote=remote_name(snap.index.repo_id),
+                           doc_labels=DOCUMENT_LABELS,
                            templates=sorted(snap.index.templates, key=lambda e: (e.name, e.version, e.arch)))
 
 
@@ -250,6 +251,8 @@ def api_templates() -> Response:
 
 
 DOCUMENT_KINDS = {idx.SPDX_FORMAT: "spdx", idx.CYCLONEDX_FORMAT: "cyclonedx", idx.PROVENANCE_FORMAT: "provenance"}
+DOCUMENT_LABELS = {idx.SPDX_FORMAT: "SBOM (SPDX 2.3)", idx.CYCLONEDX_FORMAT: "SBOM (CycloneDX 1.5)",
+                   idx.PROVENANCE_FORMAT: "SLSA provenance"}
 
 
 def with_documents(entry: dict[str, Any]) -> dict[str, Any]:

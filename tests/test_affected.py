@@ -397,3 +397,12 @@ def test_bad_arguments_exit_2_with_one_line(node, args):
     proc = node.run(*args)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("tmplbuild: ")
+
+
+def test_a_signed_manifest_with_a_version_that_is_not_dpkgs_is_refused_not_a_crash():
+    """An installed version dpkg would never write is exit 3 (a manifest not to answer from), never the exit 1 of
+    an internal error, which a script would read as "affected"."""
+    broken = pair("demo", "1", (pkg("libssl3", "abc:1", "openssl", "abc:1"),))
+    with pytest.raises(AuthenticityError, match="not a dpkg version"):
+        affected.find([broken], "openssl", "3.0.15-1~deb12u1")
+    assert affected.find([broken], "openssl", None)[0].packages[0].version == "abc:1"  # no comparison, no refusal

@@ -162,6 +162,20 @@ def test_the_real_templates_sboms_and_provenance_tell_the_truth(minimal, cache, 
     assert {d["digest"]["sha256"] for d in deps if d.get("name", "").endswith(".deb")} == {p.sha256 for p in m.packages}
     assert [d["digest"]["sha256"] for d in deps if d.get("uri", "").endswith("/InRelease")] == \
         [a["inrelease_sha256"] for a in m.build["archive"]]
+    # The README's third-party check, steps 1 and 3, with jq and sha256sum (the .debs from the build's cache,
+    # under the pool names `curl -O` gives them).
+    prov_path = only(cold, "*.intoto.json")
+    step1 = subprocess.run(f"jq -r '.subject[] | \"\\(.digest.sha256)  \\(.name)\"' {prov_path} | sha256sum -c",
+                           shell=True, cwd=cold, capture_output=True, text=True)
+    assert step1.returncode == 0 and step1.stdout.count(": OK") == 6, step1.stdout + step1.stderr
+    pool = tmp_path / "debs"
+    pool.mkdir()
+    for p in m.packages:
+        (pool / p.uri.rsplit("/", 1)[-1]).symlink_to(cache / "debs" / f"{p.name}_{p.version}_{p.arch}.deb".replace(":", "%3a", 1))
+    step3 = subprocess.run("jq -r '.predicate.buildDefinition.resolvedDependencies[] | select(.name) | "
+                           f"\"\\(.digest.sha256)  \\(.name)\"' {prov_path} | sha256sum -c", shell=True, cwd=pool,
+                           capture_output=True, text=True)
+    assert step3.returncode == 0 and step3.stdout.count(": OK") == len(m.packages), step3.stdout + step3.stderr
 
 
 def test_template_carries_nothing_unique_or_from_the_build_host(minimal, tmp_path):

@@ -124,13 +124,19 @@ def test_the_demo_succeeds_leaves_no_process_and_says_how_to_remove_its_files(tm
     for line in ("checked: CI's GNUPGHOME holds no secret root key", "published root 1 of tmplbuild-demo",
                  "published root 2 of tmplbuild-demo", "(exit 3, as it must be)"):
         assert line in proc.stdout, line
-    assert "root:" in proc.stdout.split("### 10.")[1]  # `remote list`: the remote pins a root key, no index key
-    assert sorted(p.name.split("_amd64")[1] for p in built) == [".lxc-meta.tar.xz", ".manifest.json", ".oci.tar",
+    assert "root:" in proc.stdout.split("### 11.")[1]  # `remote list`: the remote pins a root key, no index key
+    assert sorted(p.name.split("_amd64")[1] for p in built) == [".cdx.json", ".intoto.json", ".lxc-meta.tar.xz",
+                                                                 ".manifest.json", ".oci.tar", ".spdx.json",
                                                                  ".tar.xz", ".tar.zst"]
     # The image went to a registry on 127.0.0.1 signed by CI's key; stock skopeo verified it under the policy
     # `tmplbuild oci trust` wrote and refused it under a tag nobody signed; tmplbuild's own client pulled it by the
     # digest the signed index binds.
     oci = proc.stdout.split("### 9.")[1].split("### 10.")[0]
+    made_of = proc.stdout.split("### 10.")[1].split("### 11.")[0]
+    assert re.search(r"sbom\.cdx\.json: cyclonedx of debian-12-minimal .* sha256 [0-9a-f]{64}", made_of), made_of
+    assert re.search(r"^debian-12-minimal\s.*libssl3\s+\S+\s+openssl=", made_of, re.M), made_of
+    assert "affected: 1 of 1 template version carries openssl" in made_of, made_of
+    assert "nothing affected: 1 template version checked for openssl below 1.0" in made_of, made_of
     assert "stock skopeo verified the signature" in oci and "refused by stock skopeo: " in oci, oci
     assert "is not accepted" in oci, oci
     assert re.search(r"oci\.tar: pulled from 127\.0\.0\.1:\d+/tmplbuild/debian-12-minimal@sha256:[0-9a-f]{64} and "

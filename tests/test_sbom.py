@@ -196,6 +196,8 @@ def test_documents_are_in_the_signed_index_served_linked_and_listed(served):
     page = requests.get(server.url("/"), timeout=30).text
     for f in entry["files"][1:]:
         assert f'href="{server.url("/" + f["path"])}"' in page
+    for label, f in zip(("SBOM (SPDX 2.3)", "SBOM (CycloneDX 1.5)", "SLSA provenance"), entry["files"][-3:]):
+        assert f'{label}: <a href="{server.url("/" + f["path"])}"' in page
     api = requests.get(server.url("/api/v1/templates"), timeout=30).json()
     docs = api["templates"][0]["documents"]
     assert docs == {"spdx": entry["files"][-3]["path"], "cyclonedx": entry["files"][-2]["path"],

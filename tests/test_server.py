@@ -30,6 +30,7 @@ import requests
 from tests.conftest import ROOT, gpg
 from tests.test_repo import index_of, make_artifact, other_key, publish, tmplbuild
 from tmplbuild.errors import UnsafeContentError, UsageError
+from tmplbuild.manifest import Package
 
 V1, V2 = "12-20261120", "12-20261130"
 TARBALL = f"templates/demo/{V1}/demo_{V1}_amd64.tar.zst"
@@ -399,7 +400,8 @@ def test_the_commands_on_the_page_fetch_the_template(tmp_path):
     fpr = key[1]
     repo = init_repo(tmp_path / "repo", key)
     # The page's fetch takes the host's architecture, as a node admin's would.
-    assert publish(repo, key, make_artifact(tmp_path / "out", arch=host_arch())).returncode == 0
+    ssl = Package("libssl3", "3.0.15-1~deb12u1", host_arch(), source="openssl")
+    assert publish(repo, key, make_artifact(tmp_path / "out", arch=host_arch(), packages=(ssl,))).returncode == 0
     tarball = next(repo.glob("templates/demo/*/*.tar.zst"))
     server = Server(repo, tmp_path / "logs")
     try:
@@ -412,10 +414,13 @@ def test_the_commands_on_the_page_fetch_the_template(tmp_path):
         parser = _Pre()
         parser.feed(page)
         shown = [line for block in parser.blocks for line in block.splitlines() if line.startswith("tmplbuild ")]
-        assert [shlex.split(c)[1] for c in shown] == ["remote", "list", "fetch", "fetch"], shown
-        commands = [c.replace("KEY.asc", str(key_file)).replace("FINGERPRINT", fpr) for c in shown]
+        assert [shlex.split(c)[1] for c in shown] == ["remote", "list", "fetch", "fetch", "sbom", "show",
+                                                      "affected"], shown
+        commands = [c.replace("KEY.asc", str(key_file)).replace("FINGERPRINT", fpr)
+                    .replace("VERSION", "3.0.11-1") for c in shown]
 
-        for n, group in enumerate((commands[:3], commands[3:])):  # remote add, list, fetch --remote; one-off fetch
+        # remote add, list, fetch --remote, then sbom, show and affected with that remote; a one-off fetch
+        for n, group in enumerate((commands[:3] + commands[4:], commands[3:4])):
             home, dest = tmp_path / f"admin{n}", tmp_path / f"cache{n}"
             home.mkdir()
             dest.mkdir()
@@ -423,6 +428,10 @@ def test_the_commands_on_the_page_fetch_the_template(tmp_path):
                 out = run_page_command(command, home, dest)
                 if shlex.split(command)[1] == "list":
                     assert re.search(rf"^demo\s+{V1}\s+{host_arch()}\s", out, re.M), out
+                if shlex.split(command)[1] == "show":
+                    assert re.search(r"^  libssl3\s+3.0.15-1~deb12u1\s+openssl\s", out, re.M), out
+            if n == 0:
+                assert json.loads((home / "sbom.cdx.json").read_bytes())["components"][0]["name"] == "libssl3"
             assert [p.name for p in dest.iterdir()] == [tarball.name]
             assert (dest / tarball.name).read_bytes() == tarball.read_bytes()
     finally:

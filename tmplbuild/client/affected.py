@@ -59,7 +59,8 @@ def cmd_affected(args: argparse.Namespace) -> int:
         print(f"nothing affected: {checked} checked for {wanted}", file=sys.stderr)
         return 0
     top = sum(a["newest"] for a in doc["affected"])
-    print(f"affected: {len(doc['affected'])} of {checked} carry {wanted} ({top} of them the newest of their name "
+    verb = "carries" if len(doc["affected"]) == 1 else "carry"
+    print(f"affected: {len(doc['affected'])} of {checked} {verb} {wanted} ({top} of them the newest of their name "
           "and arch)", file=sys.stderr)
     return 1
 

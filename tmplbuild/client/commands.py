@@ -182,19 +182,24 @@ def host_arch() -> str:
     return arch
 
 
+def check_name_version(name: str, version: str | None) -> None:
+    """A template name and version as the index spells them (fetch, sbom, show). Raises UsageError."""
+    from tmplbuild.repo import index as idx
+
+    if not idx.NAME.match(name):
+        raise UsageError("template", f"found {name!r}, expected a template name (lowercase letters, digits, + - .)")
+    if version is not None and not idx.VERSION.match(version):
+        raise UsageError("version", f"found {version!r}, expected letters, digits and + - . ~")
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from tmplbuild.client import trust
     from tmplbuild.client.download import Progress, install
     from tmplbuild.client.updater import Updater
     from tmplbuild.errors import LocalIOError
     from tmplbuild.files import make_dirs, remove_empty_dirs
-    from tmplbuild.repo import index as idx
 
-    if not idx.NAME.match(args.name):
-        raise UsageError("template", f"found {args.name!r}, expected a template name (lowercase letters, digits, "
-                                     "+ - .)")
-    if args.version is not None and not idx.VERSION.match(args.version):
-        raise UsageError("version", f"found {args.version!r}, expected letters, digits and + - . ~")
+    check_name_version(args.name, args.version)
     arch = args.arch or host_arch()
     if not ARCH.match(arch):
         raise UsageError("arch", f"found {arch!r}, expected a Debian architecture name such as amd64")

@@ -24,13 +24,9 @@ def _select(args: argparse.Namespace, trusted, fmt: str | None):
 
 
 def _check_name(args: argparse.Namespace) -> None:
-    from tmplbuild.repo import index as idx
+    from tmplbuild.client.commands import check_name_version
 
-    if not idx.NAME.match(args.name):
-        raise UsageError("template", f"found {args.name!r}, expected a template name (lowercase letters, digits, "
-                                     "+ - .)")
-    if args.version is not None and not idx.VERSION.match(args.version):
-        raise UsageError("version", f"found {args.version!r}, expected letters, digits and + - . ~")
+    check_name_version(args.name, args.version)
 
 
 def cmd_sbom(args: argparse.Namespace) -> int:

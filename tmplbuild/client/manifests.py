@@ -70,6 +70,6 @@ def verified_bytes(transport: Transport, base: str, ref: idx.FileRef, *, use_cac
     return data
 
 
-def verified_manifest(transport: Transport, base: str, entry: idx.Entry) -> Manifest:
+def verified_manifest(transport: Transport, base: str, entry: idx.Entry, *, use_cache: bool = True) -> Manifest:
     """The manifest the signed index hashes for `entry`. Raises AuthenticityError, TransportError."""
-    return parse(entry, verified_bytes(transport, base, entry.manifest))
+    return parse(entry, verified_bytes(transport, base, entry.manifest, use_cache=use_cache))

@@ -15,11 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
-from tmplbuild.client import trust
+from tmplbuild.client import manifests, trust
 from tmplbuild.client.download import hash_file, present
 from tmplbuild.errors import AuthenticityError, LocalIOError, UsageError
 from tmplbuild.files import fsync_path
-from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.oci import record, skopeo
 from tmplbuild.oci.image import FORMAT, ImageMeta, assemble
 from tmplbuild.transport import Transport
@@ -30,17 +29,12 @@ def image_record(transport: Transport, base: str, chosen: trust.Selected) -> tup
     Raises AuthenticityError ("manifest": not the signed bytes, or no image record for this file), UsageError
     (the image was never pushed to a registry), TransportError."""
     e = chosen.entry
-    data = transport.get_bytes(f"{base}/{e.manifest.path}", e.manifest.size, e.manifest.path.rsplit("/", 1)[-1])
-    got = hashlib.sha256(data).hexdigest()
-    if (len(data), got) != (e.manifest.size, e.manifest.sha256):
-        raise AuthenticityError("manifest", f"{e.manifest.path}: size/sha256 {len(data)}/{got[:16]}…, the index "
-                                            f"says {e.manifest.size}/{e.manifest.sha256[:16]}…")
+    m = manifests.verified_manifest(transport, base, e, use_cache=False)  # a fetch leaves no state but its own
     try:
-        m = parse_manifest(data)
         rec = record.of(m)
-    except ValueError as exc:  # a ManifestError too
+    except ValueError as exc:
         raise AuthenticityError("manifest", f"{e.manifest.path}: {exc}") from None
-    if rec is None or rec.file != chosen.filename or (m.name, m.version, m.arch) != e.key:
+    if rec is None or rec.file != chosen.filename:
         raise AuthenticityError("manifest", f"{e.manifest.path}: names no OCI image {chosen.filename}")
     if rec.registry is None:
         raise UsageError("oci", f"{e.name} {e.version} {e.arch}: its image was not pushed to a registry; fetch "

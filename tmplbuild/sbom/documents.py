@@ -240,7 +240,9 @@ def provenance(manifest: Manifest, subjects: list[tuple[str, str]], releases: li
     deps: list[dict[str, Any]] = [{"uri": r.url, "digest": {"sha256": r.sha256}} for r in releases]
     for p in manifest.packages:
         if p.sha256:
-            dep: dict[str, Any] = {"name": f"{p.name}_{p.version}_{p.arch}.deb", "digest": {"sha256": p.sha256}}
+            # The archive's pool file name (no epoch): what `curl -O URI` saves and `sha256sum -c` reads.
+            pool = p.uri.rsplit("/", 1)[-1] if p.uri else f"{p.name}_{p.version.split(':', 1)[-1]}_{p.arch}.deb"
+            dep: dict[str, Any] = {"name": pool, "digest": {"sha256": p.sha256}}
             if p.uri:
                 dep["uri"] = p.uri
             deps.append(dep)
