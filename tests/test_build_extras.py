@@ -95,8 +95,13 @@ def test_extra_repository_is_used_through_its_own_key(cache, tmp_path, served_re
     proc = build(repo_recipe(tmp_path, url, key), out, cache)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(only(out, "*.manifest.json").read_text())
-    assert {"name": "tmplbuild-hello", "version": "1.0", "arch": "all", "installed_size_kib": 0} in \
-        [{**p, "installed_size_kib": 0} for p in manifest["packages"]]
+    # A package the recipe repository brought: its .deb's sha256 and URI from the apt lists apt verified in the
+    # tree (it is not in the build's own plan), and NOASSERTION for a package without a copyright file.
+    deb = tmp_path / "repo/pool/tmplbuild-hello_1.0_all.deb"
+    assert {"name": "tmplbuild-hello", "version": "1.0", "arch": "all", "installed_size_kib": 0,
+            "source": "tmplbuild-hello", "source_version": "1.0", "maintainer": "Test <test@example.invalid>",
+            "sha256": hashlib.sha256(deb.read_bytes()).hexdigest(), "uri": f"{url}/pool/{deb.name}",
+            "license": "NOASSERTION"} in [{**p, "installed_size_kib": 0} for p in manifest["packages"]]
     tree = unpack(only(out, "*.tar.zst"), tmp_path / "tree")
     assert (tree / "usr/share/tmplbuild-hello/hello").read_text() == "hello from a signed repository\n"
     sources = (tree / "etc/apt/sources.list.d/local.sources").read_text()
