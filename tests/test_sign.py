@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import gpg
+from tests.conftest import ROOT, gpg
 from tmplbuild.errors import AuthenticityError, LocalIOError, UsageError
 from tmplbuild.sign import Signer, Verified, Verifier, default_gnupghome, export_public, generate_key
 from tmplbuild.sign.keys import check_gnupghome_location, contains_secret_key, list_secret_fingerprints
@@ -104,6 +105,49 @@ def test_check_gnupghome_location(tmp_path: Path) -> None:
         assert info.value.check == "gnupghome"
     check_gnupghome_location(tmp_path / "gnupg", [project, served])
     check_gnupghome_location(tmp_path / "project-gnupg", [project, served])
+    # Any git work tree is a project checkout, whatever the current directory: a key home in one is refused, even
+    # one not created yet, even through a linked worktree's .git file.
+    (tmp_path / "checkout/.git").mkdir(parents=True)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked/.git").write_text("gitdir: /elsewhere/.git/worktrees/linked\n")
+    for inside in (tmp_path / "checkout/keys/gnupg", tmp_path / "linked/gnupg"):
+        with pytest.raises(UsageError, match="inside the git work tree"):
+            check_gnupghome_location(inside, [])
+
+
+@pytest.fixture
+def short_home():
+    """A home directory with a short path: gpg-agent's socket in ~/.local/share/tmplbuild/gnupg must fit a Unix
+    socket address (108 bytes), which pytest's tmp_path would overflow."""
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="h", dir="/tmp"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_key_generate_from_the_home_directory_uses_the_default_key_home(short_home: Path) -> None:
+    """A new user's first command, run from ~: the default key home is under ~, and that is fine (it is not a
+    project); the same command with --gnupghome inside a git checkout is refused from anywhere."""
+    tmp_path = short_home
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("TMPLBUILD_GNUPGHOME", None)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tmplbuild", "key", "generate", "--name", "Me <me@example.invalid>",  # noqa: E731
+                                     "--expire", "1d", *a], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                                    capture_output=True, text=True)
+    proc = run()
+    try:
+        assert proc.returncode == 0, proc.stderr
+        fpr = proc.stdout.strip()
+        assert (tmp_path / ".local/share/tmplbuild/gnupg").is_dir() and (tmp_path / f"keys/{fpr}.asc").is_file()
+        subprocess.run(["git", "init", "-q", str(tmp_path / "project")], check=True)
+        refused = run("--gnupghome", str(tmp_path / "project/gnupg"))
+        assert refused.returncode == 2 and "inside the git work tree" in refused.stderr, refused.stderr
+        assert not (tmp_path / "project/gnupg").exists()
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(tmp_path / ".local/share/tmplbuild/gnupg"), "--kill", "all"],
+                       capture_output=True)
 
 
 # --- signing and the happy path ------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
     from tmplbuild.sign.keys import check_gnupghome_location
 
     home = Path(args.gnupghome) if args.gnupghome else default_gnupghome()
-    check_gnupghome_location(home, [Path.cwd()])  # the private key stays out of the project
+    check_gnupghome_location(home, [])  # the private key stays out of any checkout
     fpr = generate_key(args.name, home, expire=args.expire, algo=args.algo)
     out = Path(args.out) if args.out else Path("keys") / f"{fpr}.asc"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
         if not args.token_file:
             raise UsageError("publish", "--to needs --token-file")
-        signer, home = _signer(args, [Path.cwd()])
+        signer, home = _signer(args, [])
         # Pinned: the signing key itself, plus any --repo-key the maintainer trusts; never keys from the server.
         keys = export_public(signer.fingerprint, home, armored=False)
         pinned = [signer.fingerprint]
@@ -143,7 +143,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         if not args.repo:
             raise UsageError("publish", "give --repo DIR, or --to URL --token-file FILE")
         repo = Path(args.repo)
-        signer, _ = _signer(args, [repo, Path.cwd()])
+        signer, _ = _signer(args, [repo])
         result = publish(repo, paths, signer, expires_in, oci)
     for e in result.added:
         print(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.files)}")
@@ -207,7 +207,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
     from tmplbuild.repo.manage import init
 
     repo = Path(args.dir)
-    signer, home = _signer(args, [repo, Path.cwd()])
+    signer, home = _signer(args, [repo])
     index = init(repo, signer, home, args.id or repo.resolve().name.lower(), _expires_in(args))
     print(f"initialised {repo} (repo id {index.repo_id}, key {signer.fingerprint}, index version 1)")
     return 0
@@ -250,7 +250,7 @@ def cmd_repo_prune(args: argparse.Namespace) -> int:
     from tmplbuild.repo.manage import prune
 
     repo = Path(args.dir)
-    signer, _ = _signer(args, [repo, Path.cwd()])
+    signer, _ = _signer(args, [repo])
     index, removed = prune(repo, args.keep, signer, _expires_in(args))
     for e in removed:
         print(f"removed {e.name} {e.version} {e.arch}")
@@ -262,7 +262,7 @@ def cmd_repo_resign(args: argparse.Namespace) -> int:
     from tmplbuild.repo.manage import resign
 
     repo = Path(args.dir)
-    signer, _ = _signer(args, [repo, Path.cwd()])
+    signer, _ = _signer(args, [repo])
     notes: list[str] = []
     index = resign(repo, signer, _expires_in(args), carry_over=args.carry_over, notes=notes)
     for line in notes:
@@ -275,7 +275,7 @@ def cmd_repo_remove(args: argparse.Namespace) -> int:
     from tmplbuild.repo.manage import remove
 
     repo = Path(args.dir)
-    signer, _ = _signer(args, [repo, Path.cwd()])
+    signer, _ = _signer(args, [repo])
     notes: list[str] = []
     index, removed = remove(repo, args.name, args.version, args.arch, signer, _expires_in(args),
                             carry_over=args.carry_over, notes=notes)
@@ -299,11 +299,11 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
         if not args.token_file:
             raise UsageError("rebuild", "--to needs --token-file")
-        signer, home = _signer(args, [Path.cwd()])
+        signer, home = _signer(args, [Path(args.recipes)])
         repo = RemoteRepo(args.to, signer, export_public(signer.fingerprint, home, armored=False),
                           read_token(Path(args.token_file)), expires_in, oci)
     else:
-        signer, _ = _signer(args, [Path(args.repo), Path.cwd()])
+        signer, _ = _signer(args, [Path(args.repo), Path(args.recipes)])
         repo = LocalRepo(Path(args.repo), signer, expires_in, oci)
     report = rebuild(repo, RebuildOptions(
         recipes_dir=Path(args.recipes), host_arch=host_arch(),

@@ -149,7 +149,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if existing:
         root.split_signatures(existing, str(sig_path))  # appends only to a well-formed file
     home = Path(args.gnupghome) if args.gnupghome else default_gnupghome()
-    check_gnupghome_location(home, [Path.cwd()])
+    check_gnupghome_location(home, [])
     with Signer(home, args.key) as signer:
         if signer.fingerprint in {f for f, _ in doc.keys} and signer.fingerprint in doc.online.keys \
                 and signer.fingerprint not in doc.root.keys:

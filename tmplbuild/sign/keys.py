@@ -66,14 +66,30 @@ def default_gnupghome() -> Path:
 
 
 def check_gnupghome_location(home: Path, forbidden: list[Path]) -> None:
-    """Refuse a key home inside the project or a served tree, where a private key could be committed or served.
-    Raises UsageError("gnupghome", ...) if resolved `home` is (inside) any resolved `forbidden` directory."""
+    """Refuse a key home where a private key could be committed or served: inside a git work tree (any project
+    checkout, wherever the command runs from), or inside one of `forbidden` (what the command writes or reads that
+    gets published: the repository, the recipe directory). Decided by what those places are, never by the current
+    directory: `cd ~ && tmplbuild key generate` keeps its key in the default home under ~. Raises
+    UsageError("gnupghome", ...)."""
     resolved = home.expanduser().resolve()
     for place in forbidden:
         place_resolved = place.expanduser().resolve()
         if resolved.is_relative_to(place_resolved):
             raise UsageError("gnupghome", f"{home} is inside {place}: keep the private key out of the project "
                                           "and out of anything served")
+    tree = work_tree(resolved)
+    if tree is not None:
+        raise UsageError("gnupghome", f"{home} is inside the git work tree {tree}: keep the private key out of any "
+                                      "checkout (--gnupghome DIR or TMPLBUILD_GNUPGHOME elsewhere)")
+
+
+def work_tree(path: Path) -> Path | None:
+    """The git work tree `path` (resolved; it need not exist yet) is in: the nearest ancestor holding `.git` (a
+    directory, or the file of a linked worktree or submodule). None outside any."""
+    for place in (path, *path.parents):
+        if os.path.lexists(place / ".git"):
+            return place
+    return None
 
 
 def normalise_fingerprint(value: str, what: str = "fingerprint") -> str:
