@@ -54,6 +54,7 @@ class Tricky(ThreadingHTTPServer):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.trickle: set[str] = set()
+        self.steady: dict[str, int] = {}  # path -> bytes per second, in 16 KiB pieces
         self.redirect: dict[str, str] = {}
         self.gzip: set[str] = set()
         self.chunked: set[str] = set()
@@ -126,6 +127,21 @@ class _Tricky(BaseHTTPRequestHandler):
         if path in srv.drop:
             self._send(200, data)
             self.close_connection = True
+            return
+        if path in srv.steady:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            piece, start = 16 << 10, time.monotonic()
+            try:
+                for i in range(0, len(data), piece):
+                    wait = start + i / srv.steady[path] - time.monotonic()
+                    if wait > 0 and srv.stopping.wait(wait):
+                        break
+                    self.wfile.write(data[i:i + piece])
+                    self.wfile.flush()
+            except OSError:
+                pass
             return
         if path in srv.trickle:
             self.send_response(200)
@@ -452,9 +468,46 @@ def test_list_against_an_index_trickled_byte_by_byte_fails_at_the_deadline(clien
     proc, took = run(["list", *pins], env)
     assert proc.returncode == 5
     line = one_line(proc, "download deadline")
-    assert re.search(r": index\.json: \d+ s passed, allowed 2 s \(2 s \+ 16777216 bytes at 1073741824 bytes/s", line), line
+    assert re.search(r": index\.json: \d+ bytes in \d+ s, expected 1073741824 bytes/s after the first 2 s \(a document "
+                     r"dripped too slowly", line), line
     assert took < 15
     assert client.snapshot() == before and not list(client.dest.iterdir())
+
+
+def test_a_dripped_index_is_refused_within_20_s_at_the_default_limits(client, tricky):
+    """The default limits (no FAST): a cap-based deadline would hold the client for the 64 MiB cap's 286 s; the
+    document's deadline follows what arrived, so a drip is given up after the 10 s grace."""
+    srv = tricky(client.repo)
+    env = {k: v for k, v in client.env().items() if not k.startswith(("TMPLBUILD_DEADLINE", "TMPLBUILD_MIN_RATE"))}
+    pins = client.pins(urls=[srv.url])
+    first, _ = run(["list", *pins], env)
+    assert first.returncode == 0, first.stderr
+    before = client.snapshot()
+    srv.trickle.add("index.json")
+    proc, took = run(["list", *pins], env)
+    assert proc.returncode == 5 and took < 20, (took, proc.stderr)
+    line = one_line(proc, "download deadline")
+    assert re.search(r": index\.json: \d+ bytes in 1\d s, expected 262144 bytes/s after the first 10 s", line), line
+    assert client.snapshot() == before
+
+
+def test_a_large_document_and_a_template_on_a_slow_steady_link_complete(tricky, tmp_path):
+    """The other side of the drip rule: a steady link at the minimum rate finishes a document that takes longer
+    than the grace, and a template download keeps its size-based deadline."""
+    (tmp_path / "big.json").write_bytes(os.urandom(3 << 20))
+    (tmp_path / "t.tar.zst").write_bytes(os.urandom(3 << 20))
+    srv = tricky(tmp_path)
+    srv.steady.update({"big.json": 288 << 10, "t.tar.zst": 288 << 10})  # just above the 256 KiB/s minimum
+    t = Transport(limits=Limits())
+    try:
+        start = time.monotonic()
+        data = t.get_bytes(f"{srv.url}/big.json", 64 << 20, "big.json", document=True)
+        assert data == (tmp_path / "big.json").read_bytes() and time.monotonic() - start > 10
+        start = time.monotonic()
+        assert t.get_bytes(f"{srv.url}/t.tar.zst", 3 << 20, "t.tar.zst") == (tmp_path / "t.tar.zst").read_bytes()
+        assert time.monotonic() - start > 10
+    finally:
+        t.close()
 
 
 def test_fetch_of_a_trickled_template_fails_at_its_deadline_and_resumes_later(client, tricky):

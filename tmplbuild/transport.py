@@ -56,6 +56,12 @@ MAX_REDIRECTS = 3
 CHUNK = 1 << 20
 DEFAULT_DEADLINE_BASE = 30.0  # seconds every request gets on top of its size at the minimum rate
 DEFAULT_MIN_RATE = 256 << 10  # bytes/s (2 Mbit/s): slower than this on average, a download is given up
+# A small signed document (index, root, signature, manifest, SBOM) has no size known in advance, only a cap far above
+# what it usually is (an index of 10,000 template versions is 43 MB). Its deadline follows what arrived instead: this
+# many seconds (at most the base) plus the bytes received at the minimum rate, never more than the cap's deadline. A
+# server dripping a few bytes at a time is given up after about this long; a steady link at the minimum rate or
+# faster finishes however large the document.
+DOCUMENT_GRACE = 10.0
 UPLOAD_SERVER_ALLOWANCE = 120.0  # seconds added to an upload's deadline: the server waits up to this for its lock
 REPLY_CAP = 64 << 10  # bytes of an upload's JSON answer
 SEND_BLOCK = 1 << 20  # bytes of an upload's body per write
@@ -116,16 +122,32 @@ class Deadline:
     """The overall time allowed for one request and its body. Armed as a context manager: a timer then shuts
     down the sockets the request uses when the time is up."""
 
-    def __init__(self, kind: str, what: str, size: int, limits: Limits, extra: float = 0.0) -> None:
+    def __init__(self, kind: str, what: str, size: int, limits: Limits, extra: float = 0.0,
+                 progress: bool = False) -> None:
         self.kind, self.what, self.limits, self.extra = kind, what, limits, extra
         self.start = time.monotonic()
         self.size = size
-        self.allowed = limits.allowance(size, extra)
+        self.progress = progress  # a small document's deadline: the grace plus what arrived (DOCUMENT_GRACE)
+        self.received = 0
+        self.allowed = self._allowance()
         self.fired = False
         self._lock = threading.Lock()
         self._conns: list[object] = []
         self._timer: threading.Timer | None = None
         self._active = False
+
+    def _allowance(self) -> float:
+        full = self.limits.allowance(self.size, self.extra)
+        if not self.progress:
+            return full
+        return min(full, min(self.limits.base, DOCUMENT_GRACE) + self.extra + self.received / self.limits.min_rate)
+
+    def advance(self, n: int) -> None:
+        """`n` more bytes arrived: a document's deadline moves on with them (the timer re-arms when it wakes)."""
+        if self.progress:
+            with self._lock:
+                self.received += n
+                self.allowed = self._allowance()
 
     @property
     def end(self) -> float:
@@ -139,7 +161,7 @@ class Deadline:
         """Allow for `size` bytes from the start (a resumed download that gets the whole file after all)."""
         with self._lock:
             self.size = size
-            self.allowed = self.limits.allowance(size, self.extra)
+            self.allowed = self._allowance()
             if self._active:
                 self._arm()
 
@@ -151,6 +173,11 @@ class Deadline:
         elapsed = time.monotonic() - self.start
         extra = f" + {self.extra:g} s for the server" if self.extra else ""
         env = f"{ENV_BASE}, {ENV_RATE}" + (f", {ENV_UPLOAD}" if self.extra else "")
+        if self.progress and self.allowed < self.limits.allowance(self.size, self.extra):
+            grace = min(self.limits.base, DOCUMENT_GRACE)
+            return TransportError(f"{self.kind} deadline", (
+                f"{self.what}: {self.received} bytes in {elapsed:.0f} s, expected {self.limits.min_rate} bytes/s "
+                f"after the first {grace:g} s (a document dripped too slowly; {env} change this)"))
         return TransportError(f"{self.kind} deadline", (
             f"{self.what}: {elapsed:.0f} s passed, allowed {self.allowed:.0f} s ({self.limits.base:g} s{extra} + "
             f"{self.size} bytes at {self.limits.min_rate} bytes/s; {env} change this)"))
@@ -418,6 +445,7 @@ class Reply:
             if not chunk:
                 deadline.check()  # a watchdog shutdown reads as the end of the body
                 return
+            deadline.advance(len(chunk))
             yield chunk
 
     def read_capped(self, cap: int, what: str) -> bytes:
@@ -640,12 +668,14 @@ class Transport:
             return Reply(url, deadline, resp, conn=conn, release=lambda c, k=key: self._give(k, c))
 
     def open(self, url: str, headers: dict[str, str] | None = None, *, what: str | None = None,
-             size: int | None = None) -> Reply:
+             size: int | None = None, document: bool = False) -> Reply:
         """The answer for `url` after same-origin redirects (any final status: callers judge it), with its
-        deadline armed for `size` expected bytes. Raises TransportError("http") when no answer comes,
-        ("redirect refused") for a redirect elsewhere or too many, ("download deadline")."""
+        deadline armed for `size` expected bytes (`document`: a small signed document's, DOCUMENT_GRACE). Raises
+        TransportError("http") when no answer comes, ("redirect refused") for a redirect elsewhere or too many,
+        ("download deadline")."""
         what = what or url
-        deadline = Deadline("download", what, CHUNK if size is None else size, self.limits).__enter__()
+        deadline = Deadline("download", what, CHUNK if size is None else size, self.limits,
+                            progress=document).__enter__()
         try:
             if url.startswith("file://"):
                 return self._open_file(url, deadline)
@@ -681,17 +711,18 @@ class Transport:
             raise TransportError("http", f"{url}: {exc.strerror}") from None
         return Reply(url, deadline, file=f, file_size=size)
 
-    def get_bytes(self, url: str, cap: int, what: str, size: int | None = None) -> bytes:
+    def get_bytes(self, url: str, cap: int, what: str, size: int | None = None, *, document: bool = False) -> bytes:
         """The whole body of a 200 answer, at most `cap` bytes, within the deadline for `size` bytes (default:
-        the cap). Raises TransportError."""
-        with self.open(url, what=what, size=cap if size is None else size) as reply:
+        the cap; `document`: a small signed document's, which follows what arrived). Raises TransportError."""
+        with self.open(url, what=what, size=cap if size is None else size, document=document) as reply:
             reply.expect((200,))
             return reply.read_capped(cap, what)
 
-    def get_optional(self, url: str, cap: int, what: str, size: int | None = None) -> bytes | None:
+    def get_optional(self, url: str, cap: int, what: str, size: int | None = None, *,
+                     document: bool = False) -> bytes | None:
         """`get_bytes` for a file that may rightly be absent: None for an HTTP 404 (its short body read, so the
         connection can carry the next request). Raises TransportError for any other status but 200."""
-        with self.open(url, what=what, size=cap if size is None else size) as reply:
+        with self.open(url, what=what, size=cap if size is None else size, document=document) as reply:
             if reply.status_code == 404:
                 reply._drain()
                 return None

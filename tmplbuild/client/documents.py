@@ -46,7 +46,8 @@ def cmd_sbom(args: argparse.Namespace) -> int:
     def attempt(base: str):
         trusted = run.index(base)
         chosen = _select(args, trusted, fmt)
-        data = run.transport.get_bytes(_url(base, chosen.ref.path), chosen.ref.size, chosen.filename)
+        data = run.transport.get_bytes(_url(base, chosen.ref.path), chosen.ref.size, chosen.filename,
+                                       document=True)
         trust.check_file(chosen.ref, len(data), hashlib.sha256(data).hexdigest(), hashlib.sha512(data).hexdigest(),
                          chosen.filename)
         return trusted, chosen, data

@@ -60,7 +60,7 @@ def verified_bytes(transport: Transport, base: str, ref: idx.FileRef, *, use_cac
 
     if use_cache and (data := cached(ref)) is not None:
         return data
-    data = transport.get_bytes(f"{base}/{ref.path}", ref.size, ref.path.rsplit("/", 1)[-1])
+    data = transport.get_bytes(f"{base}/{ref.path}", ref.size, ref.path.rsplit("/", 1)[-1], document=True)
     check(ref, data)
     if use_cache:
         try:

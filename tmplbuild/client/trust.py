@@ -3,7 +3,7 @@ beyond the Verifier's own gpg run; downloading, state and files belong to the ca
 
 The order is DESIGN.md's "Client checks, in this order", and each check raises its own typed error. Checks 2
 to 6 are tmplbuild.repo.accept's (the one index acceptance module, shared with the server and `repo verify`):
-  1 size caps (index 16 MiB, signature 64 KiB)                        TransportError    5
+  1 size caps (index 64 MiB, signature 64 KiB)                        TransportError    5
   2 the signature over the exact index bytes (Verifier: the pinned    AuthenticityError 3
     index key; for a root-pinned source tmplbuild.repo.root.
     RootVerifier: a threshold of the newest trusted root's online
@@ -30,7 +30,7 @@ from tmplbuild.repo import accept
 from tmplbuild.repo import index as idx
 from tmplbuild.repo.accept import MAX_CLOCK_SKEW, Seen, SignatureChecker, TrustedIndex  # noqa: F401 (re-exported)
 
-INDEX_CAP = 16 << 20
+INDEX_CAP = 64 << 20  # bytes: an index of 10,000 template versions, each with its documents, is 43 MB
 SIGNATURE_CAP = 64 << 10
 FORMATS = idx.FORMATS
 

@@ -201,10 +201,10 @@ class Updater:
 
         def fetch(version: int) -> tuple[bytes, bytes] | None:
             rel = rootdoc.path(version)
-            data = self.transport.get_optional(f"{base}/{rel}", rootdoc.DOC_CAP, rel)
+            data = self.transport.get_optional(f"{base}/{rel}", rootdoc.DOC_CAP, rel, document=True)
             if data is None:
                 return None
-            return data, self.transport.get_bytes(f"{base}/{rel}.asc", rootdoc.SIGNATURE_CAP, f"{rel}.asc")
+            return data, self.transport.get_bytes(f"{base}/{rel}.asc", rootdoc.SIGNATURE_CAP, f"{rel}.asc", document=True)
         return fetch
 
     def trusted_root(self, base: str) -> Root:
@@ -263,8 +263,9 @@ class Updater:
         else:
             newest, verifier = None, self.verifier
         for attempt in (1, 2):
-            data = self.transport.get_bytes(f"{base}/index.json", trust.INDEX_CAP, "index.json")
-            sig = self.transport.get_bytes(f"{base}/index.json.asc", trust.SIGNATURE_CAP, "index.json.asc")
+            data = self.transport.get_bytes(f"{base}/index.json", trust.INDEX_CAP, "index.json", document=True)
+            sig = self.transport.get_bytes(f"{base}/index.json.asc", trust.SIGNATURE_CAP, "index.json.asc",
+                                           document=True)
             try:
                 trusted = trust.check_index(data, sig, verifier, pinned_repo_id=pinned_repo_id, last=last)
                 break
