@@ -331,7 +331,8 @@ def test_publish_boots_the_template_first_and_refuses_one_that_fails(good, tmp_p
                     "--gnupghome", str(home))
     assert res.returncode == 0, res.stderr[-3000:]
     (entry,) = index_of(repo)["templates"]
-    assert [f["format"] for f in entry["files"]] == ["tar.zst", "tar.xz", "oci.tar", "lxc-meta.tar.xz"]
+    assert [f["format"] for f in entry["files"]] == ["tar.zst", "tar.xz", "oci.tar", "lxc-meta.tar.xz", "spdx.json",
+                                                     "cdx.json", "intoto.json"]
     manifest = json.loads((repo / entry["manifest"]["path"]).read_text())
     assert manifest["test"]["result"] == "pass" and manifest["test"]["sha256"] == entry["files"][0]["sha256"]
     assert {m["manager"] for m in manifest["test"]["managers"]} == {"nspawn", "lxc", "lxc-unprivileged", "proxmox"}

@@ -117,11 +117,17 @@ class Client:
     def list(self, *extra: str) -> subprocess.CompletedProcess[str]:
         return self.run("list", *extra)
 
+    def root_file(self) -> Path:
+        """The trusted root, kept under the repository's identity (its pinned root keys), not the remote's name."""
+        (found,) = self.state.glob("id-*.root.json")
+        return found
+
     def stored_root(self) -> bytes:
-        return (self.state / "remote-main.root.json").read_bytes()
+        return self.root_file().read_bytes()
 
     def state_doc(self) -> dict:
-        return json.loads((self.state / "remote-main.json").read_text())
+        (found,) = [p for p in self.state.glob("id-*.json") if not p.name.endswith(".root.json")]
+        return json.loads(found.read_text())
 
     def snapshot(self) -> dict[str, bytes]:
         return node_snapshot(self.dest, self.state)
@@ -240,7 +246,7 @@ def test_an_index_signed_by_an_online_key_a_rotation_dropped_is_refused(client):
     assert proc.returncode == 3
     one_line(proc, "signature")
     # the new client keeps root 2, which the chain proved (TUF 5.3.8), and records no index
-    assert sorted(p.name for p in fresh.state.glob("*.json")) == ["remote-main.root.json"]
+    assert [p.name for p in fresh.state.glob("*.json")] == [fresh.root_file().name]
     assert rootdoc.parse(fresh.stored_root()).version == 2
     assert not list(fresh.dest.iterdir())
     # a mirror that now hides root 2 cannot bring the dropped key back for either client
@@ -249,6 +255,40 @@ def test_an_index_signed_by_an_online_key_a_rotation_dropped_is_refused(client):
         proc = node.fetch()
         assert proc.returncode == 3 and "not pinned" in one_line(proc, "signature")
     assert not list(fresh.dest.iterdir())
+
+
+def test_trust_belongs_to_the_repository_not_to_the_url_typed(client, tmp_path):
+    """A client learns a rotation (root 2 drops online-1) through its remote's URL. Another URL, a one-off --url
+    with the same pinned root keys, serves the state from before the rotation (root 1 only, an index online-1
+    signed): refused, since what the client remembers is the repository's, whatever URL reaches it."""
+    repo = client.repo
+    old = tmp_path / "before-rotation"
+    trusting_root_1(client)
+    shutil.copytree(repo.path, old, ignore=shutil.ignore_patterns(".lock"))
+    repo.install(repo.root(2, online=("online-2",)), "root-a", "root-b")
+    repo.publish_index(repo.next_index(), "online-2")
+    assert client.list().returncode == 0
+    stale = Server(old)
+    try:
+        before = client.snapshot()
+        pins = ["--root-key", repo.keys["root-a"], "--root-key", repo.keys["root-b"]]
+        proc = client.run("list", "--url", stale.url, *pins)
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert "not pinned" in one_line(proc, "signature")
+        assert client.snapshot() == before
+        # The same URL with the pins in another order and spelling is the same repository.
+        proc = client.run("list", "--url", stale.url, "--root-key", repo.keys["root-b"].lower(),
+                          "--root-key", repo.keys["root-a"])
+        assert proc.returncode == 3
+        # A state from before identity keys (the remote's own files) is read, not forgotten.
+        for f in client.state.glob("id-*"):
+            f.rename(client.state / f.name.replace(f.name.split(".")[0], "remote-main"))
+        repo.server.override = {"index.json": (old / "index.json").read_bytes(),
+                                "index.json.asc": (old / "index.json.asc").read_bytes()}
+        proc = client.fetch()
+        assert proc.returncode == 3 and "not pinned" in one_line(proc, "signature")
+    finally:
+        stale.stop()
 
 
 def test_the_index_must_carry_the_repo_id_of_the_root_even_on_first_use(client):
@@ -292,7 +332,7 @@ def test_a_bad_next_root_is_refused_and_changes_nothing(client, case, code, chec
         assert "1 good signature(s) by the root keys of root 1" in line and "expected 2 of" in line
     if case == "only new keys":
         assert "by the root keys of root 1" in line
-    root_file = str(client.state / "remote-main.root.json")
+    root_file = str(client.root_file())
     if case == "expired":
         # A good but expired root is kept, as TUF 5.3.8 persists a root once the chain proved it (a mirror
         # hiding it later must not bring root 1's keys back); nothing else changes.

@@ -90,7 +90,7 @@ def cmd_remote_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_remote_list(args: argparse.Namespace) -> int:
-    from tmplbuild.client import config, state
+    from tmplbuild.client import config, state, updater
 
     remotes = config.load_all()
     if not remotes:
@@ -99,12 +99,12 @@ def cmd_remote_list(args: argparse.Namespace) -> int:
     rows = [("NAME", "URLS", "FINGERPRINTS", "REPO ID", "LAST INDEX", "TRUSTED ROOT", "CONFIG")]
     for name in sorted(remotes):
         r = remotes[name]
-        key = state.key_for_remote(name)
-        seen = state.load(key)
+        source = updater.remote_source(name)
+        seen = state.load(source.state_key, source.legacy_key)
         repo_id = r.repo_id or (f"{seen.repo_id} (learned)" if seen else "(first use)")
         if r.pins_root:
             pins = " ".join(f"root:{f}" for f in r.root_keys)
-            stored = state.load_root(key)
+            stored = state.load_root(source.state_key, fallback=source.legacy_key)
             trusted = f"{stored.version}, expires {stored.expires}" if stored else "(none yet)"
         else:
             pins, trusted = " ".join(r.fingerprints), "-"
@@ -261,12 +261,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 # -- verify ------------------------------------------------------------------------------------------------------
 
-def _stored_online_keys(state_key: str, label: str, listing: str) -> tuple[bytes, tuple[str, ...]]:
+def _stored_online_keys(source: updater.Source, listing: str) -> tuple[bytes, tuple[str, ...]]:
     """The online keys of the root the client trusts for a root-pinned source. Raises UsageError when it trusts
     none yet (offline, there is nothing else to take them from); `listing` is the command that would fetch it."""
     from tmplbuild.client import state
 
-    doc = state.load_root(state_key)
+    label = source.label
+    doc = state.load_root(source.state_key, fallback=source.legacy_key)
     if doc is None:
         raise _no_root_yet(label, listing)
     return doc.material(doc.online), doc.online.keys
@@ -278,7 +279,7 @@ def _no_root_yet(label: str, listing: str) -> UsageError:
 
 
 def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
-    from tmplbuild.client import config, state
+    from tmplbuild.client import config, state, updater
 
     if args.root_key:
         if not args.url:
@@ -287,7 +288,7 @@ def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
         source = _source(args)  # UsageError for --key or --fingerprint as well
         listing = " ".join(["tmplbuild list", *(f"--url {u}" for u in source.urls),
                             *(f"--root-key {f}" for f in source.root_keys)])
-        return _stored_online_keys(source.state_key, source.label, listing)
+        return _stored_online_keys(source, listing)
     if args.key or args.fingerprint:
         if not args.key or not args.fingerprint:
             raise UsageError("key", "give both --key FILE and --fingerprint FPR")
@@ -295,8 +296,7 @@ def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
     if args.remote:
         r = config.get(args.remote)
         if r.pins_root:
-            return _stored_online_keys(state.key_for_remote(r.name), f"remote {r.name}",
-                                       f"tmplbuild list --remote {r.name}")
+            return _stored_online_keys(updater.remote_source(r.name), f"tmplbuild list --remote {r.name}")
         return r.key_material(), r.fingerprints
     remotes = config.load_all()
     if not remotes:
@@ -310,7 +310,8 @@ def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
         if not r.pins_root:
             parts.append((r.key_material(), r.fingerprints))
             continue
-        doc = state.load_root(state.key_for_remote(r.name))
+        source = updater.remote_source(r.name)
+        doc = state.load_root(source.state_key, fallback=source.legacy_key)
         if doc is None:
             waiting.append(r.name)
         else:

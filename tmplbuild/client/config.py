@@ -353,6 +353,9 @@ def add(name: str, urls: list[str], key_file: Path | None, fingerprints: list[st
             root_path = root_path.resolve()
         from tmplbuild.client import state
 
+        # The remote's own state from before identity keys: a remote added anew starts from its own pins (and its
+        # root file). What the client learned about the repository itself (its identity's state) stays: the
+        # newer of that and the root file given is trusted.
         state.forget_root(state.key_for_remote(name))
         remote = Remote(name=name, urls=checked_urls, key=None, fingerprints=(), repo_id=repo_id, origin=path,
                         root_keys=root_pins, root=root_path)

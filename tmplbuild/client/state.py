@@ -1,11 +1,14 @@
-"""What the client remembers between runs: per remote, the last index it accepted (version, sha256 of its exact
+"""What the client remembers between runs: per repository, the last index it accepted (version, sha256 of its exact
 bytes, repo_id). That is what makes a replayed older index (rollback) or a re-signed different index under
 the same version detectable, and what pins a repo_id learned on first use. For a remote that pins a root of
 trust, also the online keys of the root that index was accepted under (`online`), and the newest trusted root
 itself, as its exact bytes, in `<key>.root.json` beside the JSON file: the next run starts its walk from it
 without checking it again (it was checked when it was stored), and it is never replaced by a lower version.
 
-One JSON file per remote in `$TMPLBUILD_STATE_DIR`, else `/var/lib/tmplbuild/state` as root, else
+It is kept per repository identity, not per URL typed (`key_for_identity`): the pinned root keys, else the pinned
+index key fingerprints, so every URL, mirror and remote that pins the same repository shares what any of them
+learned (a rotation followed through one URL is not undone by another serving the old chain). One JSON file per
+identity in `$TMPLBUILD_STATE_DIR`, else `/var/lib/tmplbuild/state` as root, else
 `$XDG_STATE_HOME/tmplbuild` (`~/.local/state/tmplbuild`). Written atomically (tmp + fsync + os.replace +
 fsync of the directory) and only by a run whose every check passed; a concurrent run that saw a newer index
 is never overwritten with an older one (the read-compare-write happens under a lock).
@@ -44,13 +47,31 @@ def state_dir() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "tmplbuild"
 
 
+def key_for_identity(pins: tuple[str, ...], *, root: bool, repo_id: str | None = None) -> str:
+    """The state key of a repository: its pinned root keys (`root`), else its pinned index key fingerprints,
+    sorted and normalised. The repo_id learned on first use is recorded under it and pinned; a source that pins a
+    repo_id other than the one recorded there (another repository signed by the same keys) gets a key of its own.
+    Raises LocalIOError (an unreadable state file)."""
+    from tmplbuild.sign.keys import normalise_fingerprint
+
+    text = ("root " if root else "key ") + " ".join(sorted({normalise_fingerprint(f) for f in pins}))
+    base = "id-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    if repo_id is None:
+        return base
+    seen = load(base)
+    if seen is None or seen.repo_id == repo_id:
+        return base
+    return "id-" + hashlib.sha256(f"{text}\nrepo {repo_id}".encode()).hexdigest()[:24]
+
+
 def key_for_remote(name: str) -> str:
+    """Where a remote's state was kept before it was keyed by identity: read once, when the identity has none."""
     return f"remote-{name}"
 
 
 def key_for_urls(urls: tuple[str, ...], root_keys: tuple[str, ...] = ()) -> str:
-    """One-off `--url` use keeps state too, keyed by its mirror list (and, pinning a root, by its pinned root
-    keys: a root stored under other pins is not trusted for these)."""
+    """Where one-off `--url` use kept its state before it was keyed by identity (by the mirror list and the pinned
+    root keys): read once, when the identity has none."""
     text = "\n".join(urls) + ("\nroot " + " ".join(sorted(root_keys)) if root_keys else "")
     return "url-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -65,18 +86,23 @@ def _root_path(key: str) -> Path:
     return _path(key).with_suffix(".root.json")
 
 
-def load(key: str) -> Seen | None:
-    """The last index accepted for `key`, or None on first use. Raises LocalIOError for an unreadable or
+def load(key: str, fallback: str | None = None) -> Seen | None:
+    """The last index accepted for `key` (else for `fallback`, the key of an older layout), or None on first use. Raises LocalIOError for an unreadable or
     malformed state file: ignoring it would silently switch rollback protection off. Read as strictly as a
     signed document (tmplbuild.strictjson: no duplicate keys, NaN or deep nesting), the version within the
     index's range."""
-    got = load_record(key)
+    got = load_record(key, fallback)
     return got[0] if got else None
 
 
-def load_record(key: str) -> tuple[Seen, tuple[str, ...] | None] | None:
+def load_record(key: str, fallback: str | None = None) -> tuple[Seen, tuple[str, ...] | None] | None:
     """`load`, with the online keys of the root the index was accepted under (None: accepted under a pinned index
     key, or recorded before roots). Raises LocalIOError as `load`."""
+    got = _load_record(key)
+    return got if got is not None or fallback is None else _load_record(fallback)
+
+
+def _load_record(key: str) -> tuple[Seen, tuple[str, ...] | None] | None:
     path = _path(key)
     reason = ""
     try:
@@ -100,8 +126,9 @@ def load_record(key: str) -> tuple[Seen, tuple[str, ...] | None] | None:
     return Seen(repo_id=doc["repo_id"], version=doc["version"], sha256=doc["sha256"]), online
 
 
-def load_root(key: str, known: Root | None = None) -> Root | None:
-    """The newest root trusted for `key` (stored by an earlier run whose every check passed), or None. `known`:
+def load_root(key: str, known: Root | None = None, fallback: str | None = None) -> Root | None:
+    """The newest root trusted for `key` (else for `fallback`, the key of an older layout; stored by an earlier run
+    whose every check passed), or None. `known`:
     a root already parsed in this run, returned as it is when the file holds its exact bytes (no second parse).
     Raises LocalIOError for an unreadable or malformed one: starting over from the pins would silently undo a
     rotation the client has already followed."""
@@ -109,7 +136,7 @@ def load_root(key: str, known: Root | None = None) -> Root | None:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return None
+        return None if fallback is None else load_root(fallback, known)
     except OSError as exc:
         raise LocalIOError("state", f"cannot read {path}: {exc.strerror}") from None
     if known is not None and data == known.raw:

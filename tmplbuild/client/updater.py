@@ -47,9 +47,10 @@ class Source:
     keys: bytes  # the pinned index key material (b"" for a root source)
     fingerprints: tuple[str, ...]  # its pinned fingerprints (() for a root source)
     repo_id: str | None
-    state_key: str
+    state_key: str  # the repository's identity (state.key_for_identity): shared by every URL and remote pinning it
     root_keys: tuple[str, ...] = ()  # pinned root key fingerprints: a root source
     root: Root | None = None  # the admin's out-of-band root document, trusted as given
+    legacy_key: str | None = None  # where this source's state was kept before identity keys: read when it has none
 
     @property
     def pins_root(self) -> bool:
@@ -61,36 +62,44 @@ def remote_source(name: str | None) -> Source:
     from tmplbuild.client import config
 
     remote = config.get(name)
+    legacy = state.key_for_remote(remote.name)
     if remote.pins_root:
         return Source(label=f"remote {remote.name}", urls=remote.urls, keys=b"", fingerprints=(),
-                      repo_id=remote.repo_id, state_key=state.key_for_remote(remote.name),
-                      root_keys=remote.root_keys, root=remote.root_doc())
+                      repo_id=remote.repo_id,
+                      state_key=state.key_for_identity(remote.root_keys, root=True, repo_id=remote.repo_id),
+                      root_keys=remote.root_keys, root=remote.root_doc(), legacy_key=legacy)
     return Source(label=f"remote {remote.name}", urls=remote.urls, keys=remote.key_material(),
                   fingerprints=remote.fingerprints, repo_id=remote.repo_id,
-                  state_key=state.key_for_remote(remote.name))
+                  state_key=state.key_for_identity(remote.fingerprints, root=False, repo_id=remote.repo_id),
+                  legacy_key=legacy)
 
 
 def url_source(urls: list[str], keys: bytes, fingerprints: tuple[str, ...], repo_id: str | None) -> Source:
     """A one-off repository: its mirror URLs with the pinned key material. Raises UsageError."""
     from tmplbuild.client import config
 
+    from tmplbuild.sign.keys import normalise_fingerprint
+
     checked = config.check_urls(urls)
-    return Source(label=checked[0], urls=checked, keys=keys, fingerprints=fingerprints,
-                  repo_id=config.check_repo_id(repo_id) if repo_id else None,
-                  state_key=state.key_for_urls(checked))
+    pins = tuple(dict.fromkeys(normalise_fingerprint(f) for f in fingerprints))
+    repo_id = config.check_repo_id(repo_id) if repo_id else None
+    return Source(label=checked[0], urls=checked, keys=keys, fingerprints=fingerprints, repo_id=repo_id,
+                  state_key=state.key_for_identity(pins, root=False, repo_id=repo_id),
+                  legacy_key=state.key_for_urls(checked))
 
 
 def url_root_source(urls: list[str], root_keys: tuple[str, ...], repo_id: str | None) -> Source:
-    """A one-off repository pinned by its root keys. Its state (the trusted root, the last index) is keyed by the
-    mirror list and the pins. Raises UsageError."""
+    """A one-off repository pinned by its root keys. Its state (the trusted root, the last index) is the
+    repository's: keyed by the pins (state.key_for_identity), whatever URL reaches it. Raises UsageError."""
     from tmplbuild.client import config
     from tmplbuild.sign.keys import normalise_fingerprint
 
     checked = config.check_urls(urls)
     pins = tuple(dict.fromkeys(normalise_fingerprint(f, "root key") for f in root_keys))
-    return Source(label=checked[0], urls=checked, keys=b"", fingerprints=(),
-                  repo_id=config.check_repo_id(repo_id) if repo_id else None,
-                  state_key=state.key_for_urls(checked, pins), root_keys=pins)
+    repo_id = config.check_repo_id(repo_id) if repo_id else None
+    return Source(label=checked[0], urls=checked, keys=b"", fingerprints=(), repo_id=repo_id,
+                  state_key=state.key_for_identity(pins, root=True, repo_id=repo_id), root_keys=pins,
+                  legacy_key=state.key_for_urls(checked, pins))
 
 
 # Least to most severe: when every mirror failed, the most severe failure is the one reported.
@@ -106,7 +115,7 @@ class Updater:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        got = state.load_record(source.state_key)
+        got = state.load_record(source.state_key, source.legacy_key)
         self.last, self.last_online = got if got else (None, None)
         self.warnings: list[str] = []
         self.root: Root | None = None  # root source: the newest root trusted so far in this run
@@ -136,7 +145,7 @@ class Updater:
         from tmplbuild.repo.root import RootVerifier
 
         try:
-            stored = state.load_root(self.source.state_key)
+            stored = state.load_root(self.source.state_key, fallback=self.source.legacy_key)
         except BaseException as exc:  # handed to the main thread by `trusted_root`
             self._loading = exc
             return
