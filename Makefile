@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := debootstrap debian-archive-keyring gnupg zstd xz-utils openssh-client python3-venv ca-certificates \
 	systemd-container lxc uidmap dnsmasq-base iproute2 skopeo docker-registry umoci jq apache2-utils
 
-.PHONY: all system-deps venv test test-fast demo bench bench-serve bench-fetch bench-publish clean
+.PHONY: all system-deps subids venv test test-fast demo bench bench-serve bench-fetch bench-publish clean
 
 all: test
 
@@ -31,13 +31,18 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: system-deps venv
+# Root's subordinate id range (root:100000:65536, as Proxmox VE sets it): unprivileged containers, the Proxmox
+# default, are tested and demonstrated on a fresh machine too. Idempotent; an existing range is never touched.
+subids:
+	@sh contrib/subids.sh
+
+test: system-deps venv subids
 	$(PY) -m pytest -q
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not build"
 
-demo: system-deps venv
+demo: system-deps venv subids
 	PYTHON=$(PY) sh contrib/demo.sh
 
 bench: system-deps venv
