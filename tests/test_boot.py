@@ -186,12 +186,14 @@ def test_every_shipped_template_passes_every_check_under_every_manager(built, wo
     failed = [(m["manager"], c) for m in report.get("managers", []) for c in m["checks"] if c["status"] == "fail"]
     assert rc == 0, (failed, err[-2000:])
     statuses = {m["manager"]: m["status"] for m in report["managers"]}
-    assert statuses["nspawn"] == statuses["lxc"] == statuses["proxmox"] == "pass"
-    if unprivileged is None:
-        assert statuses["lxc-unprivileged"] == "pass"
-    else:  # said in one line, not failed silently
-        skipped = next(m for m in report["managers"] if m["manager"] == "lxc-unprivileged")
-        assert skipped["status"] == "skip" and "/etc/subuid" in skipped["reason"]
+    assert statuses["nspawn"] == statuses["lxc"] == statuses["proxmox-privileged"] == "pass"
+    # Unprivileged, the Proxmox default: plain LXC and the Proxmox profile (make test gives root the id range)
+    for mname in ("lxc-unprivileged", "proxmox"):
+        if unprivileged is None:
+            assert statuses[mname] == "pass"
+        else:  # said in one line, not failed silently
+            skipped = next(m for m in report["managers"] if m["manager"] == mname)
+            assert skipped["status"] == "skip" and "/etc/subuid" in skipped["reason"]
     ssh = "minimal" not in name
     for m in report["managers"]:
         if m["status"] == "skip":
@@ -207,8 +209,13 @@ def test_every_shipped_template_passes_every_check_under_every_manager(built, wo
     assert "host0" in nspawn["network"]["evidence"] and "DHCP lease" in nspawn["network"]["evidence"]
     lxc = checks_of(report, "lxc")
     assert "eth0" in lxc["network"]["evidence"] and "DHCP lease" in lxc["network"]["evidence"]
-    proxmox = checks_of(report, "proxmox")
-    assert "static" in proxmox["network"]["evidence"] and "DHCP lease" in proxmox["network"]["evidence"]
+    for mname in ("proxmox", "proxmox-privileged"):
+        if statuses[mname] == "pass":
+            proxmox = checks_of(report, mname)
+            assert "static" in proxmox["network"]["evidence"] and "DHCP lease" in proxmox["network"]["evidence"]
+    versions = {m["manager"]: m["version"] for m in report["managers"] if m["status"] != "skip"}
+    assert versions["proxmox-privileged"].endswith(", privileged")
+    assert unprivileged is not None or versions["proxmox"].endswith(", unprivileged")
     assert_nothing_left(work)
 
 
@@ -335,7 +342,8 @@ def test_publish_boots_the_template_first_and_refuses_one_that_fails(good, tmp_p
                                                      "cdx.json", "intoto.json"]
     manifest = json.loads((repo / entry["manifest"]["path"]).read_text())
     assert manifest["test"]["result"] == "pass" and manifest["test"]["sha256"] == entry["files"][0]["sha256"]
-    assert {m["manager"] for m in manifest["test"]["managers"]} == {"nspawn", "lxc", "lxc-unprivileged", "proxmox"}
+    assert {m["manager"] for m in manifest["test"]["managers"]} == {"nspawn", "lxc", "lxc-unprivileged", "proxmox",
+                                                                   "proxmox-privileged"}
 
     def break_it(root: Path) -> None:
         (root / "etc/hostname").write_text("localhost\n")

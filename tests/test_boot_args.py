@@ -18,7 +18,7 @@ def tmplbuild(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
 
 
 def test_manager_names_are_validated_and_all_expands_in_order():
-    assert resolve_managers([]) == (["nspawn", "lxc", "lxc-unprivileged", "proxmox"], False)
+    assert resolve_managers([]) == (["nspawn", "lxc", "lxc-unprivileged", "proxmox", "proxmox-privileged"], False)
     assert resolve_managers(["lxc,nspawn"]) == (["lxc", "nspawn"], True)
     assert resolve_managers(["all"])[1] is False
     with pytest.raises(UsageError, match="expected one of"):

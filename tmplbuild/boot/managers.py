@@ -496,26 +496,17 @@ class LxcUnprivileged(Lxc):
         return traversal_problem(workdir)
 
 
-class Proxmox(Lxc):
+class Proxmox(LxcUnprivileged):
     """LXC with what `pct create`/`pct start` write into a Debian container (tmplbuild/boot/proxmox.py), the
-    first container by DHCP, the second with a static address. An emulation: pct itself is not run."""
+    first container by DHCP, the second with a static address; unprivileged, as `pct create` makes one by default
+    (ProxmoxPrivileged: `--unprivileged 0`). An emulation: pct itself is not run."""
 
     name = "proxmox"
     letter = "p"
 
-    def __init__(self, net: TestNetwork, workdir: Path) -> None:
-        super().__init__(net, workdir)
-        # Proxmox creates unprivileged containers by default; fall back to privileged where that cannot work here.
-        self.unprivileged = LxcUnprivileged.available() is None and LxcUnprivileged.unfit(workdir) is None
-        self.uid_offset = UNPRIVILEGED_BASE if self.unprivileged else 0
-
     @classmethod
     def version(cls) -> str:
         return Lxc.version() + " + pct emulation"
-
-    @classmethod
-    def unfit(cls, workdir: Path) -> str | None:
-        return None
 
     def prepare(self, container: Container, index: int) -> None:
         from tmplbuild.boot.proxmox import PveNet, pct_setup
@@ -540,4 +531,22 @@ class Proxmox(Lxc):
         return pve + [f"lxc.rootfs.path = dir:{container.rootfs}"]
 
 
-MANAGERS: dict[str, type[Manager]] = {m.name: m for m in (Nspawn, Lxc, LxcUnprivileged, Proxmox)}
+class ProxmoxPrivileged(Proxmox):
+    """The Proxmox profile for a privileged container (`pct create --unprivileged 0`): no id maps, and the
+    privileged container's keys (tmplbuild.boot.proxmox.lxc_config_lines)."""
+
+    name = "proxmox-privileged"
+    letter = "q"
+    unprivileged = False
+    uid_offset = 0
+
+    @classmethod
+    def available(cls) -> str | None:
+        return Lxc.available()
+
+    @classmethod
+    def unfit(cls, workdir: Path) -> str | None:
+        return None
+
+
+MANAGERS: dict[str, type[Manager]] = {m.name: m for m in (Nspawn, Lxc, LxcUnprivileged, Proxmox, ProxmoxPrivileged)}

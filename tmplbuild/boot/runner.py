@@ -28,7 +28,7 @@ from tmplbuild.log import say
 from tmplbuild.run import run
 
 TMPFS_SOURCE = "tmplbuild-test"
-ALL = ("nspawn", "lxc", "lxc-unprivileged", "proxmox")
+ALL = ("nspawn", "lxc", "lxc-unprivileged", "proxmox", "proxmox-privileged")
 
 
 @dataclass
