@@ -101,8 +101,8 @@ def main() -> int:
         verdict = "PASS" if added <= GOAL else "MISS"
         print(f"debian-12-minimal, {len(m.packages)} packages, "
               f"{sum(1 for p in m.packages if p.license != 'NOASSERTION')} with a declared licence")
-        print(f"| measure | seconds |")
-        print(f"|---|---|")
+        print("| measure | seconds |")
+        print("|---|---|")
         print(f"| warm build, whole process (median of {args.repeat}) | {warm:.2f} |")
         print(f"| dpkg-query alone (the manifest step before SBOMs) | {plain:.3f} |")
         print(f"| inventory (dpkg-query + sources, hashes, licences) | {full:.3f} |")

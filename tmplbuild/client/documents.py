@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from tmplbuild.errors import LocalIOError, UsageError
+from tmplbuild.errors import UsageError
 
 KINDS = {"spdx": "spdx.json", "cyclonedx": "cdx.json", "provenance": "intoto.json"}  # index.DOCUMENT_FORMATS
 

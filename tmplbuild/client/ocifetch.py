@@ -10,7 +10,6 @@ for `<stem>.oci.tar`. Then the atomic rename, as for any download. A registry se
 with exit 3, and nothing reaches the destination."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
