@@ -34,6 +34,11 @@ ZST_ONLY = f"{RECIPE}-zst-only"  # a temporary child recipe: the shipped one wit
 # Max ratio to debootstrap; checked against plain minbase and against debootstrap installing the recipe's packages.
 GOALS = {"tmplbuild cold": 0.8, "tmplbuild warm": 0.6}
 REFS = ("debootstrap", "debootstrap, recipe's packages")
+# Like with like: a tmplbuild build against debootstrap installing the same packages from a package cache in the
+# same state (cold: empty; warm: filled by the run before, debootstrap's own --cache-dir), with its goal.
+SAME_COLD, SAME_WARM = "debootstrap, recipe's packages", "debootstrap, recipe's packages, warm cache"
+LIKE = {"tmplbuild cold": (SAME_COLD, 0.8), "tmplbuild warm": (SAME_WARM, 0.5),
+        "tmplbuild warm, tar.zst only": (SAME_WARM, None), "tmplbuild warm on disk": (SAME_WARM, None)}
 XZ_LEVELS = (XZ_LEVEL, 1, 6)  # warm builds with tar.xz at these levels; the default's is the "tmplbuild warm" row
 PACK_RE = re.compile(rb"^\s*pack \+ compress: ([0-9.]+)s$", re.M)  # the builder's step line
 SIZE_GOAL, TIME_GOAL = 1.10, 1 / 3  # zstd: within 10% of xz's size in at most 1/3 of its time
@@ -67,12 +72,13 @@ def fresh_dir(session: Path, name: str) -> Path:
 
 
 def zst_only_recipe(session: Path) -> Path:
-    """A recipe dir holding a copy of the shipped recipe, a `files` link to recipes/files (the recipes name their
-    files relative to their own dir) and a child that only narrows formats to tar.zst. Returns the child's path."""
+    """A recipe dir holding a copy of the shipped recipe, a copy of recipes/files (a recipe reads only inside its
+    own directory: a link out is refused) and a child that only narrows formats to tar.zst. Returns the child's
+    path."""
     d = session / "recipes"
     d.mkdir()
     shutil.copy(RECIPES / f"{RECIPE}.toml", d / f"{RECIPE}.toml")
-    (d / "files").symlink_to(RECIPES / "files")
+    shutil.copytree(RECIPES / "files", d / "files")
     child = d / f"{ZST_ONLY}.toml"
     child.write_text(f'extends = "{RECIPE}"\n\n[template]\nname = "{ZST_ONLY}"\nformats = ["tar.zst"]\n')
     return child
@@ -103,13 +109,18 @@ def one_round(session: Path, mirror: str, suite: str, keep: Path | None, include
         ["debootstrap", "--variant=minbase", suite, str(work / "root"), mirror], work)
     shutil.rmtree(work)
 
-    # The same package set as the recipe (what tmplbuild actually installs), like for like.
-    work = fresh_dir(session, "debootstrap-same-packages")
-    log("  debootstrap with the recipe's packages ...")
+    # The same package set as the recipe (what tmplbuild actually installs), like for like: first with an empty
+    # package cache of its own (cold, as tmplbuild's cold build), then again with that cache filled (warm, as
+    # tmplbuild's warm builds).
     opts = [f"--include={','.join(include)}"] + ([f"--exclude={','.join(exclude)}"] if exclude else [])
-    times["debootstrap, recipe's packages"] = run_timed(
-        ["debootstrap", "--variant=minbase", *opts, suite, str(work / "root"), mirror], work)
-    shutil.rmtree(work)
+    debs = fresh_dir(session, "debootstrap-cache")
+    for label in (SAME_COLD, SAME_WARM):
+        work = fresh_dir(session, re.sub(r"[^a-z0-9]+", "-", label))
+        log(f"  {label} ...")
+        times[label] = run_timed(["debootstrap", "--variant=minbase", f"--cache-dir={debs}", *opts, suite,
+                                  str(work / "root"), mirror], work)
+        shutil.rmtree(work)
+    shutil.rmtree(debs)
 
     work = fresh_dir(session, "mmdebstrap")
     log("  mmdebstrap ...")
@@ -217,6 +228,18 @@ def build_table(medians: dict[str, float], pack: dict[str, float]) -> tuple[list
             "goal", "result (minbase / same packages)"], rows
 
 
+def like_table(medians: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    """Each tmplbuild build against debootstrap with the same packages and a package cache in the same state."""
+    rows = []
+    for tool, (ref, goal) in LIKE.items():
+        if tool in medians and ref in medians:
+            ratio = medians[tool] / medians[ref]
+            rows.append([tool, f"{medians[tool]:.1f}", ref, f"{medians[ref]:.1f}", f"{ratio:.2f}x",
+                         "" if goal is None else f"<= {goal:.1f}x",
+                         "" if goal is None else ("PASS" if ratio <= goal else "MISS")])
+    return ["tmplbuild", "seconds", "against", "seconds", "ratio", "goal", "result"], rows
+
+
 def xz_cost_table(medians: dict[str, float], pack: dict[str, float],
                   xz_mb: dict[str, float]) -> tuple[list[str], list[list[str]]]:
     """What tar.xz adds to a warm build, per level: against the same build writing tar.zst only."""
@@ -312,6 +335,9 @@ def main() -> int:
                                  "goals": GOALS, "default_xz_level": XZ_LEVEL}
             tables.append((f"Build time (median of {args.repeat}, suite {args.suite}; seconds are the whole process)",
                            *build_table(medians, pack_medians)))
+            tables.append((f"Like with like: cold with cold, warm with warm (median of {args.repeat})",
+                           *like_table(medians)))
+            results["builds"]["like_with_like"] = {t: {"against": r, "goal": g} for t, (r, g) in LIKE.items()}
             tables.append((f"What tar.xz costs a warm build (median of {args.repeat})",
                            *xz_cost_table(medians, pack_medians, xz_mb)))
             tarball = keep
