@@ -26,6 +26,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, render_templ
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from tmplbuild.client.config import REMOTE_NAME
+from tmplbuild.client.documents import KINDS
 from tmplbuild.errors import TmplbuildError, UsageError
 from tmplbuild.oci import record
 from tmplbuild.repo import index as idx
@@ -250,7 +251,7 @@ def api_templates() -> Response:
     return jsonify(body)
 
 
-DOCUMENT_KINDS = {idx.SPDX_FORMAT: "spdx", idx.CYCLONEDX_FORMAT: "cyclonedx", idx.PROVENANCE_FORMAT: "provenance"}
+DOCUMENT_KINDS = {fmt: kind for kind, fmt in KINDS.items()}  # format -> the kind `tmplbuild sbom --format` names
 DOCUMENT_LABELS = {idx.SPDX_FORMAT: "SBOM (SPDX 2.3)", idx.CYCLONEDX_FORMAT: "SBOM (CycloneDX 1.5)",
                    idx.PROVENANCE_FORMAT: "SLSA provenance"}
 

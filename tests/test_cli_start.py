@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tmplbuild.client import commands
+from tmplbuild.client import commands, documents
 from tmplbuild.repo import index
 
 
@@ -25,6 +25,7 @@ def test_fetch_offers_exactly_the_index_formats():
     from tmplbuild.recipe.model import Compression
 
     assert commands.FORMATS == tuple(f for f in index.FORMATS if f not in index.DOCUMENT_FORMATS)
+    assert tuple(documents.KINDS.values()) == index.DOCUMENT_FORMATS
     assert index.ROOTFS_FORMATS == tuple(c.file_format for c in Compression if c.is_rootfs_tar)
     assert index.OCI_FORMAT == Compression.OCI.file_format
 

@@ -136,11 +136,16 @@ class Deadline:
         self._timer: threading.Timer | None = None
         self._active = False
 
+    @property
+    def grace(self) -> float:
+        """A document's seconds before the bytes must arrive at the minimum rate."""
+        return min(self.limits.base, DOCUMENT_GRACE)
+
     def _allowance(self) -> float:
         full = self.limits.allowance(self.size, self.extra)
         if not self.progress:
             return full
-        return min(full, min(self.limits.base, DOCUMENT_GRACE) + self.extra + self.received / self.limits.min_rate)
+        return min(full, self.grace + self.extra + self.received / self.limits.min_rate)
 
     def advance(self, n: int) -> None:
         """`n` more bytes arrived: a document's deadline moves on with them (the timer re-arms when it wakes)."""
@@ -174,10 +179,9 @@ class Deadline:
         extra = f" + {self.extra:g} s for the server" if self.extra else ""
         env = f"{ENV_BASE}, {ENV_RATE}" + (f", {ENV_UPLOAD}" if self.extra else "")
         if self.progress and self.allowed < self.limits.allowance(self.size, self.extra):
-            grace = min(self.limits.base, DOCUMENT_GRACE)
             return TransportError(f"{self.kind} deadline", (
                 f"{self.what}: {self.received} bytes in {elapsed:.0f} s, expected {self.limits.min_rate} bytes/s "
-                f"after the first {grace:g} s (a document dripped too slowly; {env} change this)"))
+                f"after the first {self.grace:g} s (a document dripped too slowly; {env} change this)"))
         return TransportError(f"{self.kind} deadline", (
             f"{self.what}: {elapsed:.0f} s passed, allowed {self.allowed:.0f} s ({self.limits.base:g} s{extra} + "
             f"{self.size} bytes at {self.limits.min_rate} bytes/s; {env} change this)"))

@@ -247,13 +247,11 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
         # All formats land together, the manifest last: a reader that sees the manifest sees every file.
         for a, final in zip(staged, finals):
             os.replace(a.path, final)
-    except OSError as exc:
+    except BaseException as exc:
         for a in staged:
             a.path.unlink(missing_ok=True)
-        raise LocalIOError("output", f"{opts.out_dir}: {exc.strerror}") from None
-    except BaseException:
-        for a in staged:
-            a.path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise LocalIOError("output", f"{opts.out_dir}: {exc.strerror}") from None
         raise
     artifacts = [pack.Artifact(path=final, format=a.format, size=a.size, sha256=a.sha256, sha512=a.sha512,
                                oci=a.oci) for a, final in zip(staged, finals)]

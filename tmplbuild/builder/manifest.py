@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from tmplbuild.builder.archive import select_stanzas
 from tmplbuild.builder.plan import lists_name
 from tmplbuild.run import run
 from tmplbuild.sbom import copyright
@@ -72,10 +73,7 @@ def _from_lists(lists: Path, wanted: set[tuple[str, str, str]], bases: list[str]
             data = (lists / fname).read_bytes()
         except OSError:
             continue
-        for stanza in data.split(b"\n\n"):
-            head = stanza[9:stanza.find(b"\n")] if stanza.startswith(b"Package: ") else b""
-            if head.decode(errors="replace") not in names:
-                continue
+        for stanza in select_stanzas(data, names).split(b"\n\n"):
             fields = dict(line.split(": ", 1) for line in stanza.decode(errors="replace").splitlines()
                           if ": " in line and not line.startswith((" ", "\t")))
             key = (fields.get("Package", ""), fields.get("Version", ""), fields.get("Architecture", ""))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tmplbuild.errors import AuthenticityError
+from tmplbuild.errors import AuthenticityError, LocalIOError
+from tmplbuild.files import atomic_write
 from tmplbuild.manifest import Manifest, ManifestError
 from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.repo import index as idx
@@ -55,9 +56,6 @@ def verified_bytes(transport: Transport, base: str, ref: idx.FileRef, *, use_cac
     """The signed bytes of the manifest `ref`: from the cache, else downloaded (capped at the signed size),
     checked, then cached. Raises AuthenticityError, TransportError (LocalIOError never: a cache that cannot be
     written is only slower)."""
-    from tmplbuild.files import atomic_write
-    from tmplbuild.errors import LocalIOError
-
     if use_cache and (data := cached(ref)) is not None:
         return data
     data = transport.get_bytes(f"{base}/{ref.path}", ref.size, ref.path.rsplit("/", 1)[-1], document=True)

@@ -87,10 +87,10 @@ def _root_path(key: str) -> Path:
 
 
 def load(key: str, fallback: str | None = None) -> Seen | None:
-    """The last index accepted for `key` (else for `fallback`, the key of an older layout), or None on first use. Raises LocalIOError for an unreadable or
-    malformed state file: ignoring it would silently switch rollback protection off. Read as strictly as a
-    signed document (tmplbuild.strictjson: no duplicate keys, NaN or deep nesting), the version within the
-    index's range."""
+    """The last index accepted for `key` (else for `fallback`, the key of an older layout), or None on first use.
+    Raises LocalIOError for an unreadable or malformed state file: ignoring it would silently switch rollback
+    protection off. Read as strictly as a signed document (tmplbuild.strictjson: no duplicate keys, NaN or deep
+    nesting), the version within the index's range."""
     got = load_record(key, fallback)
     return got[0] if got else None
 

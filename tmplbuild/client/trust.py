@@ -30,8 +30,7 @@ from tmplbuild.repo import accept
 from tmplbuild.repo import index as idx
 from tmplbuild.repo.accept import MAX_CLOCK_SKEW, Seen, SignatureChecker, TrustedIndex  # noqa: F401 (re-exported)
 
-INDEX_CAP = 64 << 20  # bytes: an index of 10,000 template versions, each with its documents, is 43 MB
-SIGNATURE_CAP = 64 << 10
+INDEX_CAP, SIGNATURE_CAP = idx.INDEX_CAP, idx.SIGNATURE_CAP
 FORMATS = idx.FORMATS
 
 

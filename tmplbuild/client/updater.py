@@ -78,13 +78,10 @@ def url_source(urls: list[str], keys: bytes, fingerprints: tuple[str, ...], repo
     """A one-off repository: its mirror URLs with the pinned key material. Raises UsageError."""
     from tmplbuild.client import config
 
-    from tmplbuild.sign.keys import normalise_fingerprint
-
     checked = config.check_urls(urls)
-    pins = tuple(dict.fromkeys(normalise_fingerprint(f) for f in fingerprints))
     repo_id = config.check_repo_id(repo_id) if repo_id else None
     return Source(label=checked[0], urls=checked, keys=keys, fingerprints=fingerprints, repo_id=repo_id,
-                  state_key=state.key_for_identity(pins, root=False, repo_id=repo_id),
+                  state_key=state.key_for_identity(fingerprints, root=False, repo_id=repo_id),
                   legacy_key=state.key_for_urls(checked))
 
 

@@ -23,6 +23,10 @@ SIZE_MIN, SIZE_MAX = 0, 2**40  # bytes (1 TiB): of a template file or a manifest
 # 30d and 1y (365 days) is the longest duration the CLI's units express within this.
 MAX_LIFETIME = 366 * 86400
 MAX_DEPTH = 16  # nesting of [ and { in index.json (the index itself is 5 deep)
+# What any reader downloads at most (the client, `publish --to`): an index of 10,000 template versions, each with
+# its seven files, measures 43 MB; a detached armored signature is a few kB.
+INDEX_CAP = 64 << 20
+SIGNATURE_CAP = 64 << 10
 STAMP = re.compile(r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z\Z")
 HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 HEX128 = re.compile(r"\A[0-9a-f]{128}\Z")

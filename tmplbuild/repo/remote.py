@@ -30,8 +30,6 @@ from tmplbuild.repo.publish import Artifact, Published, Pushed, _add, load_artif
 from tmplbuild.sign import Signer, Verifier
 from tmplbuild.transport import Transport, parse_seconds
 
-INDEX_CAP = 64 << 20  # tmplbuild.client.trust.INDEX_CAP
-SIGNATURE_CAP = 64 << 10
 CONFLICT_DEADLINE = 120.0  # seconds a publisher keeps retrying 409 conflicts (TMPLBUILD_PUBLISH_DEADLINE)
 BACKOFF_FIRST = 0.25  # seconds: the first backoff's ceiling, doubled per conflict ...
 BACKOFF_MAX = 8.0  # ... up to this; the actual sleep is uniformly random below the ceiling ("full jitter")
@@ -101,8 +99,8 @@ def fetch_verified_index(session: Transport, base: str, verifier: Verifier) -> i
     TransportError, AuthenticityError."""
     transport = _transport(session)
     for attempt in (1, 2, 3):
-        data = transport.get_bytes(f"{base}/index.json", INDEX_CAP, "index.json", document=True)
-        sig = transport.get_bytes(f"{base}/index.json.asc", SIGNATURE_CAP, "index.json.asc", document=True)
+        data = transport.get_bytes(f"{base}/index.json", idx.INDEX_CAP, "index.json", document=True)
+        sig = transport.get_bytes(f"{base}/index.json.asc", idx.SIGNATURE_CAP, "index.json.asc", document=True)
         try:
             verifier.verify(data, sig)
             break
@@ -163,8 +161,8 @@ def publish_root_remote(url: str, data: bytes, sig: bytes, token: str) -> int:
 
 
 def get_capped(session: Transport, url: str) -> bytes:
-    """At most INDEX_CAP bytes of `url` (an index or manifest), within the deadline of INDEX_CAP bytes."""
-    return _transport(session).get_bytes(url, INDEX_CAP, url.rsplit("/", 1)[-1], document=True)
+    """At most idx.INDEX_CAP bytes of `url` (an index or manifest), within a small document's deadline."""
+    return _transport(session).get_bytes(url, idx.INDEX_CAP, url.rsplit("/", 1)[-1], document=True)
 
 
 def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: bytes, pinned: tuple[str, ...],
