@@ -50,3 +50,6 @@ def test_usage_errors_exit_2(tmp_path):
     wrong.write_bytes(b"")
     res = tmplbuild("test", str(wrong), timeout=60)
     assert res.returncode == 2 and ".tar.zst" in res.stderr
+    res = tmplbuild("test", str(bogus), "--jobs", "0", timeout=60)
+    assert res.returncode == 2 and "--jobs" in res.stderr and "1 or more" in res.stderr
+

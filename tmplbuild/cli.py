@@ -335,9 +335,11 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise UsageError("--timeout", f"found {args.timeout:g}, expected a positive number of seconds")
     if args.dhcp_grace < 0:
         raise UsageError("--dhcp-grace", f"found {args.dhcp_grace:g}, expected zero or more seconds")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError("--jobs", f"found {args.jobs}, expected 1 or more managers at a time")
     opts = TestOptions(managers=managers, explicit=explicit, timeout=args.timeout, grace=args.dhcp_grace,
                        apt_mirror=args.apt_mirror, workdir=Path(args.work_dir) if args.work_dir else None,
-                       tmpfs=not args.no_tmpfs)
+                       tmpfs=not args.no_tmpfs, jobs=args.jobs or 0)
     report = test_artifact(Path(args.artifact), opts)
     print(json.dumps(report.as_dict(), indent=2, sort_keys=True) if args.json else render(report), flush=True)
     if report.failed:
@@ -475,7 +477,8 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("test", help="boot a template in throwaway containers and check that it works")
     t.add_argument("artifact", help="a template: .tar.zst, .tar.xz, or the .oci.tar image (built or fetched)")
     t.add_argument("--manager", action="append", metavar="NAME",
-                   help="nspawn, lxc, lxc-unprivileged, proxmox or all (default; repeatable or comma-separated). "
+                   help="nspawn, lxc, lxc-unprivileged, proxmox, proxmox-privileged or all (default; repeatable or "
+                        "comma-separated). "
                         "Managers missing here are skipped under `all` and an error when named")
     t.add_argument("--timeout", type=float, default=60.0,
                    help="seconds per manager for boot, checks and shutdown of its two containers (default 60)")
@@ -486,6 +489,8 @@ def parser() -> argparse.ArgumentParser:
                         "(file:///DIR, http://127.0.0.1:PORT) serves a local mirror fixture; default: apt skipped")
     t.add_argument("--work-dir", help="where the throwaway containers live (default /var/tmp), on a tmpfs mounted there")
     t.add_argument("--no-tmpfs", action="store_true", help="keep the containers' trees on disk (hosts short of memory)")
+    t.add_argument("--jobs", type=int, metavar="N",
+                   help="managers run side by side at most (default: the cores + 1; 1 runs them one after another)")
     t.add_argument("--json", action="store_true", help="print the report as JSON")
     t.set_defaults(func=cmd_test)
 

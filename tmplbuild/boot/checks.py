@@ -94,7 +94,7 @@ def network(containers: list[Container], net: TestNetwork, booted: dict[str, flo
             lease = None if c.static or not mac else net.lease_for(mac)
             good = (c.static in addrs) if c.static else (lease is not None and any(a.split("/")[0] == lease for a in addrs))
             now, finished = time.monotonic(), booted.get(c.name)
-            if good or now > deadline or (finished is not None and now - c.started > finished + grace):
+            if good or now > deadline or not c.alive() or (finished is not None and now - c.started > finished + grace):
                 break
             if not c.static and finished is not None and not _dhcp_client(c):
                 break
@@ -130,7 +130,7 @@ def dns(containers: list[Container], deadline: float) -> Check:
     for c in containers:
         while True:
             res = c.exec("getent", "ahostsv4", PROBE_NAME, timeout=10)
-            if PROBE_IP in res.out or time.monotonic() > deadline:
+            if PROBE_IP in res.out or time.monotonic() > deadline or not c.alive():
                 break
             time.sleep(0.5)
         if PROBE_IP in res.out:
@@ -227,7 +227,7 @@ def sshd(containers: list[Container], facts: TemplateFacts, deadline: float) -> 
         return [Check("sshd", SKIP, "the template ships no sshd"), Check("host-keys", SKIP, "the template ships no sshd")]
     parts, ok = [], True
     for c in containers:
-        while not (listening := _listening(c, 22)) and time.monotonic() < deadline:
+        while not (listening := _listening(c, 22)) and time.monotonic() < deadline and c.alive():
             time.sleep(0.3)
         parts.append(f"{c.name}: {'listening on port 22' if listening else 'nothing listens on port 22'}")
         ok = ok and listening

@@ -372,7 +372,7 @@ class Lxc(Manager):
         self.lxcpath = workdir / "lxc"
         self.lxcpath.mkdir(exist_ok=True)
         # Made here, before the per-container steps run in threads (the Proxmox profile's prepare needs it).
-        self.bridge: Subnet = net.add_bridge(f"tb{self.name[:3]}{len(net.subnets)}")
+        self.bridge: Subnet = net.add_bridge(f"tb{self.name[:3]}")
 
     @classmethod
     def available(cls) -> str | None:

@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class TestNetwork:
     subnets: list[Subnet] = field(default_factory=list)
     dnsmasq: subprocess.Popen[bytes] | None = None
     relay_hosts: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # managers add links side by side
 
     @classmethod
     def create(cls, workdir: Path) -> "TestNetwork":
@@ -81,11 +83,13 @@ class TestNetwork:
         """argv that only switches to the namespace (enough for clients: ssh-keyscan, lxc-info)."""
         return ["nsenter", f"--net=/run/netns/{self.name}", *argv]
 
-    def add_bridge(self, link: str) -> Subnet:
-        subnet = Subnet(link, len(self.subnets) + 1)
-        self.ip("link", "add", link, "type", "bridge")
-        self._address(subnet)
-        self.subnets.append(subnet)
+    def add_bridge(self, prefix: str) -> Subnet:
+        """A new bridge named prefix + its subnet's number, with the subnet's gateway address."""
+        with self.lock:
+            subnet = Subnet(f"{prefix}{len(self.subnets) + 1}", len(self.subnets) + 1)
+            self.ip("link", "add", subnet.link, "type", "bridge")
+            self._address(subnet)
+            self.subnets.append(subnet)
         return subnet
 
     def adopt_link(self, link: str, wait: float = 10.0) -> Subnet:
@@ -96,9 +100,10 @@ class TestNetwork:
             if time.monotonic() > deadline:
                 raise LocalIOError("test network", f"{link} did not appear in {self.name} within {wait:.0f} s")
             time.sleep(0.05)
-        subnet = Subnet(link, len(self.subnets) + 1)
-        self._address(subnet)
-        self.subnets.append(subnet)
+        with self.lock:
+            subnet = Subnet(link, len(self.subnets) + 1)
+            self._address(subnet)
+            self.subnets.append(subnet)
         return subnet
 
     def _has_link(self, link: str) -> bool:
@@ -123,7 +128,7 @@ class TestNetwork:
             f"--dhcp-leasefile={self.leases_file}", f"--pid-file={self.workdir / 'dnsmasq.pid'}",
             f"--log-facility={self.workdir / 'dnsmasq.log'}", "--log-dhcp", "--log-queries",
             f"--domain={DOMAIN}", f"--local=/{DOMAIN}/", f"--host-record={PROBE_NAME},{PROBE_IP}",
-            "--dhcp-authoritative", "--dhcp-option=option:dns-server,0.0.0.0",
+            "--dhcp-authoritative", "--no-ping", "--dhcp-option=option:dns-server,0.0.0.0",
             *ranges,
             *(f"--address=/{host}/{SERVICE_IP}" for host in relay_hosts),
         ]

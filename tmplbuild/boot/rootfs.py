@@ -5,11 +5,12 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from tmplbuild.builder.mirror import parse_deb822, parse_one_line
-from tmplbuild.errors import UsageError
+from tmplbuild.errors import LocalIOError, UsageError
 from tmplbuild.run import CLEAN_ENV, command_line
 
 # pct's own extraction flags (PVE::LXC::Create::restore_archive): numeric owners, capabilities kept.
@@ -86,6 +87,68 @@ def unpack(artifact: Path, dest: Path, *, uid_offset: int = 0, log: Path | None 
         raise UsageError("unpack", f"{artifact.name}: `tar` exited {proc.returncode}: {(lines or ['no output'])[0][:300]}")
 
 
+class SharedUnpack:
+    """One unpack of the template per owner mapping, copied for each container: the containers of the managers
+    that share a mapping (uid 0: nspawn, lxc, proxmox-privileged; root's subordinate range: lxc-unprivileged,
+    proxmox) start from the same tree, and each gets a copy of its own to change. `cp -a` keeps what the unpack
+    made: owners, modes, times, hard links, devices and the capability xattrs. The last container a tree is
+    counted for (`uses`) takes the tree itself. An unpack that failed fails every container that needs it, with
+    the same error."""
+
+    def __init__(self, artifact: Path, workdir: Path, uses: dict[int, int] | None = None) -> None:
+        self.artifact = artifact
+        self.workdir = workdir
+        self.uses = dict(uses or {})
+        self.lock = threading.Condition()
+        self.locks: dict[int, threading.Lock] = {}
+        self.trees: dict[int, Path | BaseException] = {}
+        self.copying: dict[int, int] = {}  # copies of each tree under way
+
+    def tree(self, uid_offset: int, log: Path | None = None) -> Path:
+        """The unpacked template for `uid_offset`, made by the first caller; the others wait for it."""
+        with self.lock:
+            lock = self.locks.setdefault(uid_offset, threading.Lock())
+        with lock:
+            if uid_offset not in self.trees:
+                dest = self.workdir / f"template-{uid_offset}" / "rootfs"
+                dest.parent.mkdir(mode=0o711)
+                try:
+                    unpack(self.artifact, dest, uid_offset=uid_offset, log=log)
+                    self.trees[uid_offset] = dest
+                except Exception as exc:  # noqa: BLE001 - kept for every container that needs this tree
+                    self.trees[uid_offset] = exc
+        tree = self.trees[uid_offset]
+        if isinstance(tree, BaseException):
+            raise tree
+        return tree
+
+    def copy(self, dest: Path, uid_offset: int = 0, log: Path | None = None) -> None:
+        """A container's own copy of the unpacked template at the new directory `dest`. Raises as unpack does,
+        and LocalIOError when the copy fails (the work directory full)."""
+        tree = self.tree(uid_offset, log)
+        with self.lock:
+            self.uses[uid_offset] = left = self.uses.get(uid_offset, 0) - 1
+            if left == 0:  # no one copies from it after this one: the tree itself, once the copies under way end
+                while self.copying.get(uid_offset):
+                    self.lock.wait()
+                os.rename(tree, dest)
+                return
+            self.copying[uid_offset] = self.copying.get(uid_offset, 0) + 1
+        argv = ["cp", "-a", "--no-target-directory", str(tree), str(dest)]
+        try:
+            proc = subprocess.run(argv, capture_output=True, env=CLEAN_ENV)
+        finally:
+            with self.lock:
+                self.copying[uid_offset] -= 1
+                self.lock.notify_all()
+        if log is not None:
+            with open(log, "ab") as f:
+                f.write(f"$ {command_line(argv)}\n".encode() + proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+            raise LocalIOError("unpack", f"copying the unpacked template to {dest}: {(lines or ['cp failed'])[0][:300]}")
+
+
 def traversal_problem(path: Path) -> str | None:
     """Why an unprivileged container's root (a mapped uid, not root) cannot reach `path`, or None."""
     for p in [path, *path.parents]:
@@ -126,24 +189,6 @@ def read_facts(rootfs: Path) -> TemplateFacts:
     sshd = rootfs / "usr/sbin/sshd"
     return TemplateFacts(machine_id=machine_id, has_sshd=sshd.is_file() and not sshd.is_symlink(),
                          sources=sources, os_release=os_release)
-
-
-FACT_PATHS = ["etc/machine-id", "etc/apt", "usr/lib/os-release", "usr/sbin/sshd"]
-
-
-def template_facts(artifact: Path, dest: Path) -> TemplateFacts:
-    """Extract only the few files the checks compare against into the new directory `dest` (tar reads the
-    stream once and writes almost nothing) and read them. Raises UsageError when the archive is unreadable."""
-    dest.mkdir()
-    argv = ["tar", decompressor(artifact), "-x", "-f", "-", "-C", str(dest), "--numeric-owner",
-            *[f"./{p}" for p in FACT_PATHS]]
-    proc = _tar(argv, artifact)
-    errors = [ln for ln in proc.stderr.decode(errors="replace").splitlines()
-              if "Not found in archive" not in ln and "Exiting with failure status" not in ln]
-    # A template without sshd, say: tar reports the missing name and still extracts the rest.
-    if proc.returncode not in (0, 2) or errors:
-        raise UsageError("unpack", f"{artifact}: `tar` exited {proc.returncode}: {(errors or ['?'])[-1][:300]}")
-    return read_facts(dest)
 
 
 def _read(path: Path) -> str:

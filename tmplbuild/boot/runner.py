@@ -22,7 +22,7 @@ from tmplbuild.boot.checks import FAIL, PASS, SKIP, Check
 from tmplbuild.boot.managers import MANAGERS, Container, Manager, forget_cgroups, forget_lxc_cgroups, forget_lxc_locks
 from tmplbuild.boot.netns import TestNetwork
 from tmplbuild.boot.relay import Plan, Relay, plan_routes
-from tmplbuild.boot.rootfs import TemplateFacts, decompressor, template_facts, unpack
+from tmplbuild.boot.rootfs import SharedUnpack, TemplateFacts, decompressor, read_facts
 from tmplbuild.errors import EnvironmentUnfitError, LocalIOError, UsageError
 from tmplbuild.log import say
 from tmplbuild.run import run
@@ -41,6 +41,7 @@ class TestOptions:
     apt_timeout: float = 120.0
     workdir: Path | None = None           # parent of the throwaway work directory (default /var/tmp)
     tmpfs: bool = True                    # the containers' trees on a tmpfs of their own (else on disk)
+    jobs: int = 0                         # managers run side by side at most (0: default_jobs)
 
 
 @dataclass
@@ -139,7 +140,23 @@ def test_artifact(artifact: Path, opts: TestOptions) -> Report:
                 capture=True, error=LocalIOError)
             stack.callback(_umount, workdir)
         workdir.chmod(0o711)  # an unprivileged container's root (uid 100000 here) must reach its rootfs
-        facts = template_facts(artifact, workdir / "facts")
+        fit: list[type[Manager]] = []
+        for cls in runnable:
+            why = cls.unfit(workdir)
+            if why and opts.explicit:
+                raise EnvironmentUnfitError(f"test {cls.name}", why)
+            if why:
+                reports.append(ManagerReport(manager=cls.name, version=cls.version(), status=SKIP, reason=why))
+                say(f"==> {cls.name}: skipped: {why}")
+            else:
+                fit.append(cls)
+        uses: dict[int, int] = {}
+        for cls in fit:
+            uses[cls.uid_offset] = uses.get(cls.uid_offset, 0) + 2  # two containers each
+        trees = SharedUnpack(artifact, workdir, uses)
+        # What the checks compare against, read from the tree the containers are copied from (the first one
+        # unpacked: a template tar that does not unpack stops the run here, before any network exists).
+        facts = read_facts(trees.tree(0 if 0 in uses or not uses else next(iter(uses))))
         template = {"file": artifact.name, **{k: v for k, v in facts.os_release.items() if k in ("PRETTY_NAME", "VERSION_ID")}}
         net = TestNetwork.create(workdir)
         stack.callback(net.close)
@@ -150,21 +167,15 @@ def test_artifact(artifact: Path, opts: TestOptions) -> Report:
             stack.callback(relay.close)
         net.start_dnsmasq(plan.hosts if plan else [])
         tag = secrets.token_hex(3)
-        for cls in runnable:
+        jobs: list[tuple[Manager, ManagerReport]] = []
+        for cls in fit:
             report = ManagerReport(manager=cls.name, version=cls.version())
             reports.append(report)
-            why = cls.unfit(workdir)
-            if why and opts.explicit:
-                raise EnvironmentUnfitError(f"test {cls.name}", why)
-            if why:
-                report.status, report.reason = SKIP, why
-                say(f"==> {cls.name}: skipped: {why}")
-                continue
             mgr = cls(net, workdir)
+            stack.callback(mgr.close)  # after every manager's containers are gone (LXC's share a lock directory)
             report.version = mgr.describe()
-            say(f"==> {cls.name} ({report.version})")
-            _run_manager(mgr, artifact, facts, plan, opts, report, tag)
-            say(f"    {cls.name}: {report.status} in {report.seconds:.1f}s")
+            jobs.append((mgr, report))
+        _run_managers(jobs, trees, facts, plan, opts, tag)
     order = {n: i for i, n in enumerate(opts.managers)}
     reports.sort(key=lambda r: order.get(r.manager, 99))
     return Report(artifact=str(artifact), template=template, managers=reports, seconds=time.monotonic() - start)
@@ -229,8 +240,100 @@ def kill_leaders(workdir: Path) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
 
-def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan | None, opts: TestOptions,
-                 report: ManagerReport, tag: str) -> None:
+def default_jobs(managers: int) -> int:
+    """Managers side by side by default: one more than the cores, since each run also waits (for a lease, for
+    its containers to power off) and leaves a core free then. bench/gate.py measured 1, 2, 3 and all 5 here."""
+    return max(1, min(managers, (os.cpu_count() or 1) + 1))
+
+
+class _Cancelled(Exception):
+    """The run was interrupted: a manager's thread stops at its next step."""
+
+
+class _Runs:
+    """The managers' runs, side by side, and what stopping them all at once needs: every container started."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cancelled = False
+        self.started: list[tuple[Manager, Container]] = []
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise _Cancelled("interrupted")
+
+    def start(self, mgr: Manager, c: Container) -> None:
+        with self.lock:
+            self.check()
+            self.started.append((mgr, c))
+        mgr.start(c)
+        with self.lock:
+            if self.cancelled:  # cancel() ran while this one was starting: it may have found nothing to kill
+                mgr.kill(c)
+                raise _Cancelled("interrupted")
+
+    def cancel(self) -> None:
+        """Kill every container any manager started (each thread's own clean-up then forgets and removes it)."""
+        with self.lock:
+            self.cancelled = True
+            started = list(self.started)
+        for mgr, c in started:
+            with contextlib.suppress(Exception):
+                mgr.kill(c)
+
+
+def _run_managers(jobs: list[tuple[Manager, ManagerReport]], trees: SharedUnpack, facts: TemplateFacts,
+                  plan: Plan | None, opts: TestOptions, tag: str) -> None:
+    """Every manager's run in a thread of its own, at most opts.jobs at a time (0: default_jobs). Their containers
+    boot side by side in the one test network; each run's steps and checks are those it has alone. Ctrl-C or
+    SIGTERM in the caller's thread kills every container, waits for the threads' clean-up and re-raises."""
+    if not jobs:
+        return
+    runs = _Runs()
+    slots = threading.BoundedSemaphore(opts.jobs if opts.jobs > 0 else default_jobs(len(jobs)))
+    errors: list[BaseException] = []
+
+    def one(mgr: Manager, report: ManagerReport) -> None:
+        slots.acquire()
+        held = [True]
+
+        def release() -> None:  # once its containers only shut down, the next manager may start
+            if held:
+                held.clear()
+                slots.release()
+
+        try:
+            if runs.cancelled:
+                return
+            say(f"==> {mgr.name} ({report.version})")
+            _run_manager(mgr, trees, facts, plan, opts, report, tag, runs, release)
+            say(f"    {mgr.name}: {report.status} in {report.seconds:.1f}s")
+        except BaseException as exc:  # noqa: BLE001 - EnvironmentUnfitError: the caller raises it
+            errors.append(exc)
+            runs.cancel()
+        finally:
+            release()
+
+    # The Proxmox profiles first: their containers take longest to power off (ifupdown releases the lease), and
+    # that wait then overlaps the other managers' work instead of ending the run.
+    threads = [threading.Thread(target=one, args=job, name=f"test {job[0].name}", daemon=True)
+               for job in reversed(jobs)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:
+        runs.cancel()
+        for t in threads:
+            t.join(60)
+        raise
+    if errors:
+        raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+
+
+def _run_manager(mgr: Manager, trees: SharedUnpack, facts: TemplateFacts, plan: Plan | None, opts: TestOptions,
+                 report: ManagerReport, tag: str, runs: _Runs, shutting_down=lambda: None) -> None:
     start = time.monotonic()
     containers = [Container(name=f"tb{tag}{mgr.letter}{i}", rootfs=mgr.workdir / f"{mgr.name}-{i}" / "rootfs",
                             interface=mgr.interface, log=mgr.workdir / f"{mgr.name}-{i}.log") for i in (1, 2)]
@@ -239,7 +342,7 @@ def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan 
         def prepare(i: int) -> None:
             c = containers[i]
             c.rootfs.parent.mkdir()
-            unpack(artifact, c.rootfs, uid_offset=mgr.uid_offset, log=c.log)
+            trees.copy(c.rootfs, mgr.uid_offset, log=c.log)
             mgr.prepare(c, i)
 
         _at_once(prepare, range(len(containers)))
@@ -248,9 +351,10 @@ def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan 
         deadline = time.monotonic() + opts.timeout
         for c in containers:
             c.started = time.monotonic()
-            mgr.start(c)
+            runs.start(mgr, c)
             record_leader(mgr.workdir, c)
         boot, booted = checks.boot(containers, deadline)
+        runs.check()
         report.checks.append(boot)
         report.phases["boot"] = time.monotonic() - mark
         mark = time.monotonic()
@@ -264,10 +368,12 @@ def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan 
         report.checks.append(checks.apt(containers[0], facts, plan, opts.apt_timeout))
         report.checks += checks.sshd(containers, facts, min(deadline, time.monotonic() + 10))
         report.phases["checks"] = time.monotonic() - mark
+        runs.check()
+        shutting_down()
         mark = time.monotonic()
         report.checks.append(_shutdown(mgr, containers, max(deadline - time.monotonic(), 10.0)))
         report.phases["shutdown"] = time.monotonic() - mark
-    except EnvironmentUnfitError:
+    except (EnvironmentUnfitError, _Cancelled):
         raise
     except Exception as exc:  # noqa: BLE001 - a container that cannot even start is this manager's failure
         report.checks.append(Check("start", FAIL, str(exc)))
@@ -278,7 +384,6 @@ def _run_manager(mgr: Manager, artifact: Path, facts: TemplateFacts, plan: Plan 
             mgr.forget(c)
             if not c.alive():  # never remove a tree a container still runs on
                 shutil.rmtree(c.rootfs.parent, ignore_errors=True)
-        mgr.close()
         report.seconds = time.monotonic() - start
     report.status = FAIL if any(c.status == FAIL for c in report.checks) else PASS
 
