@@ -8,11 +8,13 @@ PY := $(VENV)/bin/python
 # systemd-nspawn; lxc, uidmap (newuidmap), dnsmasq-base, iproute2: `tmplbuild test` and its tests; skopeo: the OCI
 # channel (push, pull, the stock verification the tests and the demo run); docker-registry: the Distribution
 # registry the tests and the demo start on 127.0.0.1; umoci and jq: lxc-oci (`lxc-create -t oci`), which the tests
-# run; apache2-utils: htpasswd, for the registry-authentication test.
+# run; apache2-utils: htpasswd, for the registry-authentication test; qemu-user-static and binfmt-support: arm64
+# and armhf builds and boot tests on an amd64 host (binfmt_misc, the `binfmt` target).
 APT_PACKAGES := debootstrap debian-archive-keyring gnupg zstd xz-utils openssh-client python3-venv ca-certificates \
-	systemd-container lxc uidmap dnsmasq-base iproute2 skopeo docker-registry umoci jq apache2-utils
+	systemd-container lxc uidmap dnsmasq-base iproute2 skopeo docker-registry umoci jq apache2-utils \
+	qemu-user-static binfmt-support
 
-.PHONY: all system-deps subids venv test test-fast demo bench bench-serve bench-fetch bench-publish clean
+.PHONY: all system-deps subids binfmt venv test test-all test-fast demo bench bench-serve bench-fetch bench-publish clean
 
 all: test
 
@@ -36,8 +38,16 @@ venv: $(VENV)/.installed
 subids:
 	@sh contrib/subids.sh
 
-test: system-deps venv subids
+# binfmt_misc mounted and qemu-user-static's entries enabled: foreign architectures build and boot here.
+binfmt:
+	@sh contrib/binfmt.sh
+
+test: system-deps venv subids binfmt
 	$(PY) -m pytest -q
+
+# Every architecture the shipped recipes list, booted under emulation too (arm64 is in `make test`; armhf here).
+test-all: system-deps venv subids binfmt
+	TMPLBUILD_TEST_ARCHES=arm64,armhf $(PY) -m pytest -q
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not build"

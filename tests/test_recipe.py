@@ -103,7 +103,7 @@ def test_ssh_recipe_inherits_minimal() -> None:
     ssh = load_recipe(RECIPES / "debian-12-ssh.toml")
     assert ssh.name == "debian-12-ssh"
     assert ssh.extends == ("debian-12-minimal",)
-    assert ssh.suite == "bookworm" and ssh.release == "12" and ssh.architectures == ("amd64",)
+    assert ssh.suite == "bookworm" and ssh.release == "12" and ssh.architectures == minimal.architectures == ("amd64", "arm64", "armhf")
     assert ssh.variant == "ssh"
     assert ssh.include == minimal.include + ("openssh-server",)
     assert [s.name for s in ssh.scripts] == ["container-network.sh", "ssh-regenerate-host-keys.sh"]

@@ -28,6 +28,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tmplbuild import foreign
 from tmplbuild.builder.archive import version_compare
 from tmplbuild.errors import AuthenticityError, ExitCode, TmplbuildError, UsageError
 from tmplbuild.files import atomic_write
@@ -315,8 +316,10 @@ def _one_recipe(repo, path: Path, opts: RebuildOptions, out: Path, report: Repor
         return 0
     published = 0
     for arch in recipe.architectures:
-        if arch != opts.host_arch:
-            report.rows.append(Row(recipe.name, arch, SKIPPED, details=f"cannot build {arch} here"))
+        try:
+            foreign.emulator(arch, opts.host_arch)  # another architecture builds through qemu-user, if registered
+        except foreign.CannotRun as exc:
+            report.rows.append(Row(recipe.name, arch, SKIPPED, details=f"cannot build {arch} here: {exc.why}"))
             continue
         try:
             row = _one_build(repo, recipe, arch, opts, out)

@@ -6,6 +6,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from tmplbuild.boot import emulation
 from tmplbuild.boot.managers import Container
 from tmplbuild.boot.netns import PROBE_IP, PROBE_NAME, TestNetwork
 from tmplbuild.boot.relay import Plan
@@ -14,6 +15,7 @@ from tmplbuild.boot.rootfs import TemplateFacts
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 DHCP_CLIENTS = ("dhclient", "systemd-networkd", "dhcpcd", "udhcpc", "NetworkManager", "connmand", "ifup")
 BOOTING = ("initializing", "starting")
+EMULATED_OFFER_WAIT = 15.0  # seconds an emulated client has to take an offer (natively it takes well under one)
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,18 @@ def boot(containers: list[Container], deadline: float) -> tuple[Check, dict[str,
         if state == "running":
             parts.append(f"{c.name} running after {seconds:.1f} s")
             continue
-        ok = False
         failed = c.exec("systemctl", "list-units", "--failed", "--plain", "--no-legend", "--no-pager", timeout=10)
         units = [ln.split()[0] for ln in failed.out.splitlines() if ln.strip() and not ln.startswith(" ")]
+        if c.emulated and state == "degraded" and units:
+            blamed: dict[str, str] = {}
+            for u in sorted(units, key=lambda u: u.endswith(".socket")):  # services first: a socket fails with its service
+                if (why := emulation.blame(u, _last_log_line(c, u), blamed)) is not None:
+                    blamed[u] = why
+            if len(blamed) == len(units):
+                parts.append(f"{c.name} degraded after {seconds:.1f} s only by what qemu-user cannot run: "
+                             + "; ".join(f"{u}: {why}" for u, why in blamed.items()))
+                continue
+        ok = False
         parts.append(f"{c.name} {state}" + (f", failed units: {' '.join(units)}" if units else "")
                      + "".join(f" [{u}: {why}]" for u in units[:3] if (why := _last_log_line(c, u))))
     return Check("boot", PASS if ok else FAIL, _join(parts)), booted
@@ -86,9 +97,12 @@ def network(containers: list[Container], net: TestNetwork, booted: dict[str, flo
             deadline: float, grace: float) -> Check:
     """An IPv4 lease from the test's DHCP server on the manager's interface (or, where the profile configured a
     static address, that address). Waits until the deadline, but no longer than `grace` after boot finished,
-    and gives up at once when the booted container runs no DHCP client at all."""
-    parts, ok = [], True
+    and gives up at once when the booted container runs no DHCP client at all. Under qemu-user, a lease the
+    emulator kept from the container (tmplbuild.boot.emulation.dhcp_blocked) is a SKIP naming why, and the
+    container's dns and apt checks are skipped with it."""
+    parts, ok, skipped = [], True, False
     for c in containers:
+        offered: float | None = None
         while True:
             addrs, mac = _ipv4(c)
             lease = None if c.static or not mac else net.lease_for(mac)
@@ -98,6 +112,10 @@ def network(containers: list[Container], net: TestNetwork, booted: dict[str, flo
                 break
             if not c.static and finished is not None and not _dhcp_client(c):
                 break
+            if c.emulated and mac and offered is None and net.offer_for(mac):
+                offered = now
+            if offered is not None and now - offered > EMULATED_OFFER_WAIT:
+                break  # offered, and not taken: under qemu-user the reply never reaches the client
             time.sleep(0.2)
         if c.static:
             if good:
@@ -110,12 +128,17 @@ def network(containers: list[Container], net: TestNetwork, booted: dict[str, flo
         if good:
             parts.append(f"{c.name} {c.interface} {', '.join(addrs)} (DHCP lease for {mac})")
             continue
+        if c.emulated and (why := emulation.dhcp_blocked(c, net, mac)):
+            c.offline = why
+            skipped = True
+            parts.append(f"{c.name} {c.interface}: not possible under qemu-user: {why}")
+            continue
         ok = False
         client = _dhcp_client(c)
         why = (f"no IPv4 lease (addresses: {', '.join(addrs) or 'none'})"
                + ("" if client else f"; no DHCP client running (looked for {', '.join(DHCP_CLIENTS)})"))
         parts.append(f"{c.name} {c.interface}: {why}")
-    return Check("network", PASS if ok else FAIL, _join(parts))
+    return Check("network", FAIL if not ok else SKIP if skipped else PASS, _join(parts))
 
 
 def _dhcp_client(c: Container) -> str | None:
@@ -126,8 +149,12 @@ def _dhcp_client(c: Container) -> str | None:
 def dns(containers: list[Container], deadline: float) -> Check:
     """A name only the test's dnsmasq knows resolves inside the container (through whatever resolver the
     template configured from DHCP or the host)."""
-    parts, ok = [], True
+    parts, ok, skipped = [], True, False
     for c in containers:
+        if c.offline:
+            skipped = True
+            parts.append(f"{c.name}: not possible under qemu-user: it has no lease (see network)")
+            continue
         while True:
             res = c.exec("getent", "ahostsv4", PROBE_NAME, timeout=10)
             if PROBE_IP in res.out or time.monotonic() > deadline or not c.alive():
@@ -141,7 +168,7 @@ def dns(containers: list[Container], deadline: float) -> Check:
         servers = re.findall(r"^\s*nameserver\s+(\S+)", resolv or "", re.M)
         parts.append(f"{c.name}: {PROBE_NAME} does not resolve (getent exit {res.rc}); resolv.conf nameservers: "
                      f"{', '.join(servers) or ('none' if resolv is not None else 'no /etc/resolv.conf')}")
-    return Check("dns", PASS if ok else FAIL, _join(parts))
+    return Check("dns", FAIL if not ok else SKIP if skipped else PASS, _join(parts))
 
 
 def hostname(containers: list[Container]) -> Check:
@@ -201,6 +228,8 @@ def apt(c: Container, facts: TemplateFacts, plan: Plan | None, timeout: float) -
         return Check("apt", FAIL, "the template names no apt source")
     if plan.refused:
         return Check("apt", FAIL, "unreachable from a container: " + "; ".join(plan.refused))
+    if c.offline:
+        return Check("apt", SKIP, f"{c.name}: not possible under qemu-user: it has no lease (see network)")
     res = c.exec("apt-get", "update", "-q", timeout=timeout)
     bad = [ln.strip() for ln in res.out.splitlines() if re.match(r"^(E:|W:|Err:)", ln.strip())]
     if res.ok and not bad:

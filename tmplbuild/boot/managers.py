@@ -47,6 +47,8 @@ class Container:
     static: str | None = None                     # "A.B.C.D/N" when the profile configures a static address
     started: float = field(default_factory=time.monotonic)
     stopped: bool = False
+    emulated: bool = False                        # another architecture, run by qemu-user (tmplbuild.boot.emulation)
+    offline: str = ""                             # why qemu-user kept it off the test network (checks.network)
     cgroups: list[Path] = field(default_factory=list)  # nspawn without systemd as PID 1: the cgroups made for it
 
     def exec(self, *argv: str, timeout: float = 30.0) -> Result:
@@ -156,10 +158,15 @@ class Manager:
         start = time.monotonic()
         if container.leader is None or not container.alive():
             return False, 0.0
-        try:
-            os.kill(container.leader, SIGRTMIN_4)
-        except ProcessLookupError:
-            pass
+        if container.emulated:
+            # qemu-user shifts real-time signals (the guest sees SIGRTMIN+4 as another one, a rescue or nothing at
+            # all): ask PID 1 through systemctl instead, as `machinectl poweroff` would in the end.
+            container.exec("systemctl", "poweroff", "--no-block", timeout=min(timeout, 60))
+        else:
+            try:
+                os.kill(container.leader, SIGRTMIN_4)
+            except ProcessLookupError:
+                pass
         clean = self.wait_stopped(container, timeout)
         if clean:
             container.stopped = True

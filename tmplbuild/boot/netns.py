@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -151,6 +152,15 @@ class TestNetwork:
             if len(parts) >= 3 and parts[1].lower() == mac.lower():
                 return parts[2]
         return None
+
+    def offer_for(self, mac: str) -> str | None:
+        """The address dnsmasq offered `mac` (its log, --log-dhcp), or None: the client asked and was answered."""
+        try:
+            text = (self.workdir / "dnsmasq.log").read_text(errors="replace")
+        except OSError:
+            return None
+        found = re.findall(r"DHCPOFFER\([^)]*\) (\d+\.\d+\.\d+\.\d+) " + re.escape(mac), text, re.IGNORECASE)
+        return found[-1] if found else None
 
     def processes(self) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True).stdout.decode()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tmplbuild.builder.mirror import parse_deb822, parse_one_line
 from tmplbuild.errors import LocalIOError, UsageError
+from tmplbuild.foreign import elf_arch
 from tmplbuild.run import CLEAN_ENV, command_line
 
 # pct's own extraction flags (PVE::LXC::Create::restore_archive): numeric owners, capabilities kept.
@@ -166,6 +167,7 @@ class TemplateFacts:
     has_sshd: bool
     sources: list[tuple[str, list[str]]]
     os_release: dict[str, str]
+    arch: str | None = None  # the Debian architecture of its dpkg binary (tmplbuild.foreign.elf_arch)
 
 
 def read_facts(rootfs: Path) -> TemplateFacts:
@@ -187,8 +189,10 @@ def read_facts(rootfs: Path) -> TemplateFacts:
         if m:
             os_release[m.group(1)] = m.group(2)
     sshd = rootfs / "usr/sbin/sshd"
+    dpkg = rootfs / "usr/bin/dpkg"
+    arch = elf_arch(dpkg) if Path(os.path.realpath(dpkg)) == dpkg else None
     return TemplateFacts(machine_id=machine_id, has_sshd=sshd.is_file() and not sshd.is_symlink(),
-                         sources=sources, os_release=os_release)
+                         sources=sources, os_release=os_release, arch=arch)
 
 
 def _read(path: Path) -> str:

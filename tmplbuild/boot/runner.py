@@ -6,6 +6,7 @@ failure, Ctrl-C and SIGTERM alike."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -17,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tmplbuild.boot import checks
+from tmplbuild import foreign
+from tmplbuild.boot import checks, emulation
 from tmplbuild.boot.checks import FAIL, PASS, SKIP, Check
 from tmplbuild.boot.managers import MANAGERS, Container, Manager, forget_cgroups, forget_lxc_cgroups, forget_lxc_locks
 from tmplbuild.boot.netns import TestNetwork
@@ -157,6 +159,22 @@ def test_artifact(artifact: Path, opts: TestOptions) -> Report:
         # What the checks compare against, read from the tree the containers are copied from (the first one
         # unpacked: a template tar that does not unpack stops the run here, before any network exists).
         facts = read_facts(trees.tree(0 if 0 in uses or not uses else next(iter(uses))))
+        emulated = bool(facts.arch) and foreign.is_foreign(facts.arch or "")
+        if emulated and fit:
+            why = foreign.boot_problem(facts.arch or "")
+            if why and opts.explicit:
+                raise EnvironmentUnfitError("test", why)
+            if why:
+                for cls in fit:
+                    reports.append(ManagerReport(manager=cls.name, version=cls.version(), status=SKIP, reason=why))
+                say(f"==> every manager skipped: {why}")
+                fit = []
+            else:
+                say(f"==> {facts.arch} template: booted under qemu-user ({foreign.emulator(facts.arch or '')}), "
+                    f"deadlines x{emulation.SLOWDOWN:g}, credential drop-ins in each container's copy")
+                opts = dataclasses.replace(opts, timeout=opts.timeout * emulation.SLOWDOWN,
+                                           grace=opts.grace * emulation.SLOWDOWN,
+                                           apt_timeout=opts.apt_timeout * emulation.SLOWDOWN)
         template = {"file": artifact.name, **{k: v for k, v in facts.os_release.items() if k in ("PRETTY_NAME", "VERSION_ID")}}
         net = TestNetwork.create(workdir)
         stack.callback(net.close)
@@ -175,7 +193,7 @@ def test_artifact(artifact: Path, opts: TestOptions) -> Report:
             stack.callback(mgr.close)  # after every manager's containers are gone (LXC's share a lock directory)
             report.version = mgr.describe()
             jobs.append((mgr, report))
-        _run_managers(jobs, trees, facts, plan, opts, tag)
+        _run_managers(jobs, trees, facts, plan, opts, tag, emulated)
     order = {n: i for i, n in enumerate(opts.managers)}
     reports.sort(key=lambda r: order.get(r.manager, 99))
     return Report(artifact=str(artifact), template=template, managers=reports, seconds=time.monotonic() - start)
@@ -283,7 +301,7 @@ class _Runs:
 
 
 def _run_managers(jobs: list[tuple[Manager, ManagerReport]], trees: SharedUnpack, facts: TemplateFacts,
-                  plan: Plan | None, opts: TestOptions, tag: str) -> None:
+                  plan: Plan | None, opts: TestOptions, tag: str, emulated: bool = False) -> None:
     """Every manager's run in a thread of its own, at most opts.jobs at a time (0: default_jobs). Their containers
     boot side by side in the one test network; each run's steps and checks are those it has alone. Ctrl-C or
     SIGTERM in the caller's thread kills every container, waits for the threads' clean-up and re-raises."""
@@ -306,7 +324,7 @@ def _run_managers(jobs: list[tuple[Manager, ManagerReport]], trees: SharedUnpack
             if runs.cancelled:
                 return
             say(f"==> {mgr.name} ({report.version})")
-            _run_manager(mgr, trees, facts, plan, opts, report, tag, runs, release)
+            _run_manager(mgr, trees, facts, plan, opts, report, tag, runs, release, emulated)
             say(f"    {mgr.name}: {report.status} in {report.seconds:.1f}s")
         except BaseException as exc:  # noqa: BLE001 - EnvironmentUnfitError: the caller raises it
             errors.append(exc)
@@ -333,16 +351,20 @@ def _run_managers(jobs: list[tuple[Manager, ManagerReport]], trees: SharedUnpack
 
 
 def _run_manager(mgr: Manager, trees: SharedUnpack, facts: TemplateFacts, plan: Plan | None, opts: TestOptions,
-                 report: ManagerReport, tag: str, runs: _Runs, shutting_down=lambda: None) -> None:
+                 report: ManagerReport, tag: str, runs: _Runs, shutting_down=lambda: None,
+                 emulated: bool = False) -> None:
     start = time.monotonic()
     containers = [Container(name=f"tb{tag}{mgr.letter}{i}", rootfs=mgr.workdir / f"{mgr.name}-{i}" / "rootfs",
-                            interface=mgr.interface, log=mgr.workdir / f"{mgr.name}-{i}.log") for i in (1, 2)]
+                            interface=mgr.interface, log=mgr.workdir / f"{mgr.name}-{i}.log", emulated=emulated)
+                  for i in (1, 2)]
     report.containers = [c.name for c in containers]
     try:
         def prepare(i: int) -> None:
             c = containers[i]
             c.rootfs.parent.mkdir()
             trees.copy(c.rootfs, mgr.uid_offset, log=c.log)
+            if emulated:
+                emulation.write_dropins(c.rootfs, mgr.uid_offset)
             mgr.prepare(c, i)
 
         _at_once(prepare, range(len(containers)))

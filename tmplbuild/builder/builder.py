@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tmplbuild import __version__
+from tmplbuild import __version__, foreign
 from tmplbuild.builder import archive, chroot, lxcmeta, normalize, pack
 from tmplbuild.builder.manifest import inventory
 from tmplbuild.builder.mirror import host_proxies, resolve_mirror, template_mirror
@@ -134,6 +134,9 @@ def build(recipe: Recipe, opts: BuildOptions) -> BuildResult:
                                  f"({', '.join(recipe.architectures)})")
     if not chroot.is_root():
         raise UsageError("build", "building a template needs root (debootstrap, chroot and mounts)")
+    # Another architecture's dpkg and scripts run through qemu-user (binfmt_misc): refused here, before anything
+    # is written, when this host has no such entry.
+    foreign.emulator(opts.arch)
     mirror = resolve_mirror(opts.mirror, recipe.bootstrap.mirror)
     for d in (opts.out_dir, opts.cache_dir):
         try:
