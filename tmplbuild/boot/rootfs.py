@@ -80,12 +80,19 @@ def unpack(artifact: Path, dest: Path, *, uid_offset: int = 0, log: Path | None 
         argv = ["unshare", "--user", f"--map-users={uid_offset},0,65536", f"--map-groups={uid_offset},0,65536",
                 "--setuid", "0", "--setgid", "0", *argv]
     proc = _tar(argv, artifact)
+    if (error := _logged(proc, f"{command_line(argv)} < {artifact}", log)) is not None:
+        raise UsageError("unpack", f"{artifact.name}: `tar` exited {proc.returncode}: {error}")
+
+
+def _logged(proc: subprocess.CompletedProcess[bytes], what: str, log: Path | None) -> str | None:
+    """Append the command line `what` and its output to `log`; the first line it printed on failure, else None."""
     if log is not None:
         with open(log, "ab") as f:
-            f.write(f"$ {command_line(argv)} < {artifact}\n".encode() + proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
-        raise UsageError("unpack", f"{artifact.name}: `tar` exited {proc.returncode}: {(lines or ['no output'])[0][:300]}")
+            f.write(f"$ {what}\n".encode() + proc.stdout + proc.stderr)
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+    return (lines or ["no output"])[0][:300]
 
 
 class SharedUnpack:
@@ -142,12 +149,8 @@ class SharedUnpack:
             with self.lock:
                 self.copying[uid_offset] -= 1
                 self.lock.notify_all()
-        if log is not None:
-            with open(log, "ab") as f:
-                f.write(f"$ {command_line(argv)}\n".encode() + proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
-            raise LocalIOError("unpack", f"copying the unpacked template to {dest}: {(lines or ['cp failed'])[0][:300]}")
+        if (error := _logged(proc, command_line(argv), log)) is not None:
+            raise LocalIOError("unpack", f"copying the unpacked template to {dest}: {error}")
 
 
 def traversal_problem(path: Path) -> str | None:
