@@ -170,7 +170,8 @@ def test_artifact(artifact: Path, opts: TestOptions) -> Report:
                 say(f"==> every manager skipped: {why}")
                 fit = []
             else:
-                say(f"==> {facts.arch} template: booted under qemu-user ({foreign.emulator(facts.arch or '')}), "
+                emu = foreign.emulator(facts.arch or "")
+                say(f"==> {facts.arch} template: booted under qemu-user ({emu.interpreter if emu else '?'}), "
                     f"deadlines x{emulation.SLOWDOWN:g}, credential drop-ins in each container's copy")
                 opts = dataclasses.replace(opts, timeout=opts.timeout * emulation.SLOWDOWN,
                                            grace=opts.grace * emulation.SLOWDOWN,
