@@ -43,6 +43,7 @@ def write_dropins(rootfs: Path, uid_offset: int = 0) -> list[str]:
 
 # What qemu-user (7.2, and as far as its source shows, later ones too) cannot run, as a unit's last log line shows
 # it: the reason a check names when it reports such a failure as the emulator's, not the template's.
+NETLINK_REFUSED = "Protocol not supported"  # what networkd logs when qemu-user refuses its generic netlink socket
 NETLINK = "qemu-user emulates no NETLINK_GENERIC socket, which systemd-networkd needs (\"Could not setup manager: " \
           "Protocol not supported\")"
 SANDBOX = "qemu-user cannot set up the unit's sandbox (a unit's new namespaces: \"Failed at step {step}\")"
@@ -53,7 +54,7 @@ DHCP_REPLY = ("the test's DHCP server offered {ip} to {mac}, and the template's 
 def blame(unit: str, line: str, blamed: dict[str, str]) -> str | None:
     """Why qemu-user, not the template, failed `unit` (from its last log line), or None. `blamed`: the units
     already put down to the emulator (a socket unit fails with its service)."""
-    if unit.startswith("systemd-networkd") and "Protocol not supported" in line:
+    if unit.startswith("systemd-networkd") and NETLINK_REFUSED in line:
         return NETLINK
     for step in ("NETWORK", "NAMESPACE", "CREDENTIALS"):
         if f"Failed at step {step}" in line or (step == "CREDENTIALS" and "243/CREDENTIALS" in line):
@@ -70,6 +71,6 @@ def dhcp_blocked(c, net, mac: str | None) -> str | None:
     if offer:
         return DHCP_REPLY.format(ip=offer, mac=mac)
     res = c.exec("journalctl", "--no-pager", "-o", "cat", "-u", "systemd-networkd.service", timeout=30)
-    if "Protocol not supported" in res.out:
+    if NETLINK_REFUSED in res.out:
         return NETLINK
     return None
