@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmplbuild import __version__, foreign
-from tmplbuild.builder import archive, chroot, lxcmeta, normalize, pack
+from tmplbuild.builder import archive, chroot, lxcmeta, normalize, pack, plaindeb
 from tmplbuild.builder.manifest import inventory
 from tmplbuild.builder.mirror import host_proxies, resolve_mirror, template_mirror
 from tmplbuild.builder.plan import BootstrapPlan, debootstrap_argv, lists_name, make_plan, missing_packages
@@ -345,8 +345,13 @@ def _bootstrap(root: Path, work: Path, mirror: str, recipe: Recipe, arch: str, s
     main_lists[0].write_bytes(trimmed)
     for extra in main_lists[1:]:
         extra.write_bytes(b"")  # present, so debootstrap still lists the component in sources.list
-    for pkg, deb in zip(plan.debs, debs):
-        shutil.copyfile(deb, archives / pkg.deb_name)
+    if foreign.is_foreign(arch) and os.environ.get("TMPLBUILD_PLAIN_DEBS", "1") != "0":
+        # The chroot's dpkg-deb would decompress every package as emulated code: hand it the same members,
+        # decompressed here (plaindeb's docstring; TMPLBUILD_PLAIN_DEBS=0 hands over the archive's files as they are).
+        plaindeb.decompress_all((deb, archives / pkg.deb_name) for pkg, deb in zip(plan.debs, debs))
+    else:
+        for pkg, deb in zip(plan.debs, debs):
+            shutil.copyfile(deb, archives / pkg.deb_name)
     tarball = work / "plan.tar"
     with tarfile.open(tarball, "w") as tar:
         for name, text in (("required", " ".join(plan.required) + "\n"), ("base", " ".join(plan.base) + "\n"),
