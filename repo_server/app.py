@@ -214,13 +214,26 @@ def page() -> Response | str:
         except TmplbuildError:
             fingerprints = ()
     base = request.url_root.rstrip("/")
+    templates = sorted(snap.index.templates, key=lambda e: (e.name, e.version, e.arch))
     prefixes = sorted({rec.registry.repository.rsplit("/", 1)[0] for rec in snap.oci.values() if rec.registry})
     return render_template("index.html", snap=snap, index=snap.index, base=base, root=snap.root, oci=snap.oci,
                            oci_prefixes=prefixes,
                            root_path=rootdoc.path(snap.root.version) if snap.root is not None else None,
                            fingerprints=fingerprints, human=human_size, remote=remote_name(snap.index.repo_id),
                            doc_labels=DOCUMENT_LABELS,
-                           templates=sorted(snap.index.templates, key=lambda e: (e.name, e.version, e.arch)))
+                           templates=templates, groups=_by_version(templates))
+
+
+def _by_version(templates: list) -> list[tuple[str, str, list]]:
+    """The page's rows: one group per template name and version, holding that version's architectures (they share
+    its directory, and so its SHA256SUMS pair)."""
+    groups: list[tuple[str, str, list]] = []
+    for e in templates:
+        if groups and groups[-1][:2] == (e.name, e.version):
+            groups[-1][2].append(e)
+        else:
+            groups.append((e.name, e.version, [e]))
+    return groups
 
 
 def root_summary(snap: Snapshot) -> dict[str, Any] | None:

@@ -323,8 +323,11 @@ def test_prune_keeps_the_newest_and_resign_bumps_version_and_expiry(tmp_path, re
 @pytest.mark.skipif(not Path("/lib/systemd/systemd-pull").exists() or os.geteuid() != 0,
                     reason="needs systemd-container and root")
 def test_systemd_pull_imports_a_published_tar_xz_and_refuses_a_tampered_one(tmp_path, repo, key):
+    """Two architectures of one version share its directory and its SHA256SUMS: systemd-pull takes either."""
     home, fpr = key
-    publish(repo, key, make_artifact(tmp_path / "out", formats=(Compression.XZ,)))
+    assert publish(repo, key, make_artifact(tmp_path / "out", formats=(Compression.XZ,)),
+                   make_artifact(tmp_path / "out-arm64", arch="arm64", formats=(Compression.XZ,),
+                                 payload="arm64\n")).returncode == 0
     pubring = tmp_path / "pubring.gpg"
     pubring.write_bytes(gpg(home, "--export", fpr).stdout)
     with socket.socket() as s:
@@ -341,7 +344,7 @@ def test_systemd_pull_imports_a_published_tar_xz_and_refuses_a_tampered_one(tmp_
                 time.sleep(0.1)
         url = f"http://127.0.0.1:{port}/templates/demo/12-20261120/demo_12-20261120_amd64.tar.xz"
 
-        def pull(name: str) -> subprocess.CompletedProcess[str]:
+        def pull(name: str, url: str = url) -> subprocess.CompletedProcess[str]:
             # Our key becomes systemd's import keyring only inside a private mount namespace: the machine's own
             # /usr/lib/systemd/import-pubring.gpg is never touched.
             script = (f"mount --bind {pubring} /usr/lib/systemd/import-pubring.gpg && "
@@ -354,6 +357,9 @@ def test_systemd_pull_imports_a_published_tar_xz_and_refuses_a_tampered_one(tmp_
         ok = pull("demo")
         assert ok.returncode == 0, ok.stderr
         assert (tmp_path / "machines/demo/etc/motd").read_text() == "hello\n"
+        arm = pull("demo-arm64", url.replace("_amd64.", "_arm64."))
+        assert arm.returncode == 0, arm.stderr
+        assert (tmp_path / "machines/demo-arm64/etc/motd").read_text() == "arm64\n"
         tarball = repo / "templates/demo/12-20261120/demo_12-20261120_amd64.tar.xz"
         data = bytearray(tarball.read_bytes())
         data[-20] ^= 1

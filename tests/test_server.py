@@ -439,6 +439,93 @@ def test_the_commands_on_the_page_fetch_the_template(tmp_path):
         kill_agents(key[0])
 
 
+class _Groups(html.parser.HTMLParser):
+    """The templates table as a reader sees it: per <tbody class="template">, its name, version, the
+    architectures of its rows and the SHA256SUMS links inside it."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.groups: list[dict] = []
+        self._cell: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "tbody" and a.get("class") == "template":
+            self.groups.append({"name": a["data-name"], "version": a["data-version"], "arches": [], "sums": []})
+        elif self.groups and tag == "td" and a.get("class") == "arch":
+            self._cell = ""
+        elif self.groups and tag == "a" and a.get("href", "").endswith("/SHA256SUMS"):
+            self.groups[-1]["sums"].append(a["href"])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.groups[-1]["arches"].append(self._cell.strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell += data
+
+
+def test_the_architectures_of_one_version_are_grouped_and_fetched_by_arch(tmp_path):
+    """amd64, arm64 and armhf of one version share its directory: the page shows them as one group with one
+    SHA256SUMS; fetch takes the host's, --arch another, lists what there is for an architecture the index lacks,
+    and keeps a template this host cannot run out of its own template cache unless --dest names another."""
+    key = make_key(tmp_path)
+    repo = init_repo(tmp_path / "repo", key)
+    arches = ("amd64", "arm64", "armhf")
+    made = [make_artifact(tmp_path / f"out-{a}", arch=a, payload=f"{a}\n") for a in arches]
+    made.append(make_artifact(tmp_path / "out-v2", version=V2, payload="v2\n"))
+    assert publish(repo, key, *made).returncode == 0
+    sums = (repo / f"templates/demo/{V1}/SHA256SUMS").read_text()
+    assert all(f"demo_{V1}_{a}.tar.zst" in sums for a in arches)
+    server = Server(repo, tmp_path / "logs")
+    try:
+        page = requests.get(server.url("/"), timeout=10).text
+        parser = _Groups()
+        parser.feed(page)
+        assert [(g["name"], g["version"], g["arches"]) for g in parser.groups] == [
+            ("demo", V1, list(arches)), ("demo", V2, ["amd64"])]
+        assert [g["sums"] for g in parser.groups] == [[f"{server.base}/templates/demo/{v}/SHA256SUMS"] for v in (V1, V2)]
+        assert "3 architectures: amd64, arm64, armhf" in page
+        for href in set(re.findall(r'href="([^"]+)"', page)):
+            assert requests.get(href, timeout=10).status_code == 200, href
+
+        home = tmp_path / "admin"
+        home.mkdir()
+        binfmt = tmp_path / "binfmt"  # a host with binfmt_misc mounted and no qemu entry at all
+        binfmt.mkdir()
+        (binfmt / "status").write_text("enabled\n")
+        env = {"HOME": str(home), "TMPLBUILD_STATE_DIR": str(home / "state"),
+               "TMPLBUILD_SYSTEM_CONFIG_DIR": str(home / "etc"), "NO_PROXY": "*", "TMPLBUILD_BINFMT_DIR": str(binfmt)}
+        pin = ("--url", server.base, "--key", str(tmp_path / "pub.asc"), "--fingerprint", key[1])
+
+        def fetch(*args: str) -> subprocess.CompletedProcess[str]:
+            return tmplbuild("fetch", "demo", *pin, *args, env=env)
+
+        got = fetch("--arch", "arm64", "--version", V1, "--dest", str(tmp_path / "mirror"))
+        assert got.returncode == 0, got.stderr
+        assert [p.name for p in (tmp_path / "mirror").iterdir()] == [f"demo_{V1}_arm64.tar.zst"]
+        assert (tmp_path / f"mirror/demo_{V1}_arm64.tar.zst").read_bytes() == \
+            (repo / f"templates/demo/{V1}/demo_{V1}_arm64.tar.zst").read_bytes()
+
+        missing = fetch("--arch", "riscv64", "--version", V1, "--dest", str(tmp_path / "mirror"))
+        assert missing.returncode == 2
+        assert f"its architectures in {V1}: amd64, arm64, armhf; give --arch" in missing.stderr
+
+        # No --dest: this node's template cache. This host cannot run arm64 here (no binfmt entry): refused by
+        # name before anything is asked of the server.
+        env["TMPLBUILD_STATE_DIR"] = str(tmp_path / "fresh-state")
+        refused = fetch("--arch", "arm64")
+        assert refused.returncode == 2, refused.stderr
+        assert "qemu-aarch64" in refused.stderr and "--dest DIR" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "fresh-state").exists()
+    finally:
+        server.stop()
+        kill_agents(key[0])
+
+
 def test_json_api_matches_the_signed_index_and_healthz(served):
     doc = index_of(served.repo)
     api = requests.get(served.server.url("/api/v1/templates"), timeout=10)

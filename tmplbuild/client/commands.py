@@ -192,6 +192,20 @@ def check_name_version(name: str, version: str | None) -> None:
         raise UsageError("version", f"found {version!r}, expected letters, digits and + - . ~")
 
 
+def _refuse_unrunnable(arch: str) -> None:
+    """Without --dest, fetch installs into this node's template cache: for this host. A template of an
+    architecture it cannot run (neither natively nor through a qemu-user binfmt entry) is refused there, exit 2;
+    with --dest DIR any architecture is fetched (a mirror, another host's cache)."""
+    from tmplbuild import foreign
+
+    try:
+        foreign.emulator(arch)
+    except foreign.CannotRun as exc:
+        raise foreign.CannotRun(arch, f"{exc.why}; its containers would not start on this node, so it is not "
+                                      f"installed into {DEFAULT_DEST}: give --dest DIR to fetch it for another "
+                                      "host") from None
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from tmplbuild.client import trust
     from tmplbuild.client.download import Progress, install
@@ -203,6 +217,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     arch = args.arch or host_arch()
     if not ARCH.match(arch):
         raise UsageError("arch", f"found {arch!r}, expected a Debian architecture name such as amd64")
+    if args.dest is None:
+        _refuse_unrunnable(arch)
     source = _source(args)
     dest = Path(DEFAULT_DEST if args.dest is None else args.dest)
     if args.dest is None and not dest.is_dir():
@@ -418,7 +434,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f = subparsers.add_parser("fetch", help="download and verify a template into the template cache")
     f.add_argument("name", help="template name, e.g. debian-12-minimal")
     f.add_argument("--version", help="template version (default: the newest by creation time)")
-    f.add_argument("--arch", help="architecture (default: the host's, from dpkg --print-architecture)")
+    f.add_argument("--arch", help="architecture (default: the host's, from dpkg --print-architecture); into the "
+                                  "default destination only one this host runs, natively or through qemu-user")
     f.add_argument("--dest", metavar="DIR", help=f"destination directory, created if missing (default: {DEFAULT_DEST}, "
                                                  "Proxmox VE's template cache, which must exist)")
     f.add_argument("--format", choices=FORMATS, help="file format (default: the entry's primary, tar.zst)")

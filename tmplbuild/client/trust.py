@@ -102,7 +102,14 @@ def select(index: idx.Index, name: str, *, version: str | None, arch: str, fmt: 
         candidates = [e for e in candidates if any(f.format == fmt for f in e.files)]
     if not candidates:
         available = sorted({e.version for e in index.templates if e.name == name and e.arch == arch})
-        hint = f" (versions for {arch}: {', '.join(available)})" if available else ""
+        arches = sorted({e.arch for e in index.templates if e.name == name
+                         and (version is None or e.version == version)})
+        if available:
+            hint = f" (versions for {arch}: {', '.join(available)})"
+        elif arches:
+            hint = f" (its architectures{'' if version is None else f' in {version}'}: {', '.join(arches)}; give --arch)"
+        else:
+            hint = ""
         asked = " ".join([name, version or "(any version)", arch] + ([fmt] if fmt else []))
         raise UsageError("template", f"no template {asked} in the index{hint}")
     entry = max(candidates, key=lambda e: (created_time(e), e.version))
