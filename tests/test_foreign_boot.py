@@ -94,3 +94,37 @@ def test_a_foreign_template_boots_under_nspawn_and_lxc_and_names_what_qemu_canno
     # The harness's drop-ins went into the containers' copies, never into the template.
     with _zst(tar) as t:
         assert not [n for n in t.getnames() if n.endswith(DROPIN)]
+
+
+def _cannot_run(arch: str) -> str | None:
+    try:
+        foreign.emulator(arch)
+    except foreign.CannotRun as exc:
+        return exc.message
+    return None
+
+
+@pytest.mark.skipif(_cannot_run("riscv64") is not None, reason=str(_cannot_run("riscv64")))
+def test_riscv64_debian_13_builds_and_boots_or_says_by_name_why_it_cannot_here(tmp_path):
+    """Debian 13 is the first release with riscv64: debian-13-minimal builds for it through qemu-user 7.2. Its
+    systemd 257 boots only under qemu 10 or later; with an older qemu, `tmplbuild test` says so by name (exit 2)
+    instead of reporting a boot failure the template does not have."""
+    out = tmp_path / "out"
+    res = tmplbuild("build", "debian-13-minimal", "--arch", "riscv64", "--out", str(out),
+                    "--cache-dir", str(tmp_path / "cache"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(next(out.glob("debian-13-minimal_*_riscv64.manifest.json")).read_text())
+    assert doc["arch"] == "riscv64" and doc["suite"] == "trixie"
+    tar = out / doc["artifacts"][0]["file"]
+    with _zst(tar) as t:
+        assert int.from_bytes(t.extractfile("./usr/bin/dpkg").read(20)[18:20], "little") == 243  # EM_RISCV
+    assert doc["oci"]["platform"] == {"os": "linux", "architecture": "riscv64"}
+    assert all(p["arch"] in ("riscv64", "all") for p in doc["packages"])
+    booted = tmplbuild("test", str(tar), "--manager", "nspawn,lxc", "--apt-mirror", "named", "--json", timeout=1800)
+    why = foreign.boot_problem("riscv64")
+    if why is None:
+        assert booted.returncode == 0, booted.stdout[-3000:] + booted.stderr[-2000:]
+        assert json.loads(booted.stdout)["status"] == "pass"
+    else:
+        assert booted.returncode == 2
+        assert "riscv64 templates do not boot under qemu-user" in booted.stderr and "qemu 10.0 or later" in booted.stderr
