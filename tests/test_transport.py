@@ -324,12 +324,16 @@ def test_connection_failures_keep_their_checks_and_messages(tmp_path):
         for t in (Transport(), Transport(retries=2)):
             with pytest.raises(TransportError) as caught:
                 t.get_bytes(url, 100, "index.json")
-            assert (caught.value.check, caught.value.message) == ("http", f"{url}: cannot connect")
+            assert (caught.value.check, caught.value.message) == ("http", f"{url}: cannot connect: connection refused")
         body = tmp_path / "upload.tar"
         body.write_bytes(b"x" * 10)
         with pytest.raises(TransportError) as caught:
             Transport().post_file(url, body, {})
-        assert (caught.value.check, caught.value.message) == ("upload", f"{url}: cannot connect")
+        assert (caught.value.check, caught.value.message) == ("upload", f"{url}: cannot connect: connection refused")
+    # A name that does not resolve says so (.invalid never resolves, RFC 6761), as does a timeout with its limits.
+    with pytest.raises(TransportError) as caught:
+        Transport().get_bytes("http://no-such-host.invalid/index.json", 100, "index.json")
+    assert caught.value.message.startswith("http://no-such-host.invalid/index.json: cannot connect: name not resolved (")
 
 
 @contextlib.contextmanager

@@ -375,8 +375,16 @@ def _reason(exc: BaseException, read_timeout: float = READ_TIMEOUT) -> str:
         return f"timed out (connect {CONNECT_TIMEOUT} s, read {read_timeout:g} s)"
     if isinstance(exc, ssl.SSLError):
         return f"cannot connect (TLS: {getattr(exc, 'verify_message', None) or exc.reason or exc})"
-    if isinstance(exc, (OSError, http.client.HTTPException)):
-        return "cannot connect"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot connect: name not resolved ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "cannot connect: connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by the server"
+    if isinstance(exc, http.client.HTTPException):
+        return f"not an HTTP response ({type(exc).__name__})"
+    if isinstance(exc, OSError):
+        return f"cannot connect: {exc.strerror or exc}" if exc.errno else f"cannot connect ({exc})"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -662,8 +670,8 @@ class Transport:
                 if connecting and connects <= self.retries and not isinstance(exc, ValueError):
                     continue
                 reason = _reason(exc, read_timeout)
-                if connecting and key[3] is not None and reason == "cannot connect":
-                    reason += f" (through the proxy {key[3].host}:{key[3].port}: {exc})"
+                if connecting and key[3] is not None and reason.startswith("cannot connect"):
+                    reason = f"cannot connect (through the proxy {key[3].host}:{key[3].port}: {exc})"
                 raise TransportError(check, f"{url}: {reason}") from None
             except BaseException:  # the deadline, an interrupt: the connection is in an unknown state
                 if conn is not None:
