@@ -205,6 +205,24 @@ def test_one_pinned_root_key_of_a_two_of_three_root_anchors_nothing(client):
     assert client.snapshot() == before and not list(client.dest.iterdir())
 
 
+def test_a_url_with_no_repository_says_so_not_that_its_roots_are_missing(client):
+    """A wrong path (the repository is at /, the admin typed /repo) is exit 5 naming index.json's 404, for a
+    root-pinned and a key-pinned client alike, and leaves no state; a real repository without roots is still a
+    root pin failure (exit 3)."""
+    wrong = f"{client.repo.url}/repo"
+    for pins in (("--root-key", client.repo.keys["root-a"], "--root-key", client.repo.keys["root-b"]),
+                 ("--fingerprint", client.repo.keys["online-1"], "--key", str(client.repo.path / "keys" / f"{client.repo.keys['online-1']}.asc"))):
+        proc = client.run("list", "--url", wrong, *pins)
+        assert proc.returncode == 5, proc.stderr
+        assert one_line(proc, "repository") == (f"tmplbuild: repository: no tmplbuild repository at {wrong} "
+                                                "(index.json: 404); check the URL")
+    assert not client.state.exists() or not list(client.state.iterdir())
+    client.repo.drop_root(1)
+    proc = client.run("list", "--url", client.repo.url, "--root-key", client.repo.keys["root-a"],
+                      "--root-key", client.repo.keys["root-b"])
+    assert proc.returncode == 3 and "publishes no root of trust" in one_line(proc, "root pin")
+
+
 def test_a_client_offline_across_two_rotations_catches_up(client):
     repo = client.repo
     trusting_root_1(client)

@@ -225,7 +225,12 @@ class Updater:
                 raise self._loading
         fetch = self._root_fetch(base)
         if self.root is None:
-            chain = rootdoc.anchor_and_walk(self.source.root_keys, fetch)
+            try:
+                chain = rootdoc.anchor_and_walk(self.source.root_keys, fetch)
+            except AuthenticityError as exc:
+                if exc.check == "root pin" and fetch(1) is None:
+                    self._index_or_none(base)  # no root 1 and no index: not a repository at all (exit 5)
+                raise
             stored = None
         else:
             stored = self.root
@@ -269,7 +274,7 @@ class Updater:
         else:
             newest, verifier = None, self.verifier
         for attempt in (1, 2):
-            data = self.transport.get_bytes(f"{base}/index.json", trust.INDEX_CAP, "index.json", document=True)
+            data = self._index_or_none(base)
             sig = self.transport.get_bytes(f"{base}/index.json.asc", trust.SIGNATURE_CAP, "index.json.asc",
                                            document=True)
             try:
@@ -284,6 +289,14 @@ class Updater:
                 self.last_online = newest.online.keys
         self.index_root = newest
         return trusted
+
+    def _index_or_none(self, base: str) -> bytes:
+        """index.json of `base`. Its 404 means there is no repository at that URL at all (a wrong path, most
+        likely), which is what the user must hear first: TransportError("repository"), exit 5."""
+        data = self.transport.get_optional(f"{base}/index.json", trust.INDEX_CAP, "index.json", document=True)
+        if data is None:
+            raise TransportError("repository", f"no tmplbuild repository at {base} (index.json: 404); check the URL")
+        return data
 
     def over_mirrors(self, attempt: Callable[[str], T]) -> T:
         """`attempt(base_url)` on each mirror in order until one passes every check. When all fail, raise the
