@@ -205,6 +205,19 @@ def test_one_pinned_root_key_of_a_two_of_three_root_anchors_nothing(client):
     assert client.snapshot() == before and not list(client.dest.iterdir())
 
 
+def test_a_mistyped_root_fingerprint_is_refused_without_offering_the_servers_keys_as_expected(client):
+    """The root keys a server's root names are its claim: the error labels them so, and sends the user back to
+    the fingerprints given out of band, instead of printing them as what was "expected" (to be pasted)."""
+    typo = client.repo.keys["root-a"][:-1] + ("0" if client.repo.keys["root-a"][-1] != "0" else "1")
+    client.add("--root-key", typo, "--root-key", client.repo.keys["root-b"])
+    line = one_line(client.fetch(), "root pin")
+    assert "check the fingerprints you pinned against the ones the maintainers gave you out of band" in line
+    claim = line.index("the server claims root keys")
+    assert "expected 2 of" not in line and "expected 2;" in line
+    for name in ("root-a", "root-c"):
+        assert line.index(client.repo.keys[name]) > claim, name
+
+
 def test_a_url_with_no_repository_says_so_not_that_its_roots_are_missing(client):
     """A wrong path (the repository is at /, the admin typed /repo) is exit 5 naming index.json's 404, for a
     root-pinned and a key-pinned client alike, and leaves no state; a real repository without roots is still a

@@ -318,6 +318,14 @@ def _need(count: Count, role: Role, threshold_of: str, what: str, only: set[str]
     good = [f for f in count.good if only is None or f in only]
     if len(good) < role.threshold:
         by = ", ".join(good) or "none"
+        if only is not None:
+            # Pinned out of band: the keys the document names are only the server's claim. Printed as
+            # "expected", a user who mistyped a pin would copy them from here, and pinning would prove nothing.
+            raise SignatureError("root signature",
+                                 f"{what}: {len(good)} good signature(s) by {threshold_of} ({by}), expected "
+                                 f"{role.threshold}; check the fingerprints you pinned against the ones the "
+                                 f"maintainers gave you out of band (the server claims root keys "
+                                 f"{', '.join(role.keys)}: a claim, not proof){count.reason()}")
         raise SignatureError("root signature", f"{what}: {len(good)} good signature(s) by {threshold_of} ({by}), "
                                                f"expected {role.threshold} of {', '.join(role.keys)}"
                                                f"{count.reason()}")
