@@ -310,6 +310,21 @@ def test_an_unchanged_file_is_not_downloaded_twice(client):
     assert len(client.server.gets("index.json")) == 2  # the index is checked every time
 
 
+def test_a_damaged_file_in_the_destination_is_replaced_and_the_output_says_so(client):
+    assert client.fetch().returncode == 0
+    name = f"demo_{NEW}_amd64.tar.zst"
+    damaged = bytearray((client.dest / name).read_bytes())
+    damaged[100] ^= 1
+    (client.dest / name).write_bytes(bytes(damaged))
+    again = client.fetch()
+    assert again.returncode == 0, again.stderr
+    assert "fetched and verified, replacing the file there, which did not match the signed size and hashes" \
+        in again.stdout
+    assert (client.dest / name).read_bytes() == (client.repo / tarball_path(NEW)).read_bytes()
+    third = client.fetch()
+    assert "already present and verified" in third.stdout and "replacing" not in third.stdout
+
+
 def test_list_json_shows_the_verified_index(client):
     proc = client.list("--json")
     assert proc.returncode == 0, proc.stderr

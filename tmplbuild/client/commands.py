@@ -270,6 +270,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     what = "already present and verified" if status == "present" else "fetched and verified"
     if pulled and status != "present":
         what = f"pulled from {pulled} and verified"
+    if status == "replaced":
+        what += ", replacing the file there, which did not match the signed size and hashes"
     print(f"{dest / chosen.filename}: {what} ({e.name} {e.version} {e.arch}, {ref.size} bytes, sha256 {ref.sha256}, "
           f"index version {trusted.index.version} of {source.label})")
     return 0

@@ -238,8 +238,8 @@ class _Part:
 def install(transport: Transport, url: str, ref: FileRef, dest: Path, filename: str,
             progress: Progress) -> str:
     """Checks 8 to 10: download `url` into `dest/.filename.part` capped at the signed size, hashing while it
-    arrives; check size, sha256 and sha512; rename to `dest/filename`. Returns "downloaded" or "present" (a file
-    with the signed size and hashes was already there). On failure the destination is as it was, except a
+    arrives; check size, sha256 and sha512; rename to `dest/filename`. Returns "downloaded", "present" (a file
+    with the signed size and hashes was already there) or "replaced" (a file was there that did not match). On failure the destination is as it was, except a
     `.part` kept after a transport failure mid-download, which the next run resumes (Range: bytes=N-) and
     still hashes whole. Raises TransportError, AuthenticityError, LocalIOError."""
     final = dest / filename
@@ -247,6 +247,7 @@ def install(transport: Transport, url: str, ref: FileRef, dest: Path, filename: 
         raise LocalIOError("destination", f"{dest}: not a directory")
     if present(final, ref):
         return "present"
+    replacing = os.path.lexists(final)  # there, but not the signed file: said when it is replaced
     part = dest / f".{filename}.part"
     try:
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -297,4 +298,4 @@ def install(transport: Transport, url: str, ref: FileRef, dest: Path, filename: 
             raise LocalIOError("install", f"cannot rename {part} to {final}: {exc.strerror}") from None
     finally:
         f.close()
-    return "downloaded"
+    return "replaced" if replacing else "downloaded"

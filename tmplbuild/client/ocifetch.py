@@ -43,7 +43,7 @@ def image_record(transport: Transport, base: str, chosen: trust.Selected) -> tup
 
 def install(transport: Transport, base: str, chosen: trust.Selected, dest: Path, *, tls_verify: bool = True,
             authfile: Path | None = None) -> tuple[str, str]:
-    """Pull, check and install the image; returns ("fetched" or "present", the reference pulled). Raises
+    """Pull, check and install the image; returns ("fetched", "present" or "replaced", the reference pulled). Raises
     AuthenticityError (the registry's blobs, the assembled archive against the signed index), UsageError,
     TransportError, LocalIOError."""
     ref = chosen.ref
@@ -52,6 +52,7 @@ def install(transport: Transport, base: str, chosen: trust.Selected, dest: Path,
     reference = rec.by_digest()
     if present(final, ref):
         return "present", reference
+    replacing = os.path.lexists(final)
     layout = dest / f".{chosen.filename}.pull"
     part = dest / f".{chosen.filename}.part"
     try:
@@ -67,4 +68,4 @@ def install(transport: Transport, base: str, chosen: trust.Selected, dest: Path,
     finally:
         shutil.rmtree(layout, ignore_errors=True)
         part.unlink(missing_ok=True)
-    return "fetched", reference
+    return ("replaced" if replacing else "fetched"), reference
