@@ -330,6 +330,11 @@ def test_list_json_shows_the_verified_index(client):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert (doc["repo_id"], doc["index_version"], doc["signer"]) == ("test-repo", 3, client.base.fpr)
+    assert (doc["remote"], doc["url"]) == (None, client.server.url)  # --url: no remote
+    assert client.run("remote", "add", "main", client.server.url, "--key", str(client.base.pub),
+                      "--fingerprint", client.base.fpr).returncode == 0
+    named = json.loads(client.run("list", "--remote", "main", "--json").stdout)
+    assert (named["remote"], named["url"], named["templates"]) == ("main", client.server.url, doc["templates"])
     index = json.loads((client.repo / "index.json").read_text())
     assert [(t["name"], t["version"], t["arch"], t["size"], t["sha256"], t["sha512"]) for t in doc["templates"]] == \
         [(t["name"], t["version"], t["arch"], t["size"], t["sha256"], t["sha512"]) for t in index["templates"]]

@@ -154,7 +154,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     index = trusted.index
     entries = sorted(index.templates, key=lambda e: (e.name, e.arch, trust.created_time(e), e.version))
     if args.json:
-        doc = {"remote": source.label, "repo_id": index.repo_id, "index_version": index.version,
+        doc = {"remote": source.remote, "url": source.urls[0], "repo_id": index.repo_id, "index_version": index.version,
                "generated": index.generated, "expires": index.expires, "signer": trusted.signer}
         if root is not None:  # a root-pinned source: the root the index was accepted under
             doc["root"] = {"version": root.version, "expires": root.expires, "online_keys": list(root.online.keys),

@@ -51,6 +51,7 @@ class Source:
     root_keys: tuple[str, ...] = ()  # pinned root key fingerprints: a root source
     root: Root | None = None  # the admin's out-of-band root document, trusted as given
     legacy_key: str | None = None  # where this source's state was kept before identity keys: read when it has none
+    remote: str | None = None  # the configured remote's name (None: --url)
 
     @property
     def pins_root(self) -> bool:
@@ -64,11 +65,11 @@ def remote_source(name: str | None) -> Source:
     remote = config.get(name)
     legacy = state.key_for_remote(remote.name)
     if remote.pins_root:
-        return Source(label=f"remote {remote.name}", urls=remote.urls, keys=b"", fingerprints=(),
+        return Source(label=f"remote {remote.name}", remote=remote.name, urls=remote.urls, keys=b"", fingerprints=(),
                       repo_id=remote.repo_id,
                       state_key=state.key_for_identity(remote.root_keys, root=True, repo_id=remote.repo_id),
                       root_keys=remote.root_keys, root=remote.root_doc(), legacy_key=legacy)
-    return Source(label=f"remote {remote.name}", urls=remote.urls, keys=remote.key_material(),
+    return Source(label=f"remote {remote.name}", remote=remote.name, urls=remote.urls, keys=remote.key_material(),
                   fingerprints=remote.fingerprints, repo_id=remote.repo_id,
                   state_key=state.key_for_identity(remote.fingerprints, root=False, repo_id=remote.repo_id),
                   legacy_key=legacy)
