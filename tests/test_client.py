@@ -325,6 +325,32 @@ def test_a_damaged_file_in_the_destination_is_replaced_and_the_output_says_so(cl
     assert "already present and verified" in third.stdout and "replacing" not in third.stdout
 
 
+def test_verify_after_fetch_needs_no_remote_named(client, tmp_path):
+    """fetch records the remote each file came from: `verify FILE` checks it against that remote; with one
+    remote configured, that one; with none to go by, exit 2 saying what is missing."""
+    for name in ("main", "other"):
+        assert client.run("remote", "add", name, client.server.url, "--key", str(client.base.pub),
+                          "--fingerprint", client.base.fpr).returncode == 0
+    got = client.run("fetch", "demo", "--arch", "amd64", "--remote", "other", "--dest", str(client.dest))
+    assert got.returncode == 0, got.stderr
+    path = client.dest / f"demo_{NEW}_amd64.tar.zst"
+    ok = client.run("verify", str(path))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip().endswith("size, sha256 and sha512 as in index version 3 of remote other)")
+    copy = tmp_path / "elsewhere" / path.name  # the same bytes, never fetched there: no record, two remotes
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    unknown = client.run("verify", str(copy))
+    assert unknown.returncode == 2 and "no record of where it was fetched from" in one_line(unknown, "verify")
+    assert client.run("remote", "remove", "main").returncode == 0
+    only = client.run("verify", str(copy))
+    assert only.returncode == 0 and "of remote other)" in only.stdout, only.stderr
+    bad = bytearray(path.read_bytes())
+    bad[-10] ^= 1
+    path.write_bytes(bytes(bad))
+    assert client.run("verify", str(path)).returncode == 3
+
+
 def test_list_json_shows_the_verified_index(client):
     proc = client.list("--json")
     assert proc.returncode == 0, proc.stderr

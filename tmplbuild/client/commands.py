@@ -267,6 +267,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         remove_empty_dirs(created)  # a failed run leaves no directory of its own behind (a kept .part stays)
         raise
     e, ref = chosen.entry, chosen.ref
+    if source.remote is not None:
+        from tmplbuild.client import state
+
+        state.record_origin((dest / chosen.filename).absolute(), source.remote, ref.sha256)
     what = "already present and verified" if status == "present" else "fetched and verified"
     if pulled and status != "present":
         what = f"pulled from {pulled} and verified"
@@ -339,6 +343,18 @@ def _offline_keys(args: argparse.Namespace) -> tuple[bytes, tuple[str, ...]]:
     return (b"".join(m for m, _ in parts), tuple(dict.fromkeys(f for _, fprs in parts for f in fprs)))
 
 
+def _remote_for(path: Path) -> str | None:
+    """For `verify FILE` given no repository: the remote `fetch` recorded for the file, if still configured,
+    else the only configured remote, else None."""
+    from tmplbuild.client import config, state
+
+    remotes = config.load_all()
+    recorded = state.origin_of(path.absolute())
+    if recorded in remotes:
+        return recorded
+    return next(iter(remotes)) if len(remotes) == 1 else None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from tmplbuild.client import trust
     from tmplbuild.client.download import hash_file
@@ -349,6 +365,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UsageError("verify", f"{path}: no such file")
     asc = path.with_name(path.name + ".asc")
+    if not (args.remote or args.url or asc.is_file()):
+        args.remote = _remote_for(path)
     online = bool(args.remote or args.url)
     done: list[str] = []
     if asc.is_file():
@@ -379,8 +397,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             run.commit(trusted)
         done.append(f"size, sha256 and sha512 as in index version {trusted.index.version} of {source.label}")
     if not done:
-        raise UsageError("verify", f"nothing to check {path} against: no {asc.name} next to it, and no --remote NAME "
-                                   "or --url URL")
+        raise UsageError("verify", f"nothing to check {path} against: no {asc.name} next to it, no record of where "
+                                   "it was fetched from, and no --remote NAME or --url URL")
     print(f"{path}: ok ({'; '.join(done)})")
     return 0
 
@@ -451,7 +469,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _source_args(f)
     f.set_defaults(func=cmd_fetch)
 
-    v = subparsers.add_parser("verify", help="verify a local template: its .asc, and/or against a remote's index")
+    v = subparsers.add_parser("verify", help="verify a local template: its .asc, and/or against a remote's index "
+                                             "(by default the remote fetch took it from, else the only one)")
     v.add_argument("file")
     _source_args(v)
     v.set_defaults(func=cmd_verify)

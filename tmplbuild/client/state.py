@@ -230,3 +230,38 @@ def record(key: str, seen: Seen, remote: str, *, root: Root | None = None) -> No
         if root is not None:
             doc["online"] = list(root.online.keys)
         write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+
+
+# -- where fetched files came from ---------------------------------------------------------------------------------
+
+ORIGINS = "origins.json"
+MAX_ORIGINS = 1000  # the newest kept; entries whose file is gone are dropped at every write
+
+
+def record_origin(path: Path, remote: str, sha256: str) -> None:
+    """Remember that `path` was fetched from the configured remote `remote` (and its signed sha256), so that
+    `tmplbuild verify FILE` checks it against that remote without being told. Raises LocalIOError."""
+    directory = state_dir()
+    with _locked(directory):
+        origins = _load_origins(directory / ORIGINS)
+        origins.pop(str(path), None)
+        origins[str(path)] = {"remote": remote, "sha256": sha256}
+        kept = {p: o for p, o in origins.items() if os.path.lexists(p)}
+        kept = dict(list(kept.items())[-MAX_ORIGINS:])
+        write_atomic(directory / ORIGINS, (json.dumps(kept, indent=2) + "\n").encode())
+
+
+def origin_of(path: Path) -> str | None:
+    """The remote `path` was fetched from, as recorded by record_origin, or None."""
+    got = _load_origins(state_dir() / ORIGINS).get(str(path))
+    return got.get("remote") if isinstance(got, dict) and isinstance(got.get("remote"), str) else None
+
+
+def _load_origins(path: Path) -> dict[str, dict]:
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {}  # a damaged record only costs the convenience: verify then asks for --remote
+    return doc if isinstance(doc, dict) else {}
