@@ -290,8 +290,12 @@ def test_two_concurrent_publishers_are_serialised(tmp_path, repo, key):
 def test_republishing_the_same_build_is_a_no_op_and_a_changed_one_is_refused(tmp_path, repo, key):
     manifest = make_artifact(tmp_path / "out")
     assert publish(repo, key, manifest).returncode == 0
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file() and p.name != ".lock"}
     again = publish(repo, key, manifest)
     assert again.returncode == 0 and "unchanged" in again.stdout
+    assert again.stdout.splitlines()[-1].startswith(f"nothing new to publish: index version {index_of(repo)['version']} unchanged")
+    after = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # not one byte rewritten: the index is not re-signed, its version not bumped
     other = make_artifact(tmp_path / "other", payload="different\n")
     proc = publish(repo, key, other)
     assert proc.returncode == 2 and "already published with other content" in proc.stderr

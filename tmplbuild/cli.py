@@ -156,7 +156,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"unchanged {' '.join(key)}: already published with the same content")
     for line in result.cleaned:
         print(f"cleaned up: {line}")
-    print(f"index version {result.index.version}, expires {result.index.expires}")
+    if result.added:
+        print(f"index version {result.index.version}, expires {result.index.expires}")
+    else:
+        print(f"nothing new to publish: index version {result.index.version} unchanged (expires "
+              f"{result.index.expires}; `tmplbuild repo resign` extends it)")
     return 0
 
 

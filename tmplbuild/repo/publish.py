@@ -124,6 +124,8 @@ def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int,
                 added, unchanged = stage_additions(
                     current, artifacts, lambda art, neighbours: _add(root, art, signer, verifier, neighbours,
                                                                      push_image(art, oci, signer)))
+                if not added:  # every file already published as it is: a no-op, the index stays as signed
+                    return Published(current, added, unchanged, cleaned)
                 new = current.successor(tuple(current.templates) + tuple(added), expires_in)
                 data = new.to_bytes()
                 sig = signer.sign(data, armored=True)
