@@ -122,6 +122,18 @@ def test_key_generate_refuses_a_gnupghome_inside_the_project():
     assert not (ROOT / "keys/home").exists()
 
 
+def test_init_shows_the_repository_id_and_where_a_default_one_came_from(tmp_path, key):
+    home, fpr = key
+    named = tmplbuild("repo", "init", str(tmp_path / "named"), "--key", fpr, "--gnupghome", str(home),
+                      "--id", "example-templates")
+    assert named.returncode == 0 and "repository id: example-templates" in named.stdout.splitlines()
+    assert "note" not in named.stderr
+    default = tmplbuild("repo", "init", str(tmp_path / "My-Repo"), "--key", fpr, "--gnupghome", str(home))
+    assert default.returncode == 0 and "repository id: my-repo" in default.stdout.splitlines()
+    note = default.stderr.strip().splitlines()[-1]
+    assert "'my-repo' was taken from the directory's name" in note and "--id ID" in note and "pin it" in note
+
+
 def test_init_makes_a_signed_empty_index_and_pins_the_key(repo, key):
     _, fpr = key
     doc = index_of(repo)

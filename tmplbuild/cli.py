@@ -214,6 +214,12 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
     signer, home = _signer(args, [repo])
     index = init(repo, signer, home, args.id or repo.resolve().name.lower(), _expires_in(args))
     print(f"initialised {repo} (repo id {index.repo_id}, key {signer.fingerprint}, index version 1)")
+    print(f"repository id: {index.repo_id}")
+    if args.id is None:
+        # Every client pins the id on first use, for good: say where it came from while it can still change.
+        print(f"tmplbuild: note: the repository id {index.repo_id!r} was taken from the directory's name. Clients "
+              f"pin it for good on first use; to choose another, remove {repo} now and run `tmplbuild repo init "
+              f"{repo} --id ID` before anyone fetches from it.", file=sys.stderr)
     return 0
 
 
