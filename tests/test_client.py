@@ -351,6 +351,37 @@ def test_verify_after_fetch_needs_no_remote_named(client, tmp_path):
     assert client.run("verify", str(path)).returncode == 3
 
 
+def test_typos_file_names_and_filters_get_the_answer_a_user_needs(client):
+    """A misspelt name gets "did you mean"; a file name as `list` and the page show it is understood; `list NAME`
+    filters; a fingerprint written 0x... is accepted; an unknown option prints the verb's usage; --quiet keeps
+    only errors and the output asked for."""
+    typo = client.run("fetch", "demoo", "--dest", str(client.dest), *client.pins())
+    assert typo.returncode == 2 and "(did you mean demo?)" in one_line(typo, "template")
+    assert "did you mean" in one_line(client.list("demoo"), "template")
+    name = f"demo_{OLD}_amd64.tar.zst"
+    got = client.run("fetch", name, "--dest", str(client.dest), *client.pins())
+    assert got.returncode == 0, got.stderr
+    assert [p.name for p in client.dest.iterdir()] == [name]
+    clash = client.run("fetch", name, "--version", NEW, "--dest", str(client.dest), *client.pins())
+    assert clash.returncode == 2 and f"the file name {name} names {OLD}" in one_line(clash, "version")
+    listed = client.list("demo")
+    assert listed.returncode == 0 and [ln.split()[1] for ln in listed.stdout.splitlines()[1:]] == [OLD, NEW]
+    hexed = client.run("list", "--url", client.server.url, "--key", str(client.base.pub),
+                       "--fingerprint", "0x" + client.base.fpr.lower())
+    assert hexed.returncode == 0, hexed.stderr
+    unknown = client.run("fetch", "demo", "--no-such-option")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("usage: tmplbuild fetch ")
+    assert "unrecognized arguments: --no-such-option" in unknown.stderr
+    (client.dest / name).unlink()
+    for quiet in (("--quiet",), ("-q",)):
+        q = client.run("fetch", name, *quiet, "--dest", str(client.dest), *client.pins())
+        assert (q.returncode, q.stdout, q.stderr) == (0, "", ""), q
+        assert client.run("-q", "verify", str(client.dest / name), *client.pins()).stdout == ""
+        (client.dest / name).unlink()
+    table = client.list("--quiet")
+    assert table.stdout.splitlines()[0].split() == ["NAME", "VERSION", "ARCH", "SIZE", "CREATED"]
+
+
 def test_list_json_shows_the_verified_index(client):
     proc = client.list("--json")
     assert proc.returncode == 0, proc.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tmplbuild import __version__
 from tmplbuild.errors import ExitCode, TmplbuildError, UsageError
+from tmplbuild.log import info
 
 
 def default_cache_dir() -> Path:
@@ -146,20 +147,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
         signer, _ = _signer(args, [repo])
         result = publish(repo, paths, signer, expires_in, oci)
     for e in result.added:
-        print(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.files)}")
+        info(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.files)}")
         if oci is not None:
             from tmplbuild.oci.record import tags
 
-            print(f"pushed {e.name} {e.version} {e.arch}: {oci.repository(e.name)}:"
+            info(f"pushed {e.name} {e.version} {e.arch}: {oci.repository(e.name)}:"
                   f"{{{','.join(tags(e.version, e.arch))}}}, signed (lookaside: sigstore/)")
     for key in result.unchanged:
-        print(f"unchanged {' '.join(key)}: already published with the same content")
+        info(f"unchanged {' '.join(key)}: already published with the same content")
     for line in result.cleaned:
-        print(f"cleaned up: {line}")
+        info(f"cleaned up: {line}")
     if result.added:
-        print(f"index version {result.index.version}, expires {result.index.expires}")
+        info(f"index version {result.index.version}, expires {result.index.expires}")
     else:
-        print(f"nothing new to publish: index version {result.index.version} unchanged (expires "
+        info(f"nothing new to publish: index version {result.index.version} unchanged (expires "
               f"{result.index.expires}; `tmplbuild repo resign` extends it)")
     return 0
 
@@ -213,8 +214,8 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
     repo = Path(args.dir)
     signer, home = _signer(args, [repo])
     index = init(repo, signer, home, args.id or repo.resolve().name.lower(), _expires_in(args))
-    print(f"initialised {repo} (repo id {index.repo_id}, key {signer.fingerprint}, index version 1)")
-    print(f"repository id: {index.repo_id}")
+    info(f"initialised {repo} (repo id {index.repo_id}, key {signer.fingerprint}, index version 1)")
+    info(f"repository id: {index.repo_id}")
     if args.id is None:
         # Every client pins the id on first use, for good: say where it came from while it can still change.
         print(f"tmplbuild: note: the repository id {index.repo_id!r} was taken from the directory's name. Clients "
@@ -536,12 +537,41 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _add_quiet(p: argparse.ArgumentParser, top: bool = True) -> None:
+    """-q/--quiet before or after the verb: on the top-level parser and on every verb's."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if top or not subs:
+        p.add_argument("-q", "--quiet", action="store_true", default=False if top else argparse.SUPPRESS,
+                       help="no progress or informational lines (errors, warnings and requested output stay)")
+    for sub in subs:
+        for child in dict.fromkeys(sub.choices.values()):
+            _add_quiet(child, top=False)
+
+
+def _verb_parser(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subparser the parsed `args` went through (`repo init`, `remote add`, `fetch`...)."""
+    while True:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, subs[0].dest, None) if subs else None
+        if chosen is None or chosen not in subs[0].choices:
+            return p
+        p = subs[0].choices[chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        args = parser().parse_args(argv)
+        top = parser()
+        _add_quiet(top)
+        args, unknown = top.parse_known_args(argv)
+        if unknown:
+            # An unknown option belongs to the verb the user typed: its usage, not the top-level one.
+            _verb_parser(top, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse: usage errors are exit 2 already, --help/--version exit 0
         return int(exc.code or 0)
+    from tmplbuild import log
+
+    log.QUIET = bool(getattr(args, "quiet", False))
     try:
         return args.func(args)
     except TmplbuildError as exc:

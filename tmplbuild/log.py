@@ -7,8 +7,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+QUIET = False  # --quiet: no progress and no informational lines (errors, warnings and asked-for data stay)
+
+
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line, on stderr."""
+    if not QUIET:
+        print(message, file=sys.stderr, flush=True)
+
+
+def info(message: str) -> None:
+    """An informational result line ("fetched and verified ..."), on stdout: what --quiet silences."""
+    if not QUIET:
+        print(message, flush=True)
 
 
 @contextmanager

@@ -15,7 +15,9 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tmplbuild import log
 from tmplbuild.errors import AuthenticityError, UsageError
+from tmplbuild.log import info, say
 
 if TYPE_CHECKING:
     from tmplbuild.client import updater
@@ -76,7 +78,7 @@ def cmd_remote_add(args: argparse.Namespace) -> int:
         pinned = f"root keys {', '.join(remote.root_keys)}" + (f", root {remote.root}" if remote.root else "")
     else:
         pinned = f"key {remote.key}, pinned {', '.join(remote.fingerprints)}"
-    print(f"added remote {remote.name} to {path}: {len(remote.urls)} URL(s), {pinned}"
+    info(f"added remote {remote.name} to {path}: {len(remote.urls)} URL(s), {pinned}"
           + (f", repo id {remote.repo_id}" if remote.repo_id else ""))
     return 0
 
@@ -85,7 +87,7 @@ def cmd_remote_remove(args: argparse.Namespace) -> int:
     from tmplbuild.client import config
 
     path = config.remove(config.check_name(args.name), args.system)
-    print(f"removed remote {args.name} from {path}")
+    info(f"removed remote {args.name} from {path}")
     return 0
 
 
@@ -94,7 +96,7 @@ def cmd_remote_list(args: argparse.Namespace) -> int:
 
     remotes = config.load_all()
     if not remotes:
-        print("no remotes configured", file=sys.stderr)
+        say("no remotes configured")
         return 0
     rows = [("NAME", "URLS", "FINGERPRINTS", "REPO ID", "LAST INDEX", "TRUSTED ROOT", "CONFIG")]
     for name in sorted(remotes):
@@ -153,6 +155,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         root = run.index_root
     index = trusted.index
     entries = sorted(index.templates, key=lambda e: (e.name, e.arch, trust.created_time(e), e.version))
+    if args.name is not None:
+        entries = [e for e in entries if e.name == args.name]
+        if not entries:
+            raise UsageError("template", f"no template {args.name} in index version {index.version} of "
+                                         f"{source.label}{trust.did_you_mean(args.name, index)}")
     if args.json:
         doc = {"remote": source.remote, "url": source.urls[0], "repo_id": index.repo_id, "index_version": index.version,
                "generated": index.generated, "expires": index.expires, "signer": trusted.signer}
@@ -163,7 +170,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     if not entries:
-        print(f"no templates in {source.label} (index version {index.version})", file=sys.stderr)
+        say(f"no templates in {source.label} (index version {index.version})")
         return 0
     rows = [("NAME", "VERSION", "ARCH", "SIZE", "CREATED")]
     rows += [(e.name, e.version, e.arch, _size(e.files[0].size), e.created) for e in entries]
@@ -192,6 +199,24 @@ def check_name_version(name: str, version: str | None) -> None:
         raise UsageError("version", f"found {version!r}, expected letters, digits and + - . ~")
 
 
+FILE_NAME = re.compile(r"\A(?P<name>[a-z0-9][a-z0-9.+-]*)_(?P<version>[0-9A-Za-z][0-9A-Za-z.+~-]*)_"
+                       r"(?P<arch>[a-z0-9][a-z0-9-]*)\.(?P<format>tar\.zst|tar\.xz|lxc-meta\.tar\.xz|oci\.tar)\Z")
+
+
+def _understand_file_name(args: argparse.Namespace) -> None:
+    """`fetch NAME_VERSION_ARCH.FORMAT` (a file name, as `list` and the page show them): the template, version,
+    architecture and format it names. Raises UsageError when an option says otherwise."""
+    m = FILE_NAME.match(args.name)
+    if m is None:
+        return
+    for field in ("version", "arch", "format"):
+        given = getattr(args, field)
+        if given is not None and given != m[field]:
+            raise UsageError(field, f"--{field} {given}, but the file name {args.name} names {m[field]}")
+        setattr(args, field, m[field])
+    args.name = m["name"]
+
+
 def _refuse_unrunnable(arch: str) -> None:
     """Without --dest, fetch installs into this node's template cache: for this host. A template of an
     architecture it cannot run (neither natively nor through a qemu-user binfmt entry) is refused there, exit 2;
@@ -213,6 +238,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from tmplbuild.errors import LocalIOError
     from tmplbuild.files import make_dirs, remove_empty_dirs
 
+    _understand_file_name(args)
     check_name_version(args.name, args.version)
     arch = args.arch or host_arch()
     if not ARCH.match(arch):
@@ -256,7 +282,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                                               authfile=Path(args.oci_authfile) if args.oci_authfile else None)
         else:
             status = install(run.transport, _url(base, chosen.ref.path), chosen.ref, dest, chosen.filename,
-                             Progress(chosen.filename, chosen.ref.size))
+                             Progress(chosen.filename, chosen.ref.size, enabled=False if log.QUIET else None))
         return trusted, chosen, status
 
     try:
@@ -276,7 +302,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         what = f"pulled from {pulled} and verified"
     if status == "replaced":
         what += ", replacing the file there, which did not match the signed size and hashes"
-    print(f"{dest / chosen.filename}: {what} ({e.name} {e.version} {e.arch}, {ref.size} bytes, sha256 {ref.sha256}, "
+    info(f"{dest / chosen.filename}: {what} ({e.name} {e.version} {e.arch}, {ref.size} bytes, sha256 {ref.sha256}, "
           f"index version {trusted.index.version} of {source.label})")
     return 0
 
@@ -399,7 +425,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not done:
         raise UsageError("verify", f"nothing to check {path} against: no {asc.name} next to it, no record of where "
                                    "it was fetched from, and no --remote NAME or --url URL")
-    print(f"{path}: ok ({'; '.join(done)})")
+    info(f"{path}: ok ({'; '.join(done)})")
     return 0
 
 
@@ -447,12 +473,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rl.set_defaults(func=cmd_remote_list)
 
     ls = subparsers.add_parser("list", help="list the templates of a repository (after verifying its index)")
+    ls.add_argument("name", nargs="?", help="only this template (every version and architecture)")
     _source_args(ls)
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
 
     f = subparsers.add_parser("fetch", help="download and verify a template into the template cache")
-    f.add_argument("name", help="template name, e.g. debian-12-minimal")
+    f.add_argument("name", help="template name, e.g. debian-12-minimal (or a file name such as "
+                                "debian-12-minimal_12-20261204_amd64.tar.zst: its version, architecture and format)")
     f.add_argument("--version", help="template version (default: the newest by creation time)")
     f.add_argument("--arch", help="architecture (default: the host's, from dpkg --print-architecture); into the "
                                   "default destination only one this host runs, natively or through qemu-user")

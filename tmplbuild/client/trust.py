@@ -92,6 +92,17 @@ def check_entry(entry: idx.Entry, ref: idx.FileRef) -> Selected:
     return Selected(entry, ref)
 
 
+def did_you_mean(name: str, index: idx.Index) -> str:
+    """" (did you mean NAME?)" for a template name the index does not have, when one is close, else ""."""
+    import difflib
+
+    names = sorted({e.name for e in index.templates})
+    if name in names:
+        return ""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.75)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def select(index: idx.Index, name: str, *, version: str | None, arch: str, fmt: str | None) -> Selected:
     """Check 7: the entry asked for, the newest by `created` (then version) unless `version` is given, and its
     file in `fmt` (default: the entry's primary file). Raises UsageError("template") when there is none,
@@ -109,7 +120,7 @@ def select(index: idx.Index, name: str, *, version: str | None, arch: str, fmt: 
         elif arches:
             hint = f" (its architectures{'' if version is None else f' in {version}'}: {', '.join(arches)}; give --arch)"
         else:
-            hint = ""
+            hint = did_you_mean(name, index)
         asked = " ".join([name, version or "(any version)", arch] + ([fmt] if fmt else []))
         raise UsageError("template", f"no template {asked} in the index{hint}")
     entry = max(candidates, key=lambda e: (created_time(e), e.version))

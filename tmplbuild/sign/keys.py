@@ -93,8 +93,11 @@ def work_tree(path: Path) -> Path | None:
 
 
 def normalise_fingerprint(value: str, what: str = "fingerprint") -> str:
-    """Strip spaces, upper-case. Raises UsageError(what, ...) unless the result is 40 hex digits."""
+    """Strip spaces and a leading 0x (as gpg and keyservers print them), upper-case. Raises UsageError(what, ...)
+    unless the result is 40 hex digits."""
     fpr = "".join(value.split()).upper()
+    if fpr.startswith("0X"):
+        fpr = fpr[2:]
     if not _FPR_RE.fullmatch(fpr):
         raise UsageError(what, f"{value!r} is not a 40-hex-digit OpenPGP fingerprint")
     return fpr
