@@ -78,25 +78,61 @@ def _expires_in(args: argparse.Namespace) -> int:
     return seconds
 
 
+_SIGNERS: list = []  # closed when the command ends: no gpg-agent tmplbuild started outlives it
+
+
 def _signer(args: argparse.Namespace, forbidden: list[Path]):
     from tmplbuild.sign import Signer, default_gnupghome
     from tmplbuild.sign.keys import check_gnupghome_location
 
     home = Path(args.gnupghome) if args.gnupghome else default_gnupghome()
     check_gnupghome_location(home, forbidden)
-    return Signer(home, args.key), home
+    signer = Signer(home, args.key)
+    _SIGNERS.append(signer)
+    return signer, home
+
+
+def read_passphrase(path: str | None, *, confirm: bool, why: str) -> str:
+    """A passphrase from the first line of `path`, else asked on the terminal (twice when `confirm`). Raises
+    UsageError(why) when there is neither."""
+    import getpass
+
+    if path:
+        try:
+            text = Path(path).read_text().split("\n", 1)[0].rstrip("\r")
+        except OSError as exc:
+            raise UsageError("passphrase", f"{path}: {exc.strerror}") from None
+        if not text:
+            raise UsageError("passphrase", f"{path}: the first line is empty")
+        return text
+    if not sys.stdin.isatty():
+        raise UsageError("passphrase", why)
+    first = getpass.getpass("passphrase: ")
+    if not first:
+        raise UsageError("passphrase", "empty")
+    if confirm and getpass.getpass("passphrase (again): ") != first:
+        raise UsageError("passphrase", "the two entries differ")
+    return first
 
 
 def cmd_key_generate(args: argparse.Namespace) -> int:
     from tmplbuild.sign import default_gnupghome, export_public, generate_key
-    from tmplbuild.sign.keys import check_gnupghome_location
+    from tmplbuild.sign.keys import agents_stopped, check_gnupghome_location
 
     home = Path(args.gnupghome) if args.gnupghome else default_gnupghome()
     check_gnupghome_location(home, [])  # the private key stays out of any checkout
-    fpr = generate_key(args.name, home, expire=args.expire, algo=args.algo)
+    if args.no_passphrase and args.passphrase_file:
+        raise UsageError("passphrase", "give --passphrase-file FILE or --no-passphrase, not both")
+    passphrase = None
+    if args.passphrase_file or (args.role == "root" and not args.no_passphrase):
+        passphrase = read_passphrase(args.passphrase_file, confirm=True, why="a root key is protected by a "
+                                     "passphrase: give --passphrase-file FILE, run on a terminal, or pass "
+                                     "--no-passphrase")
+    fpr = generate_key(args.name, home, expire=args.expire, algo=args.algo, passphrase=passphrase)
     out = Path(args.out) if args.out else Path("keys") / f"{fpr}.asc"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(export_public(fpr, home, armored=True))
+    with agents_stopped(home):
+        out.write_bytes(export_public(fpr, home, armored=True))
     print(fpr)
     print(f"tmplbuild: private key in {home}; public key written to {out}", file=sys.stderr)
     return 0
@@ -104,14 +140,16 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 
 def cmd_key_export(args: argparse.Namespace) -> int:
     from tmplbuild.sign import default_gnupghome, export_public
+    from tmplbuild.sign.keys import agents_stopped
 
     home = Path(args.gnupghome) if args.gnupghome else default_gnupghome()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for armored, suffix in ((True, "asc"), (False, "gpg")):
-        path = out / f"{args.key.upper()}.{suffix}"
-        path.write_bytes(export_public(args.key, home, armored=armored))
-        print(path)
+    with agents_stopped(home):
+        for armored, suffix in ((True, "asc"), (False, "gpg")):
+            path = out / f"{args.key.upper()}.{suffix}"
+            path.write_bytes(export_public(args.key, home, armored=armored))
+            print(path)
     return 0
 
 
@@ -400,6 +438,11 @@ def parser() -> argparse.ArgumentParser:
     kg.add_argument("--expire", default="2y", help="key lifetime (gpg syntax: 2y, 365d, never)")
     kg.add_argument("--algo", default="ed25519")
     kg.add_argument("--out", help="public key file (default keys/<FINGERPRINT>.asc)")
+    kg.add_argument("--role", choices=("online", "root"), default="online",
+                    help="online: CI's index key, no passphrase (default); root: a root key, kept offline, "
+                         "protected by a passphrase (asked on the terminal, or --passphrase-file)")
+    kg.add_argument("--passphrase-file", metavar="FILE", help="the passphrase, on the file's first line")
+    kg.add_argument("--no-passphrase", action="store_true", help="a root key without a passphrase (not advised)")
     kg.set_defaults(func=cmd_key_generate)
     ke = k.add_parser("export", help="export a public key, armored (.asc) and binary (.gpg, for gpgv/systemd)")
     ke.add_argument("--key", required=True, metavar="FINGERPRINT")
@@ -537,6 +580,14 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    finally:
+        while _SIGNERS:
+            _SIGNERS.pop().close()
+
+
 def _add_quiet(p: argparse.ArgumentParser, top: bool = True) -> None:
     """-q/--quiet before or after the verb: on the top-level parser and on every verb's."""
     subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
@@ -573,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log.QUIET = bool(getattr(args, "quiet", False))
     try:
-        return args.func(args)
+        return _run(args)
     except TmplbuildError as exc:
         print(f"tmplbuild: {exc}", file=sys.stderr)
         return int(exc.exit_code)

@@ -16,6 +16,7 @@ Public keys are given as armored files (`tmplbuild key export` writes them), one
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tmplbuild.errors import UsageError
@@ -150,12 +151,27 @@ def cmd_sign(args: argparse.Namespace) -> int:
         root.split_signatures(existing, str(sig_path))  # appends only to a well-formed file
     home = Path(args.gnupghome) if args.gnupghome else default_gnupghome()
     check_gnupghome_location(home, [])
-    with Signer(home, args.key) as signer:
-        if signer.fingerprint in {f for f, _ in doc.keys} and signer.fingerprint in doc.online.keys \
-                and signer.fingerprint not in doc.root.keys:
-            raise UsageError("root", f"{signer.fingerprint} is an online key of root {doc.version}; roots are signed "
-                                     "by root keys")
-        signature = signer.sign(data, armored=True)
+    from tmplbuild.cli import read_passphrase
+
+    # A root key has a passphrase (`key generate --role root`): from --passphrase-file, else asked on the
+    # terminal once gpg said it needs one; without either, the error says how to give it.
+    passphrase = read_passphrase(args.passphrase_file, confirm=False, why="") if args.passphrase_file else None
+    while True:
+        with Signer(home, args.key, passphrase) as signer:
+            if signer.fingerprint in {f for f, _ in doc.keys} and signer.fingerprint in doc.online.keys \
+                    and signer.fingerprint not in doc.root.keys:
+                raise UsageError("root", f"{signer.fingerprint} is an online key of root {doc.version}; roots are "
+                                         "signed by root keys")
+            try:
+                signature = signer.sign(data, armored=True)
+                break
+            except UsageError as exc:
+                if "passphrase" not in exc.message.lower() or passphrase is not None:
+                    raise
+                if not sys.stdin.isatty():
+                    raise UsageError("passphrase", f"key {signer.fingerprint} has a passphrase: give "
+                                                   "--passphrase-file FILE, or run on a terminal") from None
+        passphrase = read_passphrase(None, confirm=False, why="")
     from tmplbuild.files import atomic_write
 
     atomic_write(sig_path, existing + (b"" if not existing or existing.endswith(b"\n") else b"\n") + signature)
@@ -251,6 +267,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("file")
     s.add_argument("--key", required=True, metavar="FINGERPRINT", help="the holder's root key")
     s.add_argument("--gnupghome", help="the root key's own GNUPGHOME (offline; never CI's or the server's)")
+    s.add_argument("--passphrase-file", metavar="FILE", help="the root key's passphrase, on the file's first line "
+                                                             "(default: asked on the terminal)")
     s.set_defaults(func=cmd_sign)
 
     sh = r.add_parser("show", help="what a root names and which signature thresholds it meets")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import gnupg
 
 from tmplbuild.errors import LocalIOError, TmplbuildError, UsageError
-from tmplbuild.run import run
+from tmplbuild.run import CLEAN_ENV, run
 
 _FPR_RE = re.compile(r"[0-9A-F]{40}")
 _EXPIRE_RE = re.compile(r"never|none|0|[1-9][0-9]{0,5}[dwmy]?|[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -118,6 +121,40 @@ def open_gpg(home: Path, options: list[str] | None = None) -> gnupg.GPG:
     return gpg
 
 
+def agent_running(home: Path) -> bool:
+    """Whether a gpg-agent already serves `home` (the user's own, with their cached passphrases): one that was
+    there before tmplbuild ran is left running. Raises nothing."""
+    import socket
+
+    try:
+        out = subprocess.run(["gpgconf", "--homedir", str(home), "--list-dirs", "agent-socket"], capture_output=True,
+                             timeout=10, env={**CLEAN_ENV, "LC_ALL": "C"}, text=True).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if not out:
+        return False
+    # gpgconf percent-escapes special characters in paths (%3a for ':').
+    path = re.sub(r"%([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), out)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False  # no socket, or nobody listening on it
+    return True
+
+
+@contextmanager
+def agents_stopped(home: Path) -> Iterator[None]:
+    """Around gpg runs on `home`: a gpg-agent they start is stopped at the end; one running before is kept."""
+    had = agent_running(home)
+    try:
+        yield
+    finally:
+        if not had:
+            kill_agents(home)
+
+
 def kill_agents(home: Path) -> None:
     """Stop the gpg-agent (and dirmngr) gpg started for `home`. Raises nothing: it is cleanup."""
     try:
@@ -190,9 +227,11 @@ def list_secret_fingerprints(gnupghome: Path) -> list[str]:
     return [r.fingerprint for r in list_key_records(open_gpg(gnupghome), secret=True) if r.is_primary]
 
 
-def generate_key(name: str, gnupghome: Path, expire: str = "2y", algo: str = "ed25519") -> str:
-    """Create `gnupghome` (0700; an existing one is tightened to 0700) and in it a signing-only primary key with
-    no passphrase (CI signs unattended; the directory's permissions protect the key). Returns its fingerprint.
+def generate_key(name: str, gnupghome: Path, expire: str = "2y", algo: str = "ed25519",
+                 passphrase: str | None = None) -> str:
+    """Create `gnupghome` (0700; an existing one is tightened to 0700) and in it a signing-only primary key,
+    protected by `passphrase` (a root key, kept offline), or with none (None: CI's online key signs unattended;
+    the directory's permissions protect it). A gpg-agent it starts is stopped. Returns its fingerprint.
     `algo` is one of GENERATE_ALGOS: never a key the verifier would refuse (STRENGTH_RULE).
     Raises UsageError for a bad name/expire/algo or a gpg failure, LocalIOError if the home cannot be made."""
     if not name.strip() or not name.isprintable() or len(name) >= 200:
@@ -209,10 +248,18 @@ def generate_key(name: str, gnupghome: Path, expire: str = "2y", algo: str = "ed
             gnupghome.chmod(0o700)
     except OSError as exc:
         raise LocalIOError("gnupghome", f"cannot create {gnupghome}: {exc.strerror}") from None
+    if passphrase is not None and (not passphrase or "\n" in passphrase):
+        raise UsageError("passphrase", "a passphrase must be non-empty and one line")
+    with agents_stopped(gnupghome):
+        return _generate(name, gnupghome, expire, algo, passphrase)
+
+
+def _generate(name: str, gnupghome: Path, expire: str, algo: str, passphrase: str | None) -> str:
     # python-gnupg has no --quick-gen-key; its parameter-file route cannot take gpg's algorithm names.
-    done = run(["gpg", "--homedir", str(gnupghome), "--batch", "--yes", *UNATTENDED, "--status-fd", "1",
+    secret = UNATTENDED if passphrase is None else ["--pinentry-mode", "loopback", "--passphrase-fd", "0"]
+    done = run(["gpg", "--homedir", str(gnupghome), "--batch", "--yes", *secret, "--status-fd", "1",
                 "--quick-gen-key", "--", name, algo, "sign", expire], check="generate key", capture=True,
-               error=UsageError)
+               error=UsageError, input=None if passphrase is None else passphrase.encode() + b"\n")
     created = [s for s in status_lines(done.stdout.decode("utf-8", "replace")) if s[:1] == ["KEY_CREATED"]]
     if not created or len(created[-1]) < 3 or not _FPR_RE.fullmatch(created[-1][2]):
         raise UsageError("generate key", "gpg reported no new key")

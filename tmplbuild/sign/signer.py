@@ -7,7 +7,7 @@ from types import TracebackType
 import gnupg
 
 from tmplbuild.errors import LocalIOError, UsageError
-from tmplbuild.sign.keys import (STRENGTH_RULE, UNATTENDED, KeyRecord, describe_key, kill_agents,
+from tmplbuild.sign.keys import (STRENGTH_RULE, UNATTENDED, KeyRecord, agent_running, describe_key, kill_agents,
                                  list_key_records, normalise_fingerprint, open_gpg, status_lines, strength_problem)
 
 # SHA256 (OpenPGP hash id 8, as SIG_CREATED reports it): what gpg picks for ed25519 anyway, and with the
@@ -21,13 +21,18 @@ class Signer:
 
     gpg may start a gpg-agent in `gnupghome`; `close()` (or leaving a `with` block) stops it."""
 
-    def __init__(self, gnupghome: Path, fingerprint: str) -> None:
+    def __init__(self, gnupghome: Path, fingerprint: str, passphrase: str | None = None) -> None:
         """Raises UsageError if the fingerprint is malformed, `gnupghome` is not a directory, or it holds no
         usable secret key with that primary fingerprint (missing, expired, revoked, or unable to sign), or the
         key is weaker than verifiers accept (keys.STRENGTH_RULE: its primary, or every usable signing key)."""
         self.fingerprint = normalise_fingerprint(fingerprint)
         self.gnupghome = gnupghome
-        self._gpg: gnupg.GPG = open_gpg(gnupghome, UNATTENDED)
+        self._had_agent = agent_running(gnupghome) if gnupghome.is_dir() else False
+        # Without a passphrase: never a pinentry (a protected key fails at once instead of hanging CI). With one
+        # (a root key): handed to gpg on its stdin, ahead of the data, never on a command line.
+        self._passphrase = passphrase
+        self._gpg: gnupg.GPG = open_gpg(gnupghome, UNATTENDED if passphrase is None
+                                        else ["--pinentry-mode", "loopback"])
         self._signing_keys = self._usable_signing_keys()
 
     def _usable_signing_keys(self) -> frozenset[str]:
@@ -88,7 +93,7 @@ class Signer:
     def _sign_args(self, armored: bool, *, detach: bool = True, user: str | None = None) -> dict[str, object]:
         # --local-user rather than python-gnupg's --default-key: -u wins over any default-key in a gpg.conf.
         return {"keyid": None, "detach": detach, "clearsign": False, "binary": not armored,
-                "extra_args": ["--local-user", user or self.fingerprint, "--digest-algo", _DIGEST]}
+                "passphrase": self._passphrase, "extra_args": ["--local-user", user or self.fingerprint, "--digest-algo", _DIGEST]}
 
     def _check(self, result: gnupg.Sign, *, kind: str = "D", keys: frozenset[str] | None = None) -> bytes:
         created = [s for s in status_lines(result.stderr) if s[0] == "SIG_CREATED"]
@@ -101,8 +106,10 @@ class Signer:
         return bytes(result.data)
 
     def close(self) -> None:
-        """Stop the gpg-agent gpg started in the home. Raises nothing."""
-        kill_agents(self.gnupghome)
+        """Stop the gpg-agent gpg started in the home (one that was running before is the user's: kept).
+        Raises nothing."""
+        if not self._had_agent:
+            kill_agents(self.gnupghome)
 
     def __enter__(self) -> Signer:
         return self
