@@ -247,7 +247,7 @@ class Client:
         return node_snapshot(self.dest, self.state)
 
     def state_doc(self) -> dict:
-        files = [p for p in self.state.glob("*.json")]
+        files = [p for p in self.state.glob("*.json") if p.name != "origins.json"]  # fetch's record of sources
         assert len(files) == 1, files
         return json.loads(files[0].read_text())
 
