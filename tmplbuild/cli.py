@@ -572,6 +572,9 @@ def parser() -> argparse.ArgumentParser:
     from tmplbuild.client.affected import register as register_affected
 
     register_affected(sub)  # affected: which templates carry a package
+    from tmplbuild.completion import register as register_completion
+
+    register_completion(sub)  # completion bash|zsh: the shell completion script, generated from this parser
     return p
 
 

@@ -92,9 +92,15 @@ def cmd_remote_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_remote_list(args: argparse.Namespace) -> int:
-    from tmplbuild.client import config, state, updater
+    from tmplbuild.client import config
 
     remotes = config.load_all()
+    if args.names:  # for scripts and shell completion: the names alone, nothing else (none configured: nothing)
+        for name in sorted(remotes):
+            print(name)
+        return 0
+    from tmplbuild.client import state, updater
+
     if not remotes:
         say("no remotes configured")
         return 0
@@ -470,6 +476,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rr.add_argument("--system", action="store_true")
     rr.set_defaults(func=cmd_remote_remove)
     rl = rs.add_parser("list", help="show configured remotes")
+    rl.add_argument("--names", action="store_true",
+                    help="print only their names, one a line (nothing when none is configured): for scripts and "
+                         "shell completion")
     rl.set_defaults(func=cmd_remote_list)
 
     ls = subparsers.add_parser("list", help="list the templates of a repository (after verifying its index)")
