@@ -157,7 +157,8 @@ def test_parent_recipe_outside_the_recipe_directory_is_refused(tree: Path, capsy
     (tree.parent / "outside/base.toml").write_text(BASE)
     (tree / "base.toml").symlink_to(tree.parent / "outside/base.toml")
     refused(write(tree, 'extends = "base"\n[template]\nname = "child"\n'), capsys, "extends",
-            f"resolves to {(tree.parent / 'outside/base.toml').resolve()}, outside the recipe's directory")
+            f"resolves to {(tree.parent / 'outside/base.toml').resolve()}, outside the directory {tree.resolve()} "
+            "it was found in")
 
 
 def test_parent_recipe_symlink_loop_is_refused(tree: Path, capsys):
@@ -327,3 +328,37 @@ def test_brackets_in_recipe_strings_are_accepted(tree: Path, capsys):
     assert code == 0, err
 
 
+
+
+def test_extends_finds_shipped_recipes_and_the_search_path_and_keeps_each_recipes_inputs_its_own(tree: Path, capsys,
+                                                                                               monkeypatch, tmp_path):
+    """A maintainer's recipe in its own directory extends a shipped one by name; $TMPLBUILD_RECIPE_PATH adds
+    directories; the recipe's own directory comes first; inputs stay confined to each recipe's directory."""
+    from tmplbuild.recipe import load_recipe
+    from tmplbuild.recipe.load import SHIPPED
+
+    child = write(tree, 'extends = "debian-12-minimal"\n[template]\nname = "mine"\n')
+    recipe = load_recipe(child)
+    assert recipe.name == "mine" and recipe.extends == ("debian-12-minimal",)
+    assert recipe.suite == load_recipe(SHIPPED / "debian-12-minimal.toml").suite
+    assert check(child, capsys)[0] == 0
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "house.toml").write_text('extends = "debian-12-minimal"\n[template]\nname = "house"\n'
+                                       'description = "house base"\n')
+    grandchild = write(tree, 'extends = "house"\n[template]\nname = "web"\n', "web.toml")
+    missing = check(grandchild, capsys)
+    assert missing[0] == 2 and f"no house.toml in {tree}, " in missing[1] and "TMPLBUILD_RECIPE_PATH" in missing[1]
+    monkeypatch.setenv("TMPLBUILD_RECIPE_PATH", str(shared))
+    web = load_recipe(grandchild)
+    assert web.extends == ("house", "debian-12-minimal") and web.description == "house base"
+    # The recipe's own directory wins over the search path and the shipped recipes.
+    (tree / "house.toml").write_text('extends = "debian-12-minimal"\n[template]\nname = "house"\n'
+                                     'description = "local house"\n')
+    assert load_recipe(grandchild).description == "local house"
+    # A recipe found on the search path has its inputs confined to its own directory.
+    (tree / "house.toml").unlink()
+    (shared / "house.toml").write_text('extends = "debian-12-minimal"\n[template]\nname = "house"\n'
+                                       + source("../outside/secret.txt"))
+    code, err = check(grandchild, capsys)
+    assert code == 2 and f"{shared / 'house.toml'}" in err and "is outside the recipe's directory" in err

@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -142,12 +143,9 @@ def _load_chain(path: Path) -> list[_Layer]:
             if resolved in seen:
                 names = " -> ".join([p.stem for p in seen] + [resolved.stem])
                 raise via.error(f"found an extends cycle: {names}")
-            if not path.is_file():
-                raise via.error(f"found {v.quote(via.value)}, but {path} does not exist; expected the name of a"
-                                " recipe in the same directory")
-            if not resolved.is_relative_to(via.src.dir.resolve()):  # its text and inputs go into the template too
+            if not resolved.is_relative_to(path.parent.resolve()):  # its text and inputs go into the template too
                 raise via.error(f"found {v.quote(via.value)}, but {path} resolves to {resolved}, outside the"
-                                f" recipe's directory {via.src.dir.resolve()}; expected a recipe in that directory")
+                                f" directory {path.parent.resolve()} it was found in; expected a recipe there")
         layer = _parse_layer(*_read(path))
         name = layer.template.get("name")
         if name is None:
@@ -165,7 +163,34 @@ def _load_chain(path: Path) -> list[_Layer]:
         if layer.extends is None:
             return chain[::-1]
         via = layer.extends
-        path = layer.src.dir / f"{via.value}.toml"
+        path = _parent(via)
+
+
+SEARCH_PATH_ENV = "TMPLBUILD_RECIPE_PATH"
+SHIPPED = Path(__file__).resolve().parent.parent.parent / "recipes"  # the checkout's (or install's) recipes/
+
+
+def search_path(own: Path) -> list[Path]:
+    """Where `extends = "NAME"` looks for NAME.toml, in order: the recipe's own directory, each directory of
+    $TMPLBUILD_RECIPE_PATH (colon-separated, as a maintainer sets it), then the shipped recipes."""
+    dirs = [own] + [Path(d) for d in os.environ.get(SEARCH_PATH_ENV, "").split(":") if d] + [SHIPPED]
+    seen: list[Path] = []
+    for d in dirs:
+        if d.resolve() not in [s.resolve() for s in seen]:
+            seen.append(d)
+    return seen
+
+
+def _parent(via: Val) -> Path:
+    """The recipe file `via` (an `extends` value) names: the first NAME.toml on the search path. Its own inputs
+    (keyring, scripts, files) stay confined to the directory it is found in, as any recipe's."""
+    dirs = search_path(via.src.dir)
+    for d in dirs:
+        candidate = d / f"{via.value}.toml"
+        if os.path.lexists(candidate):  # a dangling or looping link is named by the resolve error
+            return candidate
+    raise via.error(f"found {v.quote(via.value)}, but no {via.value}.toml in {', '.join(str(d) for d in dirs)}; "
+                    f"expected the name of a recipe in the recipe's directory, in ${SEARCH_PATH_ENV} or shipped")
 
 
 def _read(path: Path) -> tuple[dict[str, Any], Source]:
@@ -259,7 +284,7 @@ def _parse_layer(doc: dict[str, Any], src: Source) -> _Layer:
     layer = _Layer(src)
     if "extends" in top:
         layer.extends = top["extends"]
-        v.grammar(v.NAME_RE, f"the name of a recipe in the same directory ({v.NAME_EXPECTED})")(layer.extends)
+        v.grammar(v.NAME_RE, f"the name of a recipe on the search path ({v.NAME_EXPECTED})")(layer.extends)
     if "template" in top:
         layer.template = {k: _TEMPLATE[k](val) for k, val in v.table(top["template"], tuple(_TEMPLATE)).items()}
     if "bootstrap" in top:
