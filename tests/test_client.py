@@ -382,6 +382,33 @@ def test_typos_file_names_and_filters_get_the_answer_a_user_needs(client):
     assert table.stdout.splitlines()[0].split() == ["NAME", "VERSION", "ARCH", "SIZE", "CREATED"]
 
 
+def test_fetch_verify_and_remote_list_speak_json_with_the_field_names_of_list(client):
+    assert client.run("remote", "add", "main", client.server.url, "--key", str(client.base.pub),
+                      "--fingerprint", client.base.fpr).returncode == 0
+    listed = json.loads(client.run("list", "--json").stdout)
+    entry = next(t for t in listed["templates"] if t["version"] == NEW)
+    got = client.run("fetch", "demo", "--arch", "amd64", "--dest", str(client.dest), "--json")
+    assert got.returncode == 0, got.stderr
+    fetched = json.loads(got.stdout)
+    path = client.dest / f"demo_{NEW}_amd64.tar.zst"
+    assert (fetched["status"], fetched["file"], fetched["format"]) == ("fetched", str(path), "tar.zst")
+    shared = ("name", "version", "arch", "size", "sha256", "sha512")
+    assert {k: fetched[k] for k in shared} == {k: entry[k] for k in shared}
+    for k in ("remote", "url", "repo_id", "index_version"):
+        assert fetched[k] == listed[k], k
+    again = json.loads(client.run("fetch", "demo", "--arch", "amd64", "--dest", str(client.dest), "--json").stdout)
+    assert again["status"] == "present"
+    checked = client.run("verify", str(path), "--json")
+    assert checked.returncode == 0, checked.stderr
+    verified = json.loads(checked.stdout)
+    assert (verified["status"], verified["file"], verified["signature"]) == ("ok", str(path), None)
+    assert {k: verified["index"][k] for k in (*shared, "remote", "repo_id", "index_version")} == \
+        {**{k: entry[k] for k in shared}, "remote": "main", "repo_id": "test-repo", "index_version": 3}
+    remotes = json.loads(client.run("remote", "list", "--json").stdout)["remotes"]
+    assert [(r["remote"], r["urls"], r["fingerprints"], r["repo_id"], r["index_version"]) for r in remotes] == \
+        [("main", [client.server.url], [client.base.fpr], "test-repo", 3)]
+
+
 def test_list_json_shows_the_verified_index(client):
     proc = client.list("--json")
     assert proc.returncode == 0, proc.stderr

@@ -101,23 +101,34 @@ def cmd_remote_list(args: argparse.Namespace) -> int:
         return 0
     from tmplbuild.client import state, updater
 
-    if not remotes:
+    if not remotes and not args.json:
         say("no remotes configured")
         return 0
     rows = [("NAME", "URLS", "FINGERPRINTS", "REPO ID", "LAST INDEX", "TRUSTED ROOT", "CONFIG")]
+    docs = []
     for name in sorted(remotes):
         r = remotes[name]
         source = updater.remote_source(name)
         seen = state.load(source.state_key, source.legacy_key)
         repo_id = r.repo_id or (f"{seen.repo_id} (learned)" if seen else "(first use)")
+        stored = state.load_root(source.state_key, fallback=source.legacy_key) if r.pins_root else None
         if r.pins_root:
             pins = " ".join(f"root:{f}" for f in r.root_keys)
-            stored = state.load_root(source.state_key, fallback=source.legacy_key)
             trusted = f"{stored.version}, expires {stored.expires}" if stored else "(none yet)"
         else:
             pins, trusted = " ".join(r.fingerprints), "-"
         rows.append((name, " ".join(r.urls), pins, repo_id, str(seen.version) if seen else "-", trusted,
                      str(r.origin)))
+        docs.append({"remote": name, "urls": list(r.urls), "root_keys": list(r.root_keys),
+                     "fingerprints": list(r.fingerprints), "repo_id": r.repo_id or (seen.repo_id if seen else None),
+                     "repo_id_pinned": r.repo_id is not None, "index_version": seen.version if seen else None,
+                     "root": {"version": stored.version, "expires": stored.expires} if stored else None,
+                     "config": str(r.origin) if r.origin else None})
+    if args.json:
+        import json
+
+        print(json.dumps({"remotes": docs}, indent=2))
+        return 0
     _table(rows)
     return 0
 
@@ -274,9 +285,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         raise UsageError("oci", "--oci-authfile and --oci-insecure-registry go with --oci")
     pulled = ""
 
+    used: list[str] = []  # the mirror that passed
+
     def attempt(base: str):
         nonlocal pulled
         trusted = run.index(base)
+        used[:] = [base]
         chosen = trust.select(trusted.index, args.name, version=args.version, arch=arch, fmt=fmt)
         if not dest.is_dir():  # a --dest the admin named: created once the index and entry have checked out
             created.extend(make_dirs(dest, 0o755, "destination"))
@@ -303,6 +317,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         from tmplbuild.client import state
 
         state.record_origin((dest / chosen.filename).absolute(), source.remote, ref.sha256)
+    if args.json:
+        import json
+
+        print(json.dumps({"status": {"downloaded": "fetched", "fetched": "fetched"}.get(status, status),
+                          "file": str((dest / chosen.filename).absolute()), "remote": source.remote,
+                          "url": used[0], "repo_id": trusted.index.repo_id, "index_version": trusted.index.version,
+                          "name": e.name, "version": e.version, "arch": e.arch, "format": ref.format,
+                          "size": ref.size, "sha256": ref.sha256, "sha512": ref.sha512,
+                          "oci_reference": pulled or None}, indent=2))
+        return 0
     what = "already present and verified" if status == "present" else "fetched and verified"
     if pulled and status != "present":
         what = f"pulled from {pulled} and verified"
@@ -401,6 +425,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         args.remote = _remote_for(path)
     online = bool(args.remote or args.url)
     done: list[str] = []
+    doc: dict = {"file": str(path.absolute()), "signature": None, "index": None}
     if asc.is_file():
         with open(asc, "rb") as f:
             signature = f.read(trust.SIGNATURE_CAP + 1)
@@ -411,6 +436,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         with Verifier(keys, pins) as verifier:
             verified = verifier.verify_file(path, signature)
         done.append(f"signature {asc.name} by {verified.fingerprint}")
+        doc["signature"] = {"file": str(asc.absolute()), "signer": verified.fingerprint}
     if online:
         source = _source(args)
         size, sha256, sha512 = hash_file(path)
@@ -422,15 +448,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 raise AuthenticityError("verify", f"{path.name}: not in the index (version {trusted.index.version})"
                                                   f", expected a file the index lists")
             trust.check_file(chosen.ref, size, sha256, sha512, path.name)
-            return trusted
+            return trusted, chosen, base
 
         with Updater(source) as run:
-            trusted = run.over_mirrors(attempt)
+            trusted, chosen, base = run.over_mirrors(attempt)
             run.commit(trusted)
         done.append(f"size, sha256 and sha512 as in index version {trusted.index.version} of {source.label}")
+        e, ref = chosen.entry, chosen.ref
+        doc["index"] = {"remote": source.remote, "url": base, "repo_id": trusted.index.repo_id,
+                        "index_version": trusted.index.version, "name": e.name, "version": e.version,
+                        "arch": e.arch, "format": ref.format, "size": ref.size, "sha256": ref.sha256,
+                        "sha512": ref.sha512}
     if not done:
         raise UsageError("verify", f"nothing to check {path} against: no {asc.name} next to it, no record of where "
                                    "it was fetched from, and no --remote NAME or --url URL")
+    if args.json:
+        import json
+
+        print(json.dumps({"status": "ok", **doc}, indent=2))
+        return 0
     info(f"{path}: ok ({'; '.join(done)})")
     return 0
 
@@ -479,6 +515,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rl.add_argument("--names", action="store_true",
                     help="print only their names, one a line (nothing when none is configured): for scripts and "
                          "shell completion")
+    rl.add_argument("--json", action="store_true", help="machine-readable output")
     rl.set_defaults(func=cmd_remote_list)
 
     ls = subparsers.add_parser("list", help="list the templates of a repository (after verifying its index)")
@@ -496,6 +533,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--dest", metavar="DIR", help=f"destination directory, created if missing (default: {DEFAULT_DEST}, "
                                                  "Proxmox VE's template cache, which must exist)")
     f.add_argument("--format", choices=FORMATS, help="file format (default: the entry's primary, tar.zst)")
+    f.add_argument("--json", action="store_true", help="machine-readable output: the file, its index entry, "
+                                                        "fetched, present or replaced")
     f.add_argument("--oci", action="store_true",
                    help="take the OCI image (<stem>.oci.tar, what Proxmox VE 9.1 takes) from the registry the signed "
                         "manifest names, pulled by digest with skopeo and checked against the signed index")
@@ -509,5 +548,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v = subparsers.add_parser("verify", help="verify a local template: its .asc, and/or against a remote's index "
                                              "(by default the remote fetch took it from, else the only one)")
     v.add_argument("file")
+    v.add_argument("--json", action="store_true", help="machine-readable output (the checks made, the index entry)")
     _source_args(v)
     v.set_defaults(func=cmd_verify)
