@@ -647,6 +647,10 @@ def test_eight_concurrent_publishers_all_succeed(maintainer, tmp_path):
         results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
         took = time.monotonic() - start
         assert [code for code, _, _ in results] == [0] * 8, [err for _, _, err in results]
+        from tmplbuild.sign.keys import agent_running
+
+        # They shared one gpg-agent: none stopped it under another's feet, and the last one out did.
+        assert not agent_running(key[0])
         index = index_of(repo)
         assert index["version"] == 1 + 8
         assert sorted(t["name"] for t in index["templates"]) == sorted(f"demo{i}" for i in range(8))

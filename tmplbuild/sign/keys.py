@@ -144,14 +144,70 @@ def agent_running(home: Path) -> bool:
     return True
 
 
+AGENT_LOCK = ".tmplbuild-agent.lock"  # in the GNUPGHOME: held shared by every tmplbuild run using it
+AGENT_MARK = ".tmplbuild-agent"  # in the GNUPGHOME: the running gpg-agent was started by a tmplbuild run
+
+
+class AgentGuard:
+    """Stops, at the end of a run, the gpg-agent tmplbuild's gpg calls started in `home`, but never one the user
+    was running there (their cached passphrases), and never while another tmplbuild run is still using the home
+    (eight concurrent `publish` runs share one agent): each run holds a shared lock on AGENT_LOCK, and only the
+    run that can then take it exclusively stops the agent. AGENT_MARK remembers that the agent is tmplbuild's,
+    for the last run out, which may not be the one that started it."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._fd: int | None = None
+        self._ours = False
+        try:
+            fd = os.open(home / AGENT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            fd = None  # a read-only home: no concurrent run can share it either
+        if fd is not None:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._fd = fd
+        if not agent_running(home):
+            self._ours = True
+            try:
+                (home / AGENT_MARK).touch()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Raises nothing."""
+        if self._fd is None:
+            if self._ours:
+                kill_agents(self.home)
+            return
+        import fcntl
+
+        fd, self._fd = self._fd, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # another run still uses the home: the last one out stops the agent
+            return
+        try:
+            mark = self.home / AGENT_MARK
+            if self._ours or mark.exists():
+                kill_agents(self.home)
+                mark.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
 @contextmanager
 def agents_stopped(home: Path) -> Iterator[None]:
     """Around gpg runs on `home`: a gpg-agent they start is stopped at the end; one running before is kept."""
-    had = agent_running(home)
+    guard = AgentGuard(home) if home.is_dir() else None
     try:
         yield
     finally:
-        if not had:
+        if guard is not None:
+            guard.close()
+        elif home.is_dir():
             kill_agents(home)
 
 

@@ -7,7 +7,7 @@ from types import TracebackType
 import gnupg
 
 from tmplbuild.errors import LocalIOError, UsageError
-from tmplbuild.sign.keys import (STRENGTH_RULE, UNATTENDED, KeyRecord, agent_running, describe_key, kill_agents,
+from tmplbuild.sign.keys import (STRENGTH_RULE, UNATTENDED, AgentGuard, KeyRecord, describe_key,
                                  list_key_records, normalise_fingerprint, open_gpg, status_lines, strength_problem)
 
 # SHA256 (OpenPGP hash id 8, as SIG_CREATED reports it): what gpg picks for ed25519 anyway, and with the
@@ -27,7 +27,7 @@ class Signer:
         key is weaker than verifiers accept (keys.STRENGTH_RULE: its primary, or every usable signing key)."""
         self.fingerprint = normalise_fingerprint(fingerprint)
         self.gnupghome = gnupghome
-        self._had_agent = agent_running(gnupghome) if gnupghome.is_dir() else False
+        self._agent = AgentGuard(gnupghome) if gnupghome.is_dir() else None
         # Without a passphrase: never a pinentry (a protected key fails at once instead of hanging CI). With one
         # (a root key): handed to gpg on its stdin, ahead of the data, never on a command line.
         self._passphrase = passphrase
@@ -108,8 +108,9 @@ class Signer:
     def close(self) -> None:
         """Stop the gpg-agent gpg started in the home (one that was running before is the user's: kept).
         Raises nothing."""
-        if not self._had_agent:
-            kill_agents(self.gnupghome)
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
 
     def __enter__(self) -> Signer:
         return self
