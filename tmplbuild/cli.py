@@ -50,12 +50,36 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_recipe_check(args: argparse.Namespace) -> int:
-    from tmplbuild.recipe import load_recipe
+    """Every error of every recipe, one line each in file and line order; with --resolve, also each package the
+    signed archive index does not have. Exit 2 if any."""
+    from tmplbuild.recipe.load import RecipeErrors, load_recipe
 
+    if not args.resolve:
+        given = [flag for flag, value in (("--arch", args.arch), ("--mirror", args.mirror), ("--security-mirror",
+                 args.security_mirror), ("--cache-dir", args.cache_dir)) if value is not None]
+        if given:
+            raise UsageError("check", f"{', '.join(given)}: only with --resolve")
+    failed = False
     for name in args.recipes:
-        recipe = load_recipe(find_recipe(name))
-        print(f"{recipe.path}: ok ({recipe.name}, {recipe.suite}, {', '.join(recipe.architectures)})")
-    return 0
+        path = find_recipe(name)
+        try:
+            recipe = load_recipe(path, all_errors=True)
+            ok = f"{recipe.path}: ok ({recipe.name}, {recipe.suite}, {', '.join(recipe.architectures)})"
+            if args.resolve:
+                from tmplbuild.recipe.resolve import resolve_packages
+
+                found = resolve_packages(recipe, path, cache_dir=Path(args.cache_dir or default_cache_dir()),
+                                         arch=args.arch, mirror=args.mirror, security_mirror=args.security_mirror)
+                if found.missing:
+                    raise RecipeErrors(list(found.missing))
+                ok += f", {found.packages} packages resolved for {found.arch} in {', '.join(found.suites)}"
+        except RecipeErrors as exc:
+            for error in exc.errors:
+                print(f"tmplbuild: {error}", file=sys.stderr)
+            failed = True
+            continue
+        print(ok)
+    return int(ExitCode.USAGE) if failed else 0
 
 
 def parse_duration(text: str) -> int:
@@ -524,8 +548,15 @@ def parser() -> argparse.ArgumentParser:
     _oci_args(rb)
     rb.set_defaults(func=cmd_rebuild)
 
-    c = sub.add_parser("check", help="parse and validate recipes without building")
+    c = sub.add_parser("check", help="parse and validate recipes without building (every error, one line each)")
     c.add_argument("recipes", nargs="+")
+    c.add_argument("--resolve", action="store_true",
+                   help="also resolve the packages against the signed Debian archive index (needs the mirror; "
+                        "writes only the index cache) and name each one it lacks")
+    c.add_argument("--arch", help="with --resolve: the architecture (default: the host's, if the recipe lists it)")
+    c.add_argument("--mirror", help="with --resolve: Debian mirror URL (default as for build)")
+    c.add_argument("--security-mirror", help="with --resolve: Debian security mirror URL (default as for build)")
+    c.add_argument("--cache-dir", help="with --resolve: where the verified indices are cached (default as for build)")
     c.set_defaults(func=cmd_recipe_check)
 
     t = sub.add_parser("test", help="boot a template in throwaway containers and check that it works")

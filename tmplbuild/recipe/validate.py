@@ -16,7 +16,10 @@ import urllib.parse
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
+from tmplbuild.errors import RecipeError
 from tmplbuild.recipe.locate import Val, join_field, quote
+
+Errors = list[RecipeError] | None  # where a check records what it refuses and goes on; None: it raises the first
 
 # All anchored with \A...\Z: `$` would accept a trailing newline, which would split a sources.list line.
 NAME_RE = re.compile(r"\A[a-z0-9][a-z0-9.+-]*\Z")  # no "_": it separates name, version and arch in file names
@@ -225,15 +228,25 @@ def key_problem(data: bytes, *, armor_ok: bool = True) -> str | None:
     return None
 
 
-def table(v: Val, allowed: Sequence[str], expected: str = "a table") -> dict[str, Val]:
-    """The entries of a TOML table, refusing unknown keys: a typo must not silently drop a setting."""
+def report(error: RecipeError, errors: Errors) -> None:
+    """Raise `error`; or, when every error of a recipe is being collected (`errors` is a list), record it so the
+    caller goes on without the refused value."""
+    if errors is None:
+        raise error
+    errors.append(error)
+
+
+def table(v: Val, allowed: Sequence[str], expected: str = "a table", *, errors: Errors = None) -> dict[str, Val]:
+    """The entries of a TOML table, refusing unknown keys: a typo must not silently drop a setting. Collecting
+    (`errors`), each unknown key is recorded and left out."""
     if not isinstance(v.value, dict):
         raise v.wrong_type(expected)
     out: dict[str, Val] = {}
     for key, value in v.value.items():
         child = Val(value, v.src, join_field(v.field, key))
         if key not in allowed:
-            raise child.error(f"unknown field; expected one of: {', '.join(allowed)}")
+            report(child.error(f"unknown field; expected one of: {', '.join(allowed)}"), errors)
+            continue
         out[key] = child
     return out
 
@@ -257,13 +270,15 @@ def description(val: Val) -> str:
     return value
 
 
-def refuse_repeats(keys: list[str], entries: list[Val], attr: str, what: str) -> None:
-    """Within one file a repeated repository name or destination is a mistake (across files it is an override)."""
+def refuse_repeats(keys: list[str], entries: list[Val], attr: str, what: str, *, errors: Errors = None) -> None:
+    """Within one file a repeated repository name or destination is a mistake (across files it is an override).
+    Collecting (`errors`), every repeat is recorded."""
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
         if key in first:
-            raise Val(key, entries[i].src, f"{entries[i].field}.{attr}").error(
-                f"found {quote(key)} twice (also in {entries[first[key]].field}), expected each {what} once")
+            report(Val(key, entries[i].src, f"{entries[i].field}.{attr}").error(
+                f"found {quote(key)} twice (also in {entries[first[key]].field}), expected each {what} once"), errors)
+            continue
         first[key] = i
 
 
@@ -307,19 +322,25 @@ def url(schemes: Collection[str]) -> Callable[[Val], str]:
     return check
 
 
-def unique_list(v: Val, item: Callable[[Val], str], what: str, *, non_empty: bool = True) -> tuple[str, ...]:
-    """An array of checked strings without repeats; `what` names one item for messages."""
+def unique_list(v: Val, item: Callable[[Val], str], what: str, *, non_empty: bool = True,
+                errors: Errors = None) -> tuple[str, ...]:
+    """An array of checked strings without repeats; `what` names one item for messages. Collecting (`errors`),
+    each refused item is recorded and left out: every misspelt package of a list is named in one run."""
     if not isinstance(v.value, list):
         raise v.wrong_type(f"an array of {what}s")
     if non_empty and not v.value:
         raise v.error(f"found an empty array, expected at least one {what}")
     seen: dict[str, int] = {}
     for index, child in enumerate(v.items()):
-        value = item(child)
-        if value in seen:
-            raise child.error(f"found {quote(value)} twice (also at [{seen[value]}]), expected each {what} once")
+        try:
+            value = item(child)
+            if value in seen:
+                raise child.error(f"found {quote(value)} twice (also at [{seen[value]}]), expected each {what} once")
+        except RecipeError as error:
+            report(error, errors)
+            continue
         seen[value] = index
-    return tuple(v.value)
+    return tuple(seen)
 
 
 SYSTEM_KEYRINGS = Path("/usr/share/keyrings")  # the archive keyrings Debian's packages install
