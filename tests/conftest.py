@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+
 import os
 import shutil
 import subprocess
@@ -91,3 +93,17 @@ class Keys:
         return rootdoc.render(repo_id, version, {f: self.armored[f] for f in fprs},
                               Role(tuple(self.fprs[n] for n in root), threshold),
                               Role(tuple(self.fprs[n] for n in online), online_threshold), expires_in, now)
+
+
+def signed_suite(root: Path, home: Path, packages: bytes, architectures: str = "amd64") -> None:
+    """dists/test/{InRelease,main/binary-amd64/Packages} under `root`: the Packages index `packages`, named with
+    its sha256 in a Release clearsigned by the key in `home` (a local apt archive the tests point a build at)."""
+    from email.utils import formatdate
+
+    index = root / "dists/test/main/binary-amd64/Packages"
+    index.parent.mkdir(parents=True)
+    index.write_bytes(packages)
+    release = (f"Origin: tmplbuild-test\nSuite: test\nCodename: test\nDate: {formatdate(usegmt=True)}\n"
+               f"Architectures: {architectures}\nComponents: main\nSHA256:\n"
+               f" {hashlib.sha256(packages).hexdigest()} {len(packages)} main/binary-amd64/Packages\n").encode()
+    (root / "dists/test/InRelease").write_bytes(gpg(home, "--clearsign", input=release).stdout)

@@ -9,12 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, can_build, gpg, recipe_dir
+from tests.conftest import ROOT, can_build, gpg, recipe_dir, signed_suite
 from tests.test_build import MINIMAL, assert_nothing_left, build, only, unpack
 
 pytestmark = [pytest.mark.build, pytest.mark.skipif(can_build() is not None, reason=str(can_build()))]
@@ -41,13 +40,7 @@ def signed_repo(repo: Path, home: Path) -> None:
     packages = (f"Package: tmplbuild-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: Test <test@example.invalid>\n"
                 f"Filename: pool/{deb.name}\nSize: {len(data)}\nSHA256: {hashlib.sha256(data).hexdigest()}\n"
                 f"Description: test package\n\n").encode()
-    index = repo / "dists/test/main/binary-amd64/Packages"
-    index.parent.mkdir(parents=True)
-    index.write_bytes(packages)
-    release = (f"Origin: tmplbuild-test\nSuite: test\nCodename: test\nDate: {formatdate(usegmt=True)}\n"
-               f"Architectures: amd64 all\nComponents: main\nSHA256:\n"
-               f" {hashlib.sha256(packages).hexdigest()} {len(packages)} main/binary-amd64/Packages\n").encode()
-    (repo / "dists/test/InRelease").write_bytes(gpg(home, "--clearsign", input=release).stdout)
+    signed_suite(repo, home, packages, architectures="amd64 all")
 
 
 @pytest.fixture

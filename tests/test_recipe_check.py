@@ -6,16 +6,14 @@ The --resolve tests run against a local archive (file://, signed by a throwaway 
 the Debian mirror of the host's apt sources, as the builder finds it."""
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
-from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, gpg, recipe_dir
+from tests.conftest import ROOT, recipe_dir, signed_suite
 from tmplbuild.cli import main
 from tmplbuild.errors import RecipeError, UsageError
 from tmplbuild.recipe.load import RecipeErrors, load_recipe
@@ -179,15 +177,8 @@ def stanza(name: str, priority: str, depends: str = "") -> str:
 def local_archive(root: Path, home: Path) -> str:
     """dists/test/{InRelease,main/binary-amd64/Packages}, clearsigned by the throwaway key: base-files (required),
     apt (important) and nginx. Returns its file:// URL."""
-    packages = (stanza("base-files", "required") + stanza("apt", "important", "base-files")
-                + stanza("nginx", "optional", "base-files")).encode()
-    index = root / "dists/test/main/binary-amd64/Packages"
-    index.parent.mkdir(parents=True)
-    index.write_bytes(packages)
-    release = (f"Origin: tmplbuild-test\nSuite: test\nCodename: test\nDate: {formatdate(usegmt=True)}\n"
-               f"Architectures: amd64\nComponents: main\nSHA256:\n"
-               f" {hashlib.sha256(packages).hexdigest()} {len(packages)} main/binary-amd64/Packages\n").encode()
-    (root / "dists/test/InRelease").write_bytes(gpg(home, "--clearsign", input=release).stdout)
+    signed_suite(root, home, (stanza("base-files", "required") + stanza("apt", "important", "base-files")
+                              + stanza("nginx", "optional", "base-files")).encode())
     return f"file://{root}"
 
 

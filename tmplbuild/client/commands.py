@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
