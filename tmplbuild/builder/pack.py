@@ -21,13 +21,13 @@ from tmplbuild.oci.image import ImageMeta, LayerSink, OciImage
 from tmplbuild.recipe.model import Compression
 
 CHUNK = 1 << 20
-# Default chosen with bench/build.py (README, "Compression"): level 9 with long-distance matching over a
+# Default chosen with bench/build.py (docs/speed.md, "Compression"): level 9 with long-distance matching over a
 # 2^27 window is 13% larger than xz -6 in 4% of its time. The window stays at 2^27 because plain `zstd -d`
 # (and so `tar --zstd`, pct, lxc) refuses larger windows without extra flags.
 ZSTD_LEVEL = 9
 ZSTD_WINDOW_LOG = 27
 # xz for the hosts that read nothing else (lxc-create -t local, systemd 252): level 0, chosen with bench/build.py
-# (README, "Compression"): -6 took 28 s of a 12 s warm build; 0 takes about 4 s on two cores in parallel with
+# (docs/speed.md, "Compression"): -6 took 28 s of a 12 s warm build; 0 takes about 4 s on two cores in parallel with
 # zstd. Always in multi-threaded mode (at least 2 threads), whose block layout depends on the level only: the
 # same bytes on a 1-core and a 64-core builder.
 XZ_LEVEL = 0

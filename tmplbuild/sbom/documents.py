@@ -27,7 +27,7 @@ from tmplbuild.manifest import Manifest, ManifestArtifact, Package
 
 NOASSERTION = "NOASSERTION"
 # The SLSA buildType of a tmplbuild recipe build: what externalParameters and internalParameters mean is
-# documented in the README ("What a template is made of"), versioned by this URI.
+# documented in docs/sbom.md, versioned by this URI.
 BUILD_TYPE = "urn:tmplbuild:buildtype:recipe:v1"
 BUILDER_ID = "urn:tmplbuild:builder"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"

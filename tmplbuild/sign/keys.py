@@ -45,7 +45,7 @@ class KeyRecord:
     expires: int = 0  # field 7: expiry as seconds since the epoch; 0 = never
 
 
-# The strength rule (README "Key strength"): RSA at least 2048 bits; DSA and ElGamal refused whatever their
+# The strength rule (docs/publishing.md, "Key strength"): RSA at least 2048 bits; DSA and ElGamal refused whatever their
 # size; ECC on ed25519/ed448, NIST P-256/384/521 or Brainpool P-256/384/512. Checked for a pinned primary key
 # and for the subkey that signs; unknown algorithms and curves are refused.
 MIN_RSA_BITS = 2048
