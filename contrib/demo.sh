@@ -71,9 +71,13 @@ tarball=${manifest%.manifest.json}.tar.zst
 
 echo
 echo "### 2. throwaway keys, each in its own GNUPGHOME outside the project"
-root_fpr=$(tb key generate --name "tmplbuild demo root <root@example.invalid>" --gnupghome "$WORK/root-gnupg" \
+# A root key has a passphrase (asked on the terminal, or read from a file as here: a throwaway one).
+(umask 077 && head -c 24 /dev/urandom | base64 > "$WORK/root-passphrase")
+root_fpr=$(tb key generate --role root --passphrase-file "$WORK/root-passphrase" \
+      --name "tmplbuild demo root <root@example.invalid>" --gnupghome "$WORK/root-gnupg" \
       --expire 1d --out "$WORK/keys/root.asc")
-echo "root key   $root_fpr in $WORK/root-gnupg (offline: it signs roots, never an index; CI and the server never see it)"
+echo "root key   $root_fpr in $WORK/root-gnupg (offline, behind a passphrase: it signs roots, never an index;"
+echo "           CI and the server never see it)"
 fpr=$(tb key generate --name "tmplbuild demo CI <demo@example.invalid>" --gnupghome "$WORK/gnupg" --expire 1d \
       --out "$WORK/keys/demo.asc")
 echo "online key $fpr in $WORK/gnupg (CI's: it signs the index and the templates)"
@@ -104,7 +108,8 @@ tb repo init "$WORK/repo" --key "$fpr" --gnupghome "$WORK/gnupg" --id tmplbuild-
 mkdir -p "$WORK/roots"
 tb root init "$WORK/roots/1.root.json" --repo-id tmplbuild-demo --root-key "$WORK/keys/root.asc" \
     --online-key "$WORK/keys/demo.asc"
-tb root sign "$WORK/roots/1.root.json" --key "$root_fpr" --gnupghome "$WORK/root-gnupg"
+tb root sign "$WORK/roots/1.root.json" --key "$root_fpr" --gnupghome "$WORK/root-gnupg" \
+    --passphrase-file "$WORK/root-passphrase"
 tb root publish "$WORK/roots/1.root.json" --repo "$WORK/repo"
 tb publish "$manifest" --repo "$WORK/repo" --key "$fpr" --gnupghome "$WORK/gnupg" \
     --oci "$registry/tmplbuild" --oci-insecure-registry
@@ -182,7 +187,8 @@ fpr2=$(tb key generate --name "tmplbuild demo CI 2 <demo2@example.invalid>" --gn
        --expire 1d --out "$WORK/keys/demo2.asc")
 tb root next "$WORK/repo/root/1.root.json" "$WORK/roots/2.root.json" --remove-online "$fpr" \
     --add-online "$WORK/keys/demo2.asc"
-tb root sign "$WORK/roots/2.root.json" --key "$root_fpr" --gnupghome "$WORK/root-gnupg"
+tb root sign "$WORK/roots/2.root.json" --key "$root_fpr" --gnupghome "$WORK/root-gnupg" \
+    --passphrase-file "$WORK/root-passphrase"
 tb root publish "$WORK/roots/2.root.json" --repo "$WORK/repo"
 echo "the client follows root 2, and now refuses the index the old key signed:"
 set +e

@@ -21,8 +21,9 @@ def _generate(tmp: Path, name: str, *extra: str) -> tuple[subprocess.CompletedPr
 
 
 def _signs(home: Path, fpr: str, passphrase: str) -> bool:
+    # To stdout: gpg's --output FILE replaces FILE by a rename, which would turn /dev/null into a regular file.
     return subprocess.run(["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase",
-                           passphrase, "--local-user", fpr, "--detach-sign", "--output", "/dev/null"],
+                           passphrase, "--local-user", fpr, "--detach-sign", "--output", "-"],
                           input=b"data", capture_output=True).returncode == 0
 
 
