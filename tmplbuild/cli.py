@@ -33,16 +33,11 @@ def find_recipe(arg: str) -> Path:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tmplbuild.builder.builder import BuildOptions, build
+    from tmplbuild.builder.builder import BuildOptions, build, default_arch
     from tmplbuild.recipe import load_recipe
-    from tmplbuild.run import host_arch
 
     recipe = load_recipe(find_recipe(args.recipe))
-    arch = args.arch
-    if arch is None:
-        native = host_arch()
-        arch = native if native in recipe.architectures else recipe.architectures[0]
-    opts = BuildOptions(arch=arch, out_dir=Path(args.out), cache_dir=Path(args.cache_dir or default_cache_dir()),
+    opts = BuildOptions(arch=args.arch or default_arch(recipe), out_dir=Path(args.out), cache_dir=Path(args.cache_dir or default_cache_dir()),
                         mirror=args.mirror, security_mirror=args.security_mirror, force=args.force, use_tmpfs=not args.no_tmpfs,
                         zstd_level=args.zstd_level, xz_level=args.xz_level)
     build(recipe, opts)

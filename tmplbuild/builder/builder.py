@@ -285,12 +285,38 @@ def _fetch_suites(fetcher: archive.Fetcher, recipe: Recipe, mirror: str, opts: B
     return out
 
 
+def default_arch(recipe: Recipe) -> str:
+    """The host's architecture if the recipe lists it, else the recipe's first (`build` and `check --resolve`)."""
+    from tmplbuild.run import host_arch
+
+    native = host_arch()
+    return native if native in recipe.architectures else recipe.architectures[0]
+
+
+def fetch_indices(fetcher: archive.Fetcher, recipe: Recipe, suites: list[SuiteSource], arch: str,
+                  cache_dir: Path) -> dict[tuple[str, str], Path]:
+    """Each suite's and component's Packages index for `arch`, checked against its signed hash (cached)."""
+    return {(x.suite, c): archive.fetch_packages(fetcher, x.url, x.release, x.suite, c, arch, cache_dir)
+            for x in suites for c in recipe.bootstrap.components}
+
+
+def plan_packages(recipe: Recipe, suites: list[SuiteSource], indices: dict[tuple[str, str], Path],
+                  mirror: str) -> BootstrapPlan:
+    """The bootstrap plan, by debootstrap's rules, over the newest of every suite's packages."""
+    urls = {x.suite: x.url for x in suites}
+    packages = archive.merge_newest([
+        archive.parse_packages(path.read_bytes(), base_url=urls[suite], origin=f"{suite}/{component}")
+        for (suite, component), path in indices.items()])
+    return make_plan(packages, codename=suites[0].release.codename or recipe.suite,
+                     variant=recipe.bootstrap.variant, include=recipe.include, exclude=recipe.exclude,
+                     https_mirror=mirror.startswith("https://"))
+
+
 def _resolve(fetcher: archive.Fetcher, recipe: Recipe, opts: BuildOptions, suites: list[SuiteSource],
              mirror: str) -> tuple[dict[tuple[str, str], Path], BootstrapPlan, bytes]:
     """Index files, the bootstrap plan, and the trimmed index debootstrap gets. The plan is cached under
     everything it depends on, so a warm build parses no index at all."""
-    indices = {(x.suite, c): archive.fetch_packages(fetcher, x.url, x.release, x.suite, c, opts.arch, opts.cache_dir)
-               for x in suites for c in recipe.bootstrap.components}
+    indices = fetch_indices(fetcher, recipe, suites, opts.arch, opts.cache_dir)
     key_src = json.dumps([[x.release.inrelease_sha256 for x in suites], opts.arch, recipe.bootstrap.variant,
                           list(recipe.bootstrap.components), list(recipe.include), list(recipe.exclude),
                           mirror.startswith("https://"), suites[0].release.codename], sort_keys=True)
@@ -304,13 +330,7 @@ def _resolve(fetcher: archive.Fetcher, recipe: Recipe, opts: BuildOptions, suite
                                         for d in data["debs"]))
         say(f"    cached plan {key[:16]}…")
         return indices, plan, trimmed_file.read_bytes()
-    urls = {x.suite: x.url for x in suites}
-    packages = archive.merge_newest([
-        archive.parse_packages(path.read_bytes(), base_url=urls[suite], origin=f"{suite}/{component}")
-        for (suite, component), path in indices.items()])
-    plan = make_plan(packages, codename=suites[0].release.codename or recipe.suite,
-                     variant=recipe.bootstrap.variant, include=recipe.include, exclude=recipe.exclude,
-                     https_mirror=mirror.startswith("https://"))
+    plan = plan_packages(recipe, suites, indices, mirror)
     missing = missing_packages(plan)
     if missing:
         raise UsageError("packages", f"not in {', '.join(x.suite for x in suites)} "

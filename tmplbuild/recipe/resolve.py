@@ -25,14 +25,6 @@ class Resolution:
     missing: tuple[RecipeError, ...]  # one per package the archive lacks, in file and line order
 
 
-def default_arch(recipe: Recipe) -> str:
-    """The host's architecture if the recipe lists it, else the recipe's first (as `tmplbuild build` picks)."""
-    from tmplbuild.run import host_arch
-
-    native = host_arch()
-    return native if native in recipe.architectures else recipe.architectures[0]
-
-
 def resolve_packages(recipe: Recipe, path: Path, *, cache_dir: Path, arch: str | None = None,
                      mirror: str | None = None, security_mirror: str | None = None) -> Resolution:
     """Resolve the bootstrap plan of `recipe` (loaded from `path`, as given) for `arch` against the verified
@@ -40,8 +32,8 @@ def resolve_packages(recipe: Recipe, path: Path, *, cache_dir: Path, arch: str |
     entry in the file that lists it, any other against the recipe itself. Raises UsageError (architecture,
     mirror), AuthenticityError, FreshnessError, TransportError, LocalIOError as a build would."""
     from tmplbuild.builder import archive
-    from tmplbuild.builder.builder import BuildOptions, plan_inputs
-    from tmplbuild.builder.plan import make_plan, missing_packages
+    from tmplbuild.builder.builder import BuildOptions, default_arch, fetch_indices, plan_inputs, plan_packages
+    from tmplbuild.builder.plan import missing_packages
     from tmplbuild.recipe.load import include_origins
 
     arch = arch or default_arch(recipe)
@@ -53,17 +45,10 @@ def resolve_packages(recipe: Recipe, path: Path, *, cache_dir: Path, arch: str |
     fetcher = archive.Fetcher()
     try:
         planned = plan_inputs(recipe, opts, fetcher)
-        indices = {(x.suite, c): archive.fetch_packages(fetcher, x.url, x.release, x.suite, c, arch, cache_dir)
-                   for x in planned.suites for c in recipe.bootstrap.components}
+        indices = fetch_indices(fetcher, recipe, planned.suites, arch, cache_dir)
     finally:
         fetcher.close()
-    urls = {x.suite: x.url for x in planned.suites}
-    packages = archive.merge_newest([
-        archive.parse_packages(index.read_bytes(), base_url=urls[suite], origin=f"{suite}/{component}")
-        for (suite, component), index in indices.items()])
-    plan = make_plan(packages, codename=planned.suites[0].release.codename or recipe.suite,
-                     variant=recipe.bootstrap.variant, include=recipe.include, exclude=recipe.exclude,
-                     https_mirror=planned.mirror.startswith("https://"))
+    plan = plan_packages(recipe, planned.suites, indices, planned.mirror)
     suites = tuple(x.suite for x in planned.suites)
     where = f"not in {', '.join(suites)} ({'/'.join(recipe.bootstrap.components)}) for {arch}"
     origins = include_origins(path)
