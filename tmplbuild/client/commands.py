@@ -319,7 +319,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        print(json.dumps({"status": {"downloaded": "fetched", "fetched": "fetched"}.get(status, status),
+        print(json.dumps({"status": status,
                           "file": str((dest / chosen.filename).absolute()), "remote": source.remote,
                           "url": used[0], "repo_id": trusted.index.repo_id, "index_version": trusted.index.version,
                           "name": e.name, "version": e.version, "arch": e.arch, "format": ref.format,

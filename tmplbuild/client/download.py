@@ -238,7 +238,7 @@ class _Part:
 def install(transport: Transport, url: str, ref: FileRef, dest: Path, filename: str,
             progress: Progress) -> str:
     """Checks 8 to 10: download `url` into `dest/.filename.part` capped at the signed size, hashing while it
-    arrives; check size, sha256 and sha512; rename to `dest/filename`. Returns "downloaded", "present" (a file
+    arrives; check size, sha256 and sha512; rename to `dest/filename`. Returns "fetched", "present" (a file
     with the signed size and hashes was already there) or "replaced" (a file was there that did not match). On failure the destination is as it was, except a
     `.part` kept after a transport failure mid-download, which the next run resumes (Range: bytes=N-) and
     still hashes whole. Raises TransportError, AuthenticityError, LocalIOError."""
@@ -298,4 +298,4 @@ def install(transport: Transport, url: str, ref: FileRef, dest: Path, filename: 
             raise LocalIOError("install", f"cannot rename {part} to {final}: {exc.strerror}") from None
     finally:
         f.close()
-    return "replaced" if replacing else "downloaded"
+    return "replaced" if replacing else "fetched"
