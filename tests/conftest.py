@@ -1,7 +1,7 @@
 from __future__ import annotations
 
+import errno
 import hashlib
-
 import os
 import shutil
 import subprocess
@@ -107,3 +107,36 @@ def signed_suite(root: Path, home: Path, packages: bytes, architectures: str = "
                f"Architectures: {architectures}\nComponents: main\nSHA256:\n"
                f" {hashlib.sha256(packages).hexdigest()} {len(packages)} main/binary-amd64/Packages\n").encode()
     (root / "dists/test/InRelease").write_bytes(gpg(home, "--clearsign", input=release).stdout)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (needs root and mount(8)); unmounted at the end."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill `disk` up, then give `leave` bytes back."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (64 << 10))
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fill, small_disk  # noqa: F401 - fixture
 from tests.test_repo import index_of, key, make_artifact, publish, repo, tmplbuild  # noqa: F401 - fixtures
 from tests.test_server import V1, V2, Server, running, snapshot, tar_bytes, upload_members, world  # noqa: F401
 from tmplbuild.errors import LocalIOError
@@ -428,39 +428,6 @@ def test_publish_to_a_server_whose_disk_is_full_exits_5_naming_507(world, monkey
 
 
 # ---------------------------------------------------------------------------------------------- real ENOSPC
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (needs root and mount(8)); unmounted at the end."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(disk: Path, leave: int = 0) -> Path:
-    """Fill `disk` up, then give `leave` bytes back."""
-    filler = disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (64 << 10))
-                f.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    if leave:
-        os.truncate(filler, max(0, filler.stat().st_size - leave))
-    return filler
 
 
 def repo_on(disk: Path, world) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import fill, small_disk  # noqa: F401 - fixture
 from tmplbuild.builder.pack import pack, write_tar
 from tmplbuild.recipe.model import Compression
 
@@ -101,3 +102,20 @@ def test_a_write_failure_mid_pack_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(LocalIOError, match="No space left on device"):
         pack(root, outputs, EPOCH)
     assert list(tmp_path.glob("out.*")) == []
+
+
+def test_a_full_disk_under_xz_is_reported_as_the_full_disk_not_a_broken_pipe(tmp_path, small_disk):
+    """xz writes the .tar.xz itself: when the disk fills, xz exits and the next write into its pipe fails with
+    EPIPE. The error must name the full disk, as xz reported it, with exit 7 and no partial output."""
+    from tmplbuild.errors import LocalIOError
+
+    root = tmp_path / "root"
+    root.mkdir()
+    make_tree(root, EPOCH)
+    (root / "big").write_bytes(os.urandom(8 << 20))  # past xz -0's 1 MiB blocks and the pipe's buffer
+    fill(small_disk, leave=64 << 10)
+    dest = small_disk / "out.tar.xz"
+    with pytest.raises(LocalIOError, match="No space left on device") as exc:
+        pack(root, [(Compression.XZ, dest)], EPOCH, xz_level=0)
+    assert "Broken pipe" not in str(exc.value) and exc.value.exit_code == 7
+    assert not dest.exists()

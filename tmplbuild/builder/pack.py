@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from tmplbuild.errors import BuildError, LocalIOError
+from tmplbuild.errors import LocalIOError
 from tmplbuild.files import hash_file
 from tmplbuild.oci.image import ImageMeta, LayerSink, OciImage
 from tmplbuild.recipe.model import Compression
@@ -137,7 +137,7 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
          oci: ImageMeta | None = None) -> tuple[int, int, list[Artifact]]:
     """Pack root into each (format, path) of outputs; an OCI output (tmplbuild.oci.image) needs `oci`, the image's
     metadata. Returns (entries, content bytes, artifacts). On any failure no output file exists afterwards.
-    Raises LocalIOError on a write failure (disk full), BuildError when xz fails."""
+    Raises LocalIOError on a write failure (disk full), xz's own included."""
     files: list[BinaryIO] = []
     procs: list[subprocess.Popen[bytes]] = []
     layers: list[LayerSink] = []
@@ -170,14 +170,18 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
             sink.close()  # ends the zstd frame; EOF for xz
         for proc in procs:
             err = proc.stderr.read() if proc.stderr else b""
-            if proc.wait() != 0:
-                raise BuildError("compress", f"xz exited {proc.returncode}: {err.decode().strip()}")
+            if proc.wait() != 0:  # xz reads a pipe: it fails only on its own output or memory (exit 7)
+                said = err.decode(errors="replace").strip()
+                raise LocalIOError("compress", said.splitlines()[-1] if said else f"xz exited {proc.returncode}")
         for f in files:
             f.close()
         images = iter(layer.image for layer in layers)
         artifacts = [Artifact(dest, fmt.file_format, *hash_file(dest),
                               oci=next(images) if fmt is Compression.OCI else None) for fmt, dest in outputs]
     except BaseException as exc:
+        # A write into xz's pipe fails with EPIPE when xz has exited, usually because its own write failed (a full
+        # disk): its stderr, not "Broken pipe", says why.
+        xz_said = _exited_xz_reason(procs) if isinstance(exc, BrokenPipeError) else ""
         for proc in procs:
             proc.kill()
             proc.wait()
@@ -187,7 +191,22 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
             layer.abort()
         for _, dest in outputs:
             dest.unlink(missing_ok=True)
+        if xz_said:
+            raise LocalIOError("compress", xz_said) from None
         if isinstance(exc, OSError):
             raise LocalIOError("compress", f"{exc.filename or outputs[0][1]}: {exc.strerror}") from None
         raise
     return entries, content, artifacts
+
+
+def _exited_xz_reason(procs: list[subprocess.Popen[bytes]]) -> str:
+    """The last line of stderr of an xz that has exited with an error ("" if none has)."""
+    for proc in procs:
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            continue
+        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        if code != 0:
+            return err.splitlines()[-1] if err else f"xz exited {code}"
+    return ""
