@@ -172,6 +172,25 @@ def cmd_key_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delta_count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"found {value!r}, expected a number of earlier versions from 0 to 8")
+    return n
+
+
+def _delta_args(p: argparse.ArgumentParser) -> None:
+    from tmplbuild.repo.deltas import DEFAULT_COUNT
+
+    p.add_argument("--deltas", type=_delta_count, default=DEFAULT_COUNT, metavar="N",
+                   help=f"also write deltas to each new tar.zst from the last N earlier versions of its template "
+                        f"and architecture (default {DEFAULT_COUNT}; 0: none), so nodes holding one of them "
+                        "download only what changed")
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     paths = [Path(a) for a in args.artifacts]
     expires_in = _expires_in(args)
@@ -194,7 +213,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             keys += data
             pinned += fingerprints_in(data)
         result = publish_remote(args.to, paths, signer, keys, tuple(pinned), read_token(Path(args.token_file)),
-                                expires_in, oci)
+                                expires_in, oci, args.deltas)
     else:
         from tmplbuild.repo.publish import publish
 
@@ -202,9 +221,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raise UsageError("publish", "give --repo DIR, or --to URL --token-file FILE")
         repo = Path(args.repo)
         signer, _ = _signer(args, [repo])
-        result = publish(repo, paths, signer, expires_in, oci)
+        result = publish(repo, paths, signer, expires_in, oci, args.deltas)
     for e in result.added:
-        info(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.files)}")
+        info(f"published {e.name} {e.version} {e.arch}: {', '.join(f.path for f in e.template_files)}")
+        for d in e.deltas:
+            assert d.delta is not None
+            info(f"  delta from {d.delta.base_version}: {d.path} ({d.size} bytes, "
+                 f"{100 * d.size / max(e.files[0].size, 1):.1f}% of the tar.zst)")
         if oci is not None:
             from tmplbuild.oci.record import tags
 
@@ -369,10 +392,10 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             raise UsageError("rebuild", "--to needs --token-file")
         signer, home = _signer(args, [Path(args.recipes)])
         repo = RemoteRepo(args.to, signer, export_public(signer.fingerprint, home, armored=False),
-                          read_token(Path(args.token_file)), expires_in, oci)
+                          read_token(Path(args.token_file)), expires_in, oci, args.deltas)
     else:
         signer, _ = _signer(args, [Path(args.repo), Path(args.recipes)])
-        repo = LocalRepo(Path(args.repo), signer, expires_in, oci)
+        repo = LocalRepo(Path(args.repo), signer, expires_in, oci, args.deltas)
     report = rebuild(repo, RebuildOptions(
         recipes_dir=Path(args.recipes), host_arch=host_arch(),
         cache_dir=Path(args.cache_dir or default_cache_dir()), out_dir=Path(args.out) if args.out else None,
@@ -480,6 +503,7 @@ def parser() -> argparse.ArgumentParser:
     pb.add_argument("--token-file", help="with --to: file holding the upload token")
     pb.add_argument("--repo-key", action="append", metavar="FILE",
                     help="with --to: another maintainer's public key to accept on the server's current index")
+    _delta_args(pb)
     _signing_args(pb)
     _oci_args(pb)
     pb.set_defaults(func=cmd_publish)
@@ -539,6 +563,7 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--mirror", help="Debian mirror URL (default as for build)")
     rb.add_argument("--security-mirror", help="Debian security mirror URL (default as for build)")
     rb.add_argument("--json", action="store_true", help="the summary as JSON instead of a Markdown table")
+    _delta_args(rb)
     _signing_args(rb)
     _oci_args(rb)
     rb.set_defaults(func=cmd_rebuild)

@@ -139,9 +139,11 @@ class Report:
 
 
 class LocalRepo:
-    def __init__(self, root: Path, signer, expires_in: int, oci=None) -> None:
-        """`oci`: a tmplbuild.oci.publisher.Destination every published template's image is pushed to."""
+    def __init__(self, root: Path, signer, expires_in: int, oci=None, delta_count: int | None = None) -> None:
+        """`oci`: a tmplbuild.oci.publisher.Destination every published template's image is pushed to;
+        `delta_count`: publish's (default: tmplbuild.repo.deltas.DEFAULT_COUNT)."""
         self.root, self.signer, self.expires_in, self.oci = root, signer, expires_in, oci
+        self.delta_count = delta_count
 
     def index(self) -> idx.Index:
         """The index in place, read as a publisher reads it (chain.repo_trust: under the newest root or an earlier
@@ -166,7 +168,10 @@ class LocalRepo:
     def publish(self, paths: list[Path]):
         from tmplbuild.repo.publish import publish
 
-        return publish(self.root, paths, self.signer, self.expires_in, self.oci)
+        from tmplbuild.repo.deltas import DEFAULT_COUNT
+
+        return publish(self.root, paths, self.signer, self.expires_in, self.oci,
+                       DEFAULT_COUNT if self.delta_count is None else self.delta_count)
 
     def resign(self) -> idx.Index:
         from tmplbuild.repo.manage import resign
@@ -182,9 +187,11 @@ class LocalRepo:
 class RemoteRepo:
     """A repository server: its index verified with the signing key only (as `publish --to` does)."""
 
-    def __init__(self, url: str, signer, pinned_keys: bytes, token: str, expires_in: int, oci=None) -> None:
+    def __init__(self, url: str, signer, pinned_keys: bytes, token: str, expires_in: int, oci=None,
+                 delta_count: int | None = None) -> None:
         from tmplbuild.transport import Transport
 
+        self.delta_count = delta_count
         self.base = url.rstrip("/")
         self.signer, self.pinned_keys, self.token, self.expires_in = signer, pinned_keys, token, expires_in
         self.oci = oci
@@ -209,8 +216,11 @@ class RemoteRepo:
     def publish(self, paths: list[Path]):
         from tmplbuild.repo.remote import publish_remote
 
+        from tmplbuild.repo.deltas import DEFAULT_COUNT
+
         return publish_remote(self.base, paths, self.signer, self.pinned_keys, (self.signer.fingerprint,),
-                              self.token, self.expires_in, self.oci)
+                              self.token, self.expires_in, self.oci,
+                              DEFAULT_COUNT if self.delta_count is None else self.delta_count)
 
     def resign(self) -> idx.Index:
         """The same catalogue, version + 1, fresh expiry, uploaded as an upload holding only the index pair

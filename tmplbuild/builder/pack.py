@@ -13,19 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import zstandard
-
+from tmplbuild import zst
 from tmplbuild.errors import LocalIOError
 from tmplbuild.files import hash_file
 from tmplbuild.oci.image import ImageMeta, LayerSink, OciImage
 from tmplbuild.recipe.model import Compression
 
 CHUNK = 1 << 20
-# Default chosen with bench/build.py (docs/speed.md, "Compression"): level 9 with long-distance matching over a
-# 2^27 window is 13% larger than xz -6 in 4% of its time. The window stays at 2^27 because plain `zstd -d`
-# (and so `tar --zstd`, pct, lxc) refuses larger windows without extra flags.
-ZSTD_LEVEL = 9
-ZSTD_WINDOW_LOG = 27
+# The tar.zst's compressor and its default level: tmplbuild.zst, which a client rebuilding from a delta shares.
+ZSTD_LEVEL = zst.LEVEL
+ZSTD_WINDOW_LOG = zst.WINDOW_LOG
 # xz for the hosts that read nothing else (lxc-create -t local, systemd 252): level 0, chosen with bench/build.py
 # (docs/speed.md, "Compression"): -6 took 28 s of a 12 s warm build; 0 takes about 4 s on two cores in parallel with
 # zstd. Always in multi-threaded mode (at least 2 threads), whose block layout depends on the level only: the
@@ -153,12 +150,7 @@ def pack(root: Path, outputs: list[tuple[Compression, Path]], epoch: int,
             f = open(dest, "wb")
             files.append(f)
             if fmt is Compression.ZSTD:
-                params = zstandard.ZstdCompressionParameters(
-                    compression_level=zstd_level, enable_ldm=True, window_log=ZSTD_WINDOW_LOG,
-                    threads=-1, write_checksum=True,
-                )
-                sinks.append(zstandard.ZstdCompressor(compression_params=params).stream_writer(
-                    f, write_size=CHUNK, closefd=False))
+                sinks.append(zst.compressor(zstd_level).stream_writer(f, write_size=CHUNK, closefd=False))
             else:
                 threads = max(2, os.cpu_count() or 1)
                 proc = subprocess.Popen(["xz", f"-{xz_level}", f"-T{threads}", "-c"], stdin=subprocess.PIPE, stdout=f,

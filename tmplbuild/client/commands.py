@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -300,9 +301,38 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                                               tls_verify=not args.oci_insecure_registry,
                                               authfile=Path(args.oci_authfile) if args.oci_authfile else None)
         else:
-            status = install(run.transport, _url(base, chosen.ref.path), chosen.ref, dest, chosen.filename,
-                             Progress(chosen.filename, chosen.ref.size, enabled=False if log.QUIET else None))
+            from tmplbuild.client.download import present
+
+            status = ""
+            if not args.no_delta and chosen.ref.format == "tar.zst" and chosen.entry.deltas \
+                    and not present(dest / chosen.filename, chosen.ref):
+                status = _try_delta(run.transport, base, chosen, dest)
+            if not status:
+                status = install(run.transport, _url(base, chosen.ref.path), chosen.ref, dest, chosen.filename,
+                                 Progress(chosen.filename, chosen.ref.size, enabled=False if log.QUIET else None))
         return trusted, chosen, status
+
+    via_delta: list = []  # the delta applied, when one was
+
+    def _try_delta(transport, base: str, chosen, dest: Path) -> str:
+        """The template rebuilt from an earlier version here plus a signed delta (tmplbuild.client.delta), or ""
+        to download the whole file (after saying why, when a delta was possible)."""
+        from tmplbuild.client import delta
+
+        search = [dest] + ([Path(DEFAULT_DEST)] if Path(DEFAULT_DEST).is_dir() and Path(DEFAULT_DEST) != dest else [])
+        found = delta.find_base(chosen.entry, search)
+        if found is None:
+            return ""
+        ref, base_file = found
+        try:
+            applied = delta.apply(transport, _url(base, ref.path), chosen.entry, chosen.ref, ref, base_file, dest,
+                                  chosen.filename, False if log.QUIET else None)
+        except delta.DeltaFailed as exc:
+            print(f"tmplbuild: warning: delta from {base_file.name} not used: {exc}; downloading the whole file",
+                  file=sys.stderr, flush=True)
+            return ""
+        via_delta[:] = [applied]
+        return applied.status
 
     try:
         with Updater(source) as run:
@@ -324,16 +354,28 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                           "url": used[0], "repo_id": trusted.index.repo_id, "index_version": trusted.index.version,
                           "name": e.name, "version": e.version, "arch": e.arch, "format": ref.format,
                           "size": ref.size, "sha256": ref.sha256, "sha512": ref.sha512,
-                          "oci_reference": pulled or None}, indent=2))
+                          "oci_reference": pulled or None, "delta": _delta_json(via_delta, ref)}, indent=2))
         return 0
     what = "already present and verified" if status == "present" else "fetched and verified"
     if pulled and status != "present":
         what = f"pulled from {pulled} and verified"
+    if via_delta:
+        d = via_delta[0].delta
+        what = (f"rebuilt from {via_delta[0].base.name} and a {d.size}-byte delta, and verified (downloaded "
+                f"{100 * d.size / max(ref.size, 1):.1f}% of the file: {ref.size - d.size} bytes saved)")
     if status == "replaced":
         what += ", replacing the file there, which did not match the signed size and hashes"
     info(f"{dest / chosen.filename}: {what} ({e.name} {e.version} {e.arch}, {ref.size} bytes, sha256 {ref.sha256}, "
           f"index version {trusted.index.version} of {source.label})")
     return 0
+
+
+def _delta_json(via_delta: list, ref) -> dict | None:
+    if not via_delta:
+        return None
+    d = via_delta[0].delta
+    return {"base_version": d.delta.base_version, "base_file": str(via_delta[0].base.absolute()),
+            "path": d.path, "size": d.size, "saved": ref.size - d.size}
 
 
 # -- verify ------------------------------------------------------------------------------------------------------
@@ -533,7 +575,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                  "Proxmox VE's template cache, which must exist)")
     f.add_argument("--format", choices=FORMATS, help="file format (default: the entry's primary, tar.zst)")
     f.add_argument("--json", action="store_true", help="machine-readable output: the file, its index entry, "
-                                                        "fetched, present or replaced")
+                                                        "fetched, present or replaced, and the delta used")
+    f.add_argument("--no-delta", action="store_true",
+                   help="download the whole file even when an earlier version here and a signed delta would "
+                        "rebuild it from fewer bytes")
     f.add_argument("--oci", action="store_true",
                    help="take the OCI image (<stem>.oci.tar, what Proxmox VE 9.1 takes) from the registry the signed "
                         "manifest names, pulled by digest with skopeo and checked against the signed index")

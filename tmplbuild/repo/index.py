@@ -51,6 +51,33 @@ OCI_FORMAT = "oci.tar"
 SPDX_FORMAT, CYCLONEDX_FORMAT, PROVENANCE_FORMAT = "spdx.json", "cdx.json", "intoto.json"
 DOCUMENT_FORMATS = (SPDX_FORMAT, CYCLONEDX_FORMAT, PROVENANCE_FORMAT)
 FORMATS = (*ROOTFS_FORMATS, LXC_META_FORMAT, OCI_FORMAT, *DOCUMENT_FORMATS)
+# A delta (tmplbuild.delta): the entry's tar.zst rebuilt from an earlier version's. Listed among the entry's files
+# after everything else, with what it applies to and how the result is compressed (DeltaInfo); hashed in
+# SHA256SUMS, signed, served and pruned like any file of the version. A tmplbuild older than deltas lists,
+# verifies and keeps it like any file, and fetches files[0] as before. It is never a template format: `fetch
+# --format` does not offer it and `template_files` leaves it out.
+DELTA_FORMAT = "tar.zst.delta"
+
+
+@dataclass(frozen=True)
+class DeltaInfo:
+    """What a delta applies to and what it gives: the base file (its version, size and sha256: the tar.zst a node
+    already holds), the target tar's size, and how that tar was compressed into the entry's tar.zst (the builder's
+    zstd parameters and the libzstd version whose output the publisher reproduced)."""
+
+    base_version: str
+    base_size: int
+    base_sha256: str
+    tar_size: int
+    zstd_version: str  # "1.5.7": the libzstd that compressed it (python-zstandard's bundled one)
+    zstd_level: int
+    zstd_window_log: int
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"base_version": self.base_version, "base_size": self.base_size, "base_sha256": self.base_sha256,
+                "tar_size": self.tar_size, "zstd_version": self.zstd_version, "zstd_level": self.zstd_level,
+                "zstd_window_log": self.zstd_window_log}
+
 
 @dataclass(frozen=True)
 class FileRef:
@@ -58,7 +85,8 @@ class FileRef:
     size: int
     sha256: str
     sha512: str = ""  # the manifest reference carries sha256 and size only
-    format: str = ""  # one of FORMATS, for template files
+    format: str = ""  # one of FORMATS for template files, DELTA_FORMAT for a delta
+    delta: DeltaInfo | None = None  # for DELTA_FORMAT
 
 
 @dataclass(frozen=True)
@@ -72,12 +100,21 @@ class Entry:
     description: str
     created: str
     input_hash: str
-    files: tuple[FileRef, ...]  # the template in each format, tar.zst first when present
+    files: tuple[FileRef, ...]  # the template in each format, tar.zst first when present; then its deltas
     manifest: FileRef
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.name, self.version, self.arch)
+
+    @property
+    def template_files(self) -> tuple[FileRef, ...]:
+        """Its files but the deltas: what the builder made (and the manifest lists)."""
+        return tuple(f for f in self.files if f.delta is None)
+
+    @property
+    def deltas(self) -> tuple[FileRef, ...]:
+        return tuple(f for f in self.files if f.delta is not None)
 
     @property
     def directory(self) -> str:
@@ -137,6 +174,8 @@ def _ref_doc(ref: FileRef) -> dict[str, Any]:
         doc["sha512"] = ref.sha512
     if ref.format:
         doc["format"] = ref.format
+    if ref.delta is not None:
+        doc["delta"] = ref.delta.to_doc()
     return doc
 
 
@@ -219,7 +258,23 @@ def _ref(doc: Any, where: str, with_sha512: bool) -> FileRef:
         raise _Bad(f"{where}.path: found {path!r}, expected templates/<name>/<version>/<file>")
     if not HEX64.match(sha256) or (with_sha512 and not HEX128.match(sha512)):
         raise _Bad(f"{where}: malformed size or hash")
-    return FileRef(path=path, size=size, sha256=sha256, sha512=sha512, format=doc.get("format", ""))
+    fmt = doc.get("format", "")
+    delta = _delta(_get(doc, "delta", dict, where + "."), where + ".delta") if fmt == DELTA_FORMAT else None
+    return FileRef(path=path, size=size, sha256=sha256, sha512=sha512, format=fmt, delta=delta)
+
+
+ZSTD_VERSION = re.compile(r"\A[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+
+
+def _delta(doc: dict[str, Any], where: str) -> DeltaInfo:
+    base_version, base_sha256 = _get(doc, "base_version", str, where + "."), _get(doc, "base_sha256", str, where + ".")
+    zstd_version = _get(doc, "zstd_version", str, where + ".")
+    if not VERSION.match(base_version) or not HEX64.match(base_sha256) or not ZSTD_VERSION.match(zstd_version):
+        raise _Bad(f"{where}: malformed base_version, base_sha256 or zstd_version")
+    return DeltaInfo(base_version=base_version, base_size=_int(doc, "base_size", SIZE_MIN, SIZE_MAX, where + "."),
+                     base_sha256=base_sha256, tar_size=_int(doc, "tar_size", SIZE_MIN, SIZE_MAX, where + "."),
+                     zstd_version=zstd_version, zstd_level=_int(doc, "zstd_level", 1, 22, where + "."),
+                     zstd_window_log=_int(doc, "zstd_window_log", 10, 31, where + "."))
 
 
 def _entry(doc: Any, i: int) -> Entry:
@@ -249,4 +304,6 @@ def _entry(doc: Any, i: int) -> Entry:
     for ref in (*files, entry.manifest):
         if not ref.path.startswith(entry.directory + "/"):
             raise _Bad(f"{where}: {ref.path} is outside {entry.directory}/")
+    if files[0].delta is not None:
+        raise _Bad(f"{where}.files[0]: a delta, expected the template itself")
     return entry

@@ -26,7 +26,9 @@ from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.oci import publisher as oci_publisher
 from tmplbuild.oci import record
 from tmplbuild.oci.publisher import Destination as OciDestination
+from tmplbuild import zst
 from tmplbuild.repo import converge
+from tmplbuild.repo import deltas
 from tmplbuild.repo import lookaside
 from tmplbuild.repo import index as idx
 from tmplbuild.repo import sums
@@ -95,8 +97,9 @@ class Published:
 
 
 def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int,
-            oci: OciDestination | None = None) -> Published:
-    """With `oci`, each new template's OCI image is also pushed to that registry and signed (tmplbuild.oci.publisher)
+            oci: OciDestination | None = None, delta_count: int = deltas.DEFAULT_COUNT) -> Published:
+    """Each new tar.zst also gets deltas from the last `delta_count` earlier versions of its name and arch
+    (tmplbuild.repo.deltas; 0: none). With `oci`, each new template's OCI image is also pushed to that registry and signed (tmplbuild.oci.publisher)
     after the trust checks and before its files and the index are written; its lookaside signatures go under
     sigstore/. Raises UsageError, AuthenticityError (current index, artifact hashes, a new signature that does
     not verify; "signer": a key the newest root does not name as online; "index signer": the index in place was
@@ -122,8 +125,10 @@ def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int,
             cleaned = recovered + converge.converge(root, current, write_sums=write_sums)
             try:
                 added, unchanged = stage_additions(
-                    current, artifacts, lambda art, neighbours: _add(root, art, signer, verifier, neighbours,
-                                                                     push_image(art, oci, signer)))
+                    current, artifacts, lambda art, neighbours: _add(
+                        root, art, signer, verifier, neighbours, push_image(art, oci, signer),
+                        deltas.bases(current, *art.key, art.manifest.created, delta_count),
+                        lambda ref: root / ref.path))
                 if not added:  # every file already published as it is: a no-op, the index stays as signed
                     return Published(current, added, unchanged, cleaned)
                 new = current.successor(tuple(current.templates) + tuple(added), expires_in)
@@ -151,7 +156,7 @@ def stage_additions(current: idx.Index, artifacts: list[Artifact],
     for art in artifacts:
         old = listed.get(art.key)
         if old is not None:
-            if [(f.sha256, f.size) for f in old.files] == [(f[3], f[2]) for f in art.files]:
+            if [(f.sha256, f.size) for f in old.template_files] == [(f[3], f[2]) for f in art.files]:
                 unchanged.append(art.key)
                 continue
             raise UsageError("publish", f"{'/'.join(art.key)} is already published with other content; "
@@ -174,10 +179,12 @@ Pushed = tuple[Manifest, list[tuple[record.Signature, bytes]]]  # the manifest w
 
 
 def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[idx.Entry],
-         pushed: Pushed | None = None) -> idx.Entry:
+         pushed: Pushed | None = None, bases: list[idx.Entry] | None = None,
+         base_file: deltas.BaseFile | None = None) -> idx.Entry:
     """Write one template's files into its version directory and return its index entry. `pushed`: its image is
     in a registry; the manifest written is the one with the registry record, and the lookaside signature files
-    go under sigstore/."""
+    go under sigstore/. `bases`: published entries to write deltas from to its tar.zst (their files found by
+    `base_file`), listed after its files."""
     lookaside_files: list[tuple[record.Signature, bytes]] = []
     if pushed is not None:
         manifest, lookaside_files = pushed
@@ -208,12 +215,22 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[i
                 raise AuthenticityError("artifact hash", f"{src}: size/sha256 {got[0]}/{got[1][:16]}… differ "
                                                          f"from its manifest {size}/{sha256[:16]}…")
             refs.append(idx.FileRef(f"{rel_dir}/{src.name}", size, sha256, sha512, fmt))
+        made: list[deltas.Made] = []
+        zstd_file = next(((src, sha256) for fmt, src, _, sha256, _ in art.files if fmt == "tar.zst"), None)
+        if bases and base_file is not None and zstd_file is not None:
+            made = deltas.make(base_file, directory, art.key, zstd_file[0], zstd_file[1],
+                               int(art.manifest.build.get("zstd_level", zst.LEVEL)), bases)
+            for m in made:
+                staged.append((m.path, directory / Path(m.ref.path).name))
+            # Signed like the template's files (a detached .asc each), in the same pool.
+            sigs.update({m.path: pool.submit(signer.sign_file, m.path, armored=True) for m in made})
         mtmp = directory / f".{manifest_name}.part"
         staged.append((mtmp, directory / manifest_name))
         store.write_durable(mtmp, art.manifest_bytes)
         manifest_ref = idx.FileRef(f"{rel_dir}/{manifest_name}", len(art.manifest_bytes),
                                    hashlib.sha256(art.manifest_bytes).hexdigest())
-        signatures = [sigs[src].result() for _, src, *_ in art.files] + [signer.sign(art.manifest_bytes, armored=True)]
+        signatures = [sigs[src].result() for _, src, *_ in art.files] + [sigs[m.path].result() for m in made] + \
+            [signer.sign(art.manifest_bytes, armored=True)]
         targets = list(staged)
         # A detached .asc per file (gpg --verify by hand), each verified before anything is renamed.
         list(pool.map(lambda ts: verifier.verify_file(ts[0][0], ts[1]), zip(targets, signatures)))
@@ -223,7 +240,7 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[i
             staged.append((asc_tmp, final.with_name(final.name + ".asc")))
         # SHA256SUMS covers every template file and manifest of this version directory, all arches.
         listed = sums.expected(neighbours)
-        listed.update({Path(r.path).name: r.sha256 for r in (*refs, manifest_ref)})
+        listed.update({Path(r.path).name: r.sha256 for r in (*refs, *(m.ref for m in made), manifest_ref)})
         text = sums.render(listed)
         sums_sig = signer.sign(text, armored=False)
         for fname, content in (("SHA256SUMS", text), ("SHA256SUMS.gpg", sums_sig)):
@@ -260,7 +277,8 @@ def _add(root: Path, art: Artifact, signer: Signer, verifier, neighbours: list[i
     return idx.Entry(
         name=name, version=version, arch=arch, distribution=art.manifest.distribution,
         release=art.manifest.release, variant=art.manifest.variant, description=art.manifest.description,
-        created=art.manifest.created, input_hash=art.manifest.input_hash, files=tuple(refs), manifest=manifest_ref)
+        created=art.manifest.created, input_hash=art.manifest.input_hash,
+        files=(*refs, *(m.ref for m in made)), manifest=manifest_ref)
 
 
 def _copy_hashing(src: Path, dest: Path) -> tuple[int, str]:

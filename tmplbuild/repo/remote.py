@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from tmplbuild.errors import (AuthenticityError, FreshnessError, PublishConflictError, SignatureError, TransportError,
                               UsageError)
+from tmplbuild.repo import deltas
 from tmplbuild.repo import index as idx
 from tmplbuild.oci.publisher import Destination as OciDestination
 from tmplbuild.oci.publisher import image_of
@@ -166,8 +167,10 @@ def get_capped(session: Transport, url: str) -> bytes:
 
 
 def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: bytes, pinned: tuple[str, ...],
-                   token: str, expires_in: int, oci: OciDestination | None = None) -> Published:
-    """With `oci`, each new template's image is pushed and signed first (once, whatever the retries), and its
+                   token: str, expires_in: int, oci: OciDestination | None = None,
+                   delta_count: int = deltas.DEFAULT_COUNT) -> Published:
+    """Deltas from the last `delta_count` earlier versions (tmplbuild.repo.deltas) are made from their tar.zst
+    downloaded from the server and checked against its verified index. With `oci`, each new template's image is pushed and signed first (once, whatever the retries), and its
     lookaside signatures go into the upload. Raises UsageError (artifacts, token refused), AuthenticityError (the
     server's index, an artifact, or the server's verdict on the upload), PublishConflictError (409 conflicts past
     the publish deadline), TransportError (HTTP, the registry), LocalIOError."""
@@ -178,10 +181,23 @@ def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: byt
     base = url.rstrip("/")
     pushed: dict[tuple[str, str, str], Pushed | None] = {}
 
-    def add(staging: Path, verifier: Verifier, art: Artifact, neighbours: list[idx.Entry]) -> idx.Entry:
+    def add(staging: Path, verifier: Verifier, art: Artifact, neighbours: list[idx.Entry],
+            current: idx.Index, transport: Transport) -> idx.Entry:
         if art.key not in pushed:
             pushed[art.key] = push_image(art, oci, signer)
-        return _add(staging, art, signer, verifier, neighbours, pushed[art.key])
+
+        def base_file(ref: idx.FileRef) -> Path:
+            # The base's tar.zst from the server, capped at its signed size and checked against its signed hashes.
+            from tmplbuild.client.download import Progress, install
+
+            where = staging.parent / f"{staging.name}-bases"
+            where.mkdir(exist_ok=True)
+            name = ref.path.rsplit("/", 1)[-1]
+            install(transport, f"{base}/{ref.path}", ref, where, name, Progress(name, ref.size, enabled=False))
+            return where / name
+
+        return _add(staging, art, signer, verifier, neighbours, pushed[art.key],
+                    deltas.bases(current, *art.key, art.manifest.created, delta_count), base_file)
 
     with Transport() as transport, Verifier(pinned_keys, pinned) as verifier:
         def attempt(n: int) -> Published:
@@ -189,7 +205,8 @@ def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: byt
             staging = Path(tempfile.mkdtemp(prefix="tmplbuild-upload-"))
             try:
                 added, unchanged = stage_additions(
-                    current, artifacts, lambda art, neighbours: add(staging, verifier, art, neighbours))
+                    current, artifacts, lambda art, neighbours: add(staging, verifier, art, neighbours, current,
+                                                                    transport))
                 if not added:
                     return Published(current, [], unchanged)
                 new = current.successor(tuple(current.templates) + tuple(added), expires_in)
@@ -206,6 +223,7 @@ def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: byt
                     body.unlink(missing_ok=True)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(staging.parent / f"{staging.name}-bases", ignore_errors=True)
             if status == 200:
                 return Published(new, added, unchanged)
             raise _refusal(status, reply)
