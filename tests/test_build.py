@@ -390,3 +390,51 @@ def test_the_real_template_is_an_oci_image_of_the_same_tar_that_stock_tools_take
     assert REF_NAME_RE.match(ref)
     subprocess.run(["umoci", "unpack", "--image", f"{layout}:{ref}", str(bundle)], check=True, capture_output=True)
     assert snapshot(bundle / "rootfs") == snapshot(plain)
+
+
+def test_a_delta_between_two_real_builds_gives_the_newer_template_byte_for_byte(minimal, cache, tmp_path):
+    """Two real builds of debian-12-minimal that differ by updated packages: the shipped recipe, and the same
+    recipe without its bookworm-updates and bookworm-security suites merged in (the bookworm point release as
+    it was, months older). Published one after the other; a node holding the older one fetches the newer
+    through the signed delta, over real HTTP, and gets exactly the file the builder wrote."""
+    from tests.test_client import client_env
+    from tests.test_server import Server, init_repo, kill_agents, make_key
+    from tests.test_repo import publish
+
+    cold, _, _, _ = minimal
+    older = recipe_dir(tmp_path / "older")
+    (older / "debian-12-minimal.toml").write_text(
+        re.sub(r"(?m)^extra_suites = .*$", "extra_suites = []", MINIMAL))
+    built = build(older / "debian-12-minimal.toml", tmp_path / "older-out", cache)
+    assert built.returncode == 0, built.stderr
+    shutil.copytree(cold, tmp_path / "newer-out")  # publish records its test verdict in the manifest: a copy
+    old_zst, new_zst = only(tmp_path / "older-out", "*.tar.zst"), only(tmp_path / "newer-out", "*.tar.zst")
+    assert old_zst.name != new_zst.name  # another version: the point release's date, not the updates'
+    key = make_key(tmp_path)
+    repo = init_repo(tmp_path / "repo", key)
+    for zst in (old_zst, new_zst):
+        proc = publish(repo, key, zst)
+        assert proc.returncode == 0, proc.stderr
+    server = Server(repo, tmp_path / "logs")
+    try:
+        pub = tmp_path / "pub.asc"
+        pub.write_bytes(subprocess.run(["gpg", "--homedir", str(key[0]), "--armor", "--export", key[1]],
+                                       capture_output=True, check=True).stdout)
+        env = client_env(tmp_path, tmp_path / "config", tmp_path / "state")
+        dest = tmp_path / "node"
+        dest.mkdir()
+        shutil.copy(old_zst, dest / old_zst.name)  # what the node fetched last time
+        got = subprocess.run([sys.executable, "-m", "tmplbuild", "fetch", "debian-12-minimal", "--arch", "amd64",
+                              "--dest", str(dest), "--json", "--url", server.url(""), "--key", str(pub),
+                              "--fingerprint", key[1]], cwd=ROOT, capture_output=True, text=True, env=env)
+    finally:
+        server.stop()
+        kill_agents(key[0])
+    assert got.returncode == 0, got.stderr
+    used = json.loads(got.stdout)["delta"]
+    assert used is not None, got.stderr
+    assert (dest / new_zst.name).read_bytes() == new_zst.read_bytes()
+    # The bytes a node downloads: a small part of the template, though these two builds are months of updates
+    # apart (docs/speed.md, "Deltas", has the figures); weekly builds differ less.
+    assert used["size"] < new_zst.stat().st_size * 0.25, used
+    print(f"delta {used['size']} bytes for a {new_zst.stat().st_size}-byte tar.zst")

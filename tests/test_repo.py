@@ -34,13 +34,18 @@ def tmplbuild(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 def make_artifact(out: Path, name: str = "demo", version: str = "12-20261120", arch: str = "amd64",
                   formats: tuple[Compression, ...] = (Compression.ZSTD,), payload: str = "hello\n",
-                  packages: tuple[Package, ...] | None = None) -> Path:
+                  packages: tuple[Package, ...] | None = None, blob: bytes = b"",
+                  created: str = "2026-05-28T00:00:00Z") -> Path:
     """A small template exactly as `tmplbuild build` lays it out: tarball(s) + manifest. With `packages`, the
-    manifest lists them and the SBOMs and provenance are written as the builder writes them."""
+    manifest lists them and the SBOMs and provenance are written as the builder writes them. `blob`: the content
+    of /usr/lib/blob (a template's bulk, the same from one version to the next)."""
     tree = out / f"tree-{name}-{version}-{arch}"
     (tree / "etc").mkdir(parents=True)
     (tree / "etc/os-release").write_text('NAME="Demo"\nVERSION_ID="12"\n')
     (tree / "etc/motd").write_text(payload)
+    if blob:
+        (tree / "usr/lib").mkdir(parents=True)
+        (tree / "usr/lib/blob").write_bytes(blob)
     stem = f"{name}_{version}_{arch}"
     image = ImageMeta(name=name, version=version, arch=arch, description="demo template",
                       revision="sha256:" + "0" * 64, epoch=EPOCH)
@@ -48,7 +53,7 @@ def make_artifact(out: Path, name: str = "demo", version: str = "12-20261120", a
     shutil.rmtree(tree)
     manifest = {
         "schema": 1, "name": name, "version": version, "arch": arch, "distribution": "debian", "release": "12",
-        "suite": "bookworm", "variant": "demo", "description": "demo template", "created": "2026-05-28T00:00:00Z",
+        "suite": "bookworm", "variant": "demo", "description": "demo template", "created": created,
         "source_date_epoch": EPOCH, "build": {"input_hash": "sha256:" + "0" * 64}, "packages": [],
         "artifacts": [{"file": a.path.name, "format": a.format, "size": a.size, "sha256": a.sha256,
                        "sha512": a.sha512} for a in artifacts],
@@ -280,7 +285,7 @@ def test_interrupted_publish_leaves_the_previous_index_and_templates_intact(tmp_
     assert proc.returncode == 137  # killed without any clean-up
     assert ((repo / "index.json").read_bytes(), (repo / "index.json.asc").read_bytes()) == before
     findings = tmplbuild("repo", "verify", str(repo)).stderr
-    assert "12-20261120" not in findings  # the published template still checks out completely
+    assert "templates/demo/12-20261120/" not in findings  # the published template still checks out completely
     # The next publish finishes the job, and the repository is clean again.
     assert publish(repo, key, make_artifact(tmp_path / "v2b", version="12-20261130", payload="new\n")).returncode == 0
     assert tmplbuild("repo", "verify", str(repo)).returncode == 0

@@ -28,14 +28,22 @@ def test_publish_to_a_server_then_fetch_and_verify(tmp_path, repo, key):
         assert second.returncode == 0, second.stderr
         assert index_of(repo)["version"] == 3
         assert tmplbuild("repo", "verify", str(repo)).returncode == 0  # what the server wrote is a clean repository
+        # The maintainer's tmplbuild made the delta from the version on the server (downloaded and checked).
+        newest = next(t for t in index_of(repo)["templates"] if t["version"] == "12-20261130")
+        assert [f["delta"]["base_version"] for f in newest["files"] if f["format"] == "tar.zst.delta"] == \
+            ["12-20261120"]
 
         _, fpr = key
         dest = tmp_path / "cache"
         dest.mkdir()
         env = {"TMPLBUILD_STATE_DIR": str(tmp_path / "state"), "TMPLBUILD_CONFIG_DIR": str(tmp_path / "config")}
         pin = ["--url", server.base, "--key", str(repo / f"keys/{fpr}.asc"), "--fingerprint", fpr]
-        fetched = tmplbuild("fetch", "demo", "--arch", "amd64", "--dest", str(dest), *pin, env=env)
+        older = tmplbuild("fetch", "demo", "--version", "12-20261120", "--arch", "amd64", "--dest", str(dest), *pin,
+                          env=env)
+        assert older.returncode == 0, older.stderr
+        fetched = tmplbuild("fetch", "demo", "--arch", "amd64", "--dest", str(dest), "--json", *pin, env=env)
         assert fetched.returncode == 0, fetched.stderr
+        assert json.loads(fetched.stdout)["delta"]["base_version"] == "12-20261120"
         got = dest / "demo_12-20261130_amd64.tar.zst"  # the newest version, under the name pct expects
         assert got.read_bytes() == (repo / "templates/demo/12-20261130" / got.name).read_bytes()
         assert tmplbuild("verify", str(got), *pin, env=env).returncode == 0

@@ -571,7 +571,8 @@ def test_upload_publishes_and_the_result_verifies(world, running):
     server = running()
     assert server.uploads == "enabled"
     sent = [rel for rel, _ in upload_members(world.a, world.b) if not rel.startswith("index.json")]
-    assert len(sent) == 6  # the new version's template, manifest, their .asc, SHA256SUMS and its .gpg
+    # The new version's template, its delta from V1, manifest, their .asc, SHA256SUMS and its .gpg.
+    assert len(sent) == 8 and any(rel.endswith(f".from-{V1}.tar.zst.delta") for rel in sent)
     r = post(server, world.body(), world.token)
     assert r.status_code == 200, r.text
     new = f"templates/demo/{V2}/demo_{V2}_amd64.tar.zst"

@@ -122,7 +122,7 @@ def apply(transport: Transport, url: str, entry: idx.Entry, target: idx.FileRef,
     try:
         install(transport, url, ref, dest, delta_name, Progress(Path(ref.path).name, ref.size, enabled=progress))
     except TmplbuildError as exc:
-        raise DeltaFailed(f"the delta: {exc}") from None
+        raise DeltaFailed(str(exc)) from None
     try:
         fd = os.open(rebuild, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
