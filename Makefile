@@ -15,7 +15,7 @@ APT_PACKAGES := debootstrap debian-archive-keyring gnupg zstd xz-utils openssh-c
 	systemd-container lxc uidmap dnsmasq-base iproute2 skopeo docker-registry umoci jq apache2-utils \
 	qemu-user-static binfmt-support zsh man-db
 
-.PHONY: all system-deps subids binfmt venv test test-all test-fast demo bench bench-serve bench-fetch bench-publish clean
+.PHONY: all system-deps subids binfmt venv test test-all test-fast demo bench bench-serve bench-fetch bench-publish bench-delta clean
 
 all: test
 
@@ -71,6 +71,12 @@ bench-fetch: system-deps venv
 
 bench-publish: system-deps venv
 	$(PY) bench/publish.py
+
+# Weekly updates through signed deltas, for the shipped recipes: on 127.0.0.1 and on a loopback throttled to
+# 100 Mbit/s (tc, in a network namespace of its own; curl for the by-hand row).
+bench-delta: system-deps venv
+	@command -v curl >/dev/null || (apt-get update -q && apt-get install -y -q curl)
+	$(PY) bench/delta.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -100,7 +100,7 @@ def prepare(work: Path, recipes: list[str], cache: Path) -> dict:
                  "--gnupghome", str(home), "-q"])
         built[name] = pair
     kill_agents(home)
-    (work / "pub.asc").write_bytes(export_public(fpr, home))
+    (work / "pub.asc").write_bytes(export_public(fpr, home, armored=True))
     return {"repo": str(repo), "fingerprint": fpr, "key": str(work / "pub.asc"), "built": built}
 
 
@@ -186,7 +186,9 @@ def main() -> int:
     ap.add_argument("--cache-dir", help="the builds' package cache (default: one of this run's own)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", metavar="FILE", help="also write the figures here")
-    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--work", metavar="DIR", help="keep the builds and the repository in DIR (kept afterwards), and "
+                                                   "reuse what an earlier run with --prepare-only left there")
+    ap.add_argument("--prepare-only", action="store_true", help="only build and publish (into --work)")
     ap.add_argument("--measure", metavar="PLAN", help=argparse.SUPPRESS)  # phase 2, inside unshare -n
     ap.add_argument("--throttle", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -198,11 +200,21 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("needs root: real builds, and a network namespace with tc for the throttled link")
     with tempfile.TemporaryDirectory(prefix="tmplbuild-bench-delta-") as tmp:
-        work = Path(tmp)
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         cache = Path(args.cache_dir) if args.cache_dir else work / "cache"
-        print(f"building {len(args.recipes)} recipe(s) twice (with and without their update suites)…", flush=True)
-        plan = prepare(work, args.recipes, cache)
-        (work / "plan.json").write_text(json.dumps(plan))
+        if (work / "plan.json").exists():
+            plan = json.loads((work / "plan.json").read_text())
+            print(f"reusing the builds and repository in {work}", flush=True)
+        else:
+            print(f"building {len(args.recipes)} recipe(s) twice (with and without their update suites)…",
+                  flush=True)
+            plan = prepare(work, args.recipes, cache)
+            (work / "plan.json").write_text(json.dumps(plan))
+        if args.prepare_only:
+            return 0
+        for stale in work.glob("node-*"):
+            shutil.rmtree(stale)
         results = {}
         for link, throttle in (("127.0.0.1", None), (THROTTLE, THROTTLE)):
             print(f"fetching on {link}…", flush=True)

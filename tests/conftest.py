@@ -140,3 +140,15 @@ def fill(disk: Path, leave: int = 0) -> Path:
     if leave:
         os.truncate(filler, max(0, filler.stat().st_size - leave))
     return filler
+
+
+def previous_tmplbuild(tmp_path_factory, commit: str) -> Path:
+    """An earlier tmplbuild's source (tmplbuild/ and repo_server/ at `commit`, from this repository's history),
+    to run with PYTHONPATH pointing at it: how a repository with new data reads to the previous release."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the previous release's source is not at hand")
+    dest = tmp_path_factory.mktemp("previous")
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "tmplbuild", "repo_server"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, previous_tmplbuild
 from tests.test_client import client_env
 from tests.test_repo import make_artifact, publish
 from tests.test_server import Server, init_repo, kill_agents, make_key
@@ -308,13 +308,7 @@ PREVIOUS = "8703e2c"  # main before deltas
 
 @pytest.fixture(scope="module")
 def previous(tmp_path_factory):
-    if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout: the previous release's source is not at hand")
-    dest = tmp_path_factory.mktemp("previous")
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS, "tmplbuild", "repo_server"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
+    return previous_tmplbuild(tmp_path_factory, PREVIOUS)
 
 
 def test_the_previous_tmplbuild_lists_fetches_verifies_and_audits_a_repository_with_deltas(tmp_path, world,
@@ -339,3 +333,12 @@ def test_the_previous_tmplbuild_lists_fetches_verifies_and_audits_a_repository_w
     assert checked.returncode == 0, checked.stderr
     audit = old("repo", "verify", str(repo))
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_the_help_states_the_default_number_of_deltas():
+    from tmplbuild.repo.deltas import DEFAULT_COUNT
+
+    for verb in ("publish", "rebuild"):
+        out = subprocess.run([sys.executable, "-m", "tmplbuild", verb, "--help"], cwd=ROOT, capture_output=True,
+                             text=True).stdout
+        assert f"(default {DEFAULT_COUNT}; 0: none)" in " ".join(out.split()), verb

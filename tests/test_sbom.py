@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, previous_tmplbuild
 from tests.test_client import client_env
 from tests.test_repo import make_artifact
 from tests.test_server import Server, init_repo, kill_agents, make_key
@@ -252,14 +252,7 @@ PREVIOUS = "bb8622b"  # main before the SBOMs (issue 19's last commit)
 
 @pytest.fixture(scope="module")
 def previous(tmp_path_factory):
-    """The previous tmplbuild's source, from this repository's history."""
-    if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout: the previous release's source is not at hand")
-    dest = tmp_path_factory.mktemp("previous")
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS, "tmplbuild", "repo_server"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
+    return previous_tmplbuild(tmp_path_factory, PREVIOUS)
 
 
 def test_the_previous_tmplbuild_lists_fetches_and_audits_a_repository_with_documents(served, previous, tmp_path):

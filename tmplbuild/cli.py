@@ -183,12 +183,11 @@ def _delta_count(value: str) -> int:
 
 
 def _delta_args(p: argparse.ArgumentParser) -> None:
-    from tmplbuild.repo.deltas import DEFAULT_COUNT
-
-    p.add_argument("--deltas", type=_delta_count, default=DEFAULT_COUNT, metavar="N",
-                   help=f"also write deltas to each new tar.zst from the last N earlier versions of its template "
-                        f"and architecture (default {DEFAULT_COUNT}; 0: none), so nodes holding one of them "
-                        "download only what changed")
+    # The default is tmplbuild.repo.deltas.DEFAULT_COUNT (None here: building the parser imports no index code).
+    p.add_argument("--deltas", type=_delta_count, default=None, metavar="N",
+                   help="also write deltas to each new tar.zst from the last N earlier versions of its template "
+                        "and architecture (default 2; 0: none), so nodes holding one of them download only what "
+                        "changed")
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

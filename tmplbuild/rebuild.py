@@ -141,7 +141,7 @@ class Report:
 class LocalRepo:
     def __init__(self, root: Path, signer, expires_in: int, oci=None, delta_count: int | None = None) -> None:
         """`oci`: a tmplbuild.oci.publisher.Destination every published template's image is pushed to;
-        `delta_count`: publish's (default: tmplbuild.repo.deltas.DEFAULT_COUNT)."""
+        `delta_count`: publish's (None: its default)."""
         self.root, self.signer, self.expires_in, self.oci = root, signer, expires_in, oci
         self.delta_count = delta_count
 
@@ -168,10 +168,7 @@ class LocalRepo:
     def publish(self, paths: list[Path]):
         from tmplbuild.repo.publish import publish
 
-        from tmplbuild.repo.deltas import DEFAULT_COUNT
-
-        return publish(self.root, paths, self.signer, self.expires_in, self.oci,
-                       DEFAULT_COUNT if self.delta_count is None else self.delta_count)
+        return publish(self.root, paths, self.signer, self.expires_in, self.oci, self.delta_count)
 
     def resign(self) -> idx.Index:
         from tmplbuild.repo.manage import resign
@@ -216,11 +213,8 @@ class RemoteRepo:
     def publish(self, paths: list[Path]):
         from tmplbuild.repo.remote import publish_remote
 
-        from tmplbuild.repo.deltas import DEFAULT_COUNT
-
         return publish_remote(self.base, paths, self.signer, self.pinned_keys, (self.signer.fingerprint,),
-                              self.token, self.expires_in, self.oci,
-                              DEFAULT_COUNT if self.delta_count is None else self.delta_count)
+                              self.token, self.expires_in, self.oci, self.delta_count)
 
     def resign(self) -> idx.Index:
         """The same catalogue, version + 1, fresh expiry, uploaded as an upload holding only the index pair

@@ -139,7 +139,8 @@ def apply(transport: Transport, url: str, entry: idx.Entry, target: idx.FileRef,
         sink = _Capped(out, target.size)
         try:
             with open(base, "rb") as f:
-                base_tar = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj().decompress(f.read())
+                base_tar = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj(
+                    read_across_frames=True).decompress(f.read())
             dictionary = zstandard.ZstdCompressionDict(base_tar, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             decoder = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=MAX_WINDOW)
             tar_size = 0

@@ -97,9 +97,9 @@ class Published:
 
 
 def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int,
-            oci: OciDestination | None = None, delta_count: int = deltas.DEFAULT_COUNT) -> Published:
+            oci: OciDestination | None = None, delta_count: int | None = None) -> Published:
     """Each new tar.zst also gets deltas from the last `delta_count` earlier versions of its name and arch
-    (tmplbuild.repo.deltas; 0: none). With `oci`, each new template's OCI image is also pushed to that registry and signed (tmplbuild.oci.publisher)
+    (tmplbuild.repo.deltas; 0: none; None: DEFAULT_COUNT). With `oci`, each new template's OCI image is also pushed to that registry and signed (tmplbuild.oci.publisher)
     after the trust checks and before its files and the index are written; its lookaside signatures go under
     sigstore/. Raises UsageError, AuthenticityError (current index, artifact hashes, a new signature that does
     not verify; "signer": a key the newest root does not name as online; "index signer": the index in place was
@@ -110,6 +110,7 @@ def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int,
     from tmplbuild.repo.manage import _write_sums, refuse_carried_over, writer_trust
 
     artifacts = [load_artifact(p) for p in paths]
+    delta_count = deltas.DEFAULT_COUNT if delta_count is None else delta_count
     if oci is not None:
         for art in artifacts:
             oci_publisher.image_of(art.manifest, art.manifest_path)  # every one has an image, before any push

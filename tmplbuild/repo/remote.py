@@ -168,13 +168,14 @@ def get_capped(session: Transport, url: str) -> bytes:
 
 def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: bytes, pinned: tuple[str, ...],
                    token: str, expires_in: int, oci: OciDestination | None = None,
-                   delta_count: int = deltas.DEFAULT_COUNT) -> Published:
+                   delta_count: int | None = None) -> Published:
     """Deltas from the last `delta_count` earlier versions (tmplbuild.repo.deltas) are made from their tar.zst
     downloaded from the server and checked against its verified index. With `oci`, each new template's image is pushed and signed first (once, whatever the retries), and its
     lookaside signatures go into the upload. Raises UsageError (artifacts, token refused), AuthenticityError (the
     server's index, an artifact, or the server's verdict on the upload), PublishConflictError (409 conflicts past
     the publish deadline), TransportError (HTTP, the registry), LocalIOError."""
     artifacts = [load_artifact(p) for p in paths]
+    delta_count = deltas.DEFAULT_COUNT if delta_count is None else delta_count
     if oci is not None:
         for art in artifacts:
             image_of(art.manifest, art.manifest_path)  # every one has an image, before any push
