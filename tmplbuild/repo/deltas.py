@@ -73,11 +73,11 @@ BaseFile = Callable[[idx.FileRef], Path]  # where a published base file is (a lo
 
 def make(base_file: BaseFile, directory: Path, entry_key: tuple[str, str, str], target: Path, target_sha256: str,
          level_used: int, base_entries: list[idx.Entry], level: int = LEVEL) -> list[Made]:
-    """Deltas from each of `base_entries` (their tar.zst found by `base_file`) to `target`, the new tar.zst,
-    written as hidden temporary files in `directory`. Returns what was made; a delta that cannot be made (no zstd command, a base
-    file that does not match the index, a target this libzstd does not reproduce) is left out with one line
-    saying why: deltas are an optimisation, and the publish goes on without them. Raises nothing but
-    KeyboardInterrupt-like exceptions; the caller removes the returned files on its own failure."""
+    """Deltas from each of `base_entries` (their tar.zst found by `base_file`) to `target`, the new tar.zst, written as
+    hidden temporary files in `directory`. Returns what was made; a delta that cannot be made (no zstd command, a
+    base file that does not match the index, a target this libzstd does not reproduce) is left out with one line
+    saying why: deltas are an optimisation, and the publish goes on without them. The caller removes the
+    returned files when its own publish fails."""
     if not base_entries:
         return []
     name, version, arch = entry_key

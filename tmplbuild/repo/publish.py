@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
 
+from tmplbuild import zst
 from tmplbuild.errors import AuthenticityError, UsageError
 from tmplbuild.files import fsync_path
 from tmplbuild.manifest import Manifest, ManifestError
@@ -26,7 +27,6 @@ from tmplbuild.manifest import parse as parse_manifest
 from tmplbuild.oci import publisher as oci_publisher
 from tmplbuild.oci import record
 from tmplbuild.oci.publisher import Destination as OciDestination
-from tmplbuild import zst
 from tmplbuild.repo import converge
 from tmplbuild.repo import deltas
 from tmplbuild.repo import lookaside
@@ -99,14 +99,15 @@ class Published:
 def publish(root: Path, paths: list[Path], signer: Signer, expires_in: int,
             oci: OciDestination | None = None, delta_count: int | None = None) -> Published:
     """Each new tar.zst also gets deltas from the last `delta_count` earlier versions of its name and arch
-    (tmplbuild.repo.deltas; 0: none; None: DEFAULT_COUNT). With `oci`, each new template's OCI image is also pushed to that registry and signed (tmplbuild.oci.publisher)
-    after the trust checks and before its files and the index are written; its lookaside signatures go under
-    sigstore/. Raises UsageError, AuthenticityError (current index, artifact hashes, a new signature that does
-    not verify; "signer": a key the newest root does not name as online; "index signer": the index in place was
-    signed by a key the newest root dropped, which `repo resign --carry-over` must re-sign first; "oci push": the
-    registry stored another digest), FreshnessError ("root expired"), TransportError (the registry), LocalIOError
-    (lock, disk). The trust checks come before anything is written or pushed. On any of these, nothing it wrote
-    stays behind: no file, no empty directory, the previous SHA256SUMS pairs."""
+    (tmplbuild.repo.deltas; 0: none; None: DEFAULT_COUNT). With `oci`, each new template's OCI image is also pushed
+    to that registry and signed (tmplbuild.oci.publisher) after the trust checks and before its files and the index
+    are written; its lookaside signatures go under sigstore/. Raises UsageError, AuthenticityError (current index,
+    artifact hashes, a new signature that does not verify; "signer": a key the newest root does not name as online;
+    "index signer": the index in place was signed by a key the newest root dropped, which `repo resign --carry-over`
+    must re-sign first; "oci push": the registry stored another digest), FreshnessError ("root expired"),
+    TransportError (the registry), LocalIOError (lock, disk). The trust checks come before anything is written or
+    pushed. On any of these, nothing it wrote stays behind: no file, no empty directory, the previous SHA256SUMS
+    pairs."""
     from tmplbuild.repo.manage import _write_sums, refuse_carried_over, writer_trust
 
     artifacts = [load_artifact(p) for p in paths]

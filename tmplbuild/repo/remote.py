@@ -170,10 +170,11 @@ def publish_remote(url: str, paths: list[Path], signer: Signer, pinned_keys: byt
                    token: str, expires_in: int, oci: OciDestination | None = None,
                    delta_count: int | None = None) -> Published:
     """Deltas from the last `delta_count` earlier versions (tmplbuild.repo.deltas) are made from their tar.zst
-    downloaded from the server and checked against its verified index. With `oci`, each new template's image is pushed and signed first (once, whatever the retries), and its
-    lookaside signatures go into the upload. Raises UsageError (artifacts, token refused), AuthenticityError (the
-    server's index, an artifact, or the server's verdict on the upload), PublishConflictError (409 conflicts past
-    the publish deadline), TransportError (HTTP, the registry), LocalIOError."""
+    downloaded from the server and checked against its verified index. With `oci`, each new template's image is
+    pushed and signed first (once, whatever the retries), and its lookaside signatures go into the upload. Raises
+    UsageError (artifacts, token refused), AuthenticityError (the server's index, an artifact, or the server's
+    verdict on the upload), PublishConflictError (409 conflicts past the publish deadline), TransportError (HTTP,
+    the registry), LocalIOError."""
     artifacts = [load_artifact(p) for p in paths]
     delta_count = deltas.DEFAULT_COUNT if delta_count is None else delta_count
     if oci is not None:
