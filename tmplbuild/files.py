@@ -56,6 +56,16 @@ def hash_file(path: Path) -> tuple[int, str, str]:
     return size, h256.hexdigest(), h512.hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file alone (hash_file's sha512 is half its time): a .deb against its Packages entry, a base
+    file against a delta's signed base."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @contextmanager
 def exclusive_lock(fd: int, timeout: float, check: str, held: str) -> Iterator[None]:
     """flock(LOCK_EX) on an open fd, waiting up to `timeout` seconds. Raises LocalIOError(check, held) (exit 7)

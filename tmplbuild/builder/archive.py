@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmplbuild.errors import AuthenticityError, FreshnessError, LocalIOError, TransportError
-from tmplbuild.files import atomic_write
+from tmplbuild.files import atomic_write, sha256_file
 from tmplbuild.run import run
 from tmplbuild.transport import Broken, Transport
 
 INRELEASE_CAP = 16 << 20
 PACKAGES_CAP = 512 << 20
-CHUNK = 1 << 20
 MAX_FUTURE_SECONDS = 10  # apt's Acquire::Max-FutureTime default: how far a Release's Date may be ahead of now
 
 
@@ -349,7 +348,7 @@ def download_debs(fetcher: Fetcher, mirror: str, wanted: list[Package], cache: P
 
     def one(pkg: Package) -> Path:
         dest = debs / pkg.deb_name
-        if dest.exists() and dest.stat().st_size == pkg.size and _sha256(dest) == pkg.sha256:
+        if dest.exists() and dest.stat().st_size == pkg.size and sha256_file(dest) == pkg.sha256:
             return dest
         fetcher.to_file(f"{pkg.base_url or mirror}/{pkg.filename}", dest, pkg.size, pkg.sha256)
         return dest
@@ -358,9 +357,3 @@ def download_debs(fetcher: Fetcher, mirror: str, wanted: list[Package], cache: P
         return list(pool.map(one, wanted))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()

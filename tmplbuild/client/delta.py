@@ -28,7 +28,7 @@ from tmplbuild import zst
 from tmplbuild.client import trust
 from tmplbuild.client.download import Hasher, Progress, install
 from tmplbuild.errors import TmplbuildError
-from tmplbuild.files import fsync_path
+from tmplbuild.files import fsync_path, sha256_file
 from tmplbuild.repo import index as idx
 from tmplbuild.transport import Transport
 
@@ -80,23 +80,12 @@ def find_base(entry: idx.Entry, dirs: Iterable[Path]) -> tuple[idx.FileRef, Path
                 continue
             if path not in hashed:
                 try:
-                    hashed[path] = _sha256(path)
+                    hashed[path] = sha256_file(path)  # a base's sha512 is not signed
                 except OSError:
                     continue
             if hashed[path] == info.base_sha256:
                 return ref, path
     return None
-
-
-def _sha256(path: Path) -> str:
-    """The base's sha256 only (its sha512 is not signed for a base): half the work of hash_file."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_delta(entry: idx.Entry, ref: idx.FileRef) -> None:
