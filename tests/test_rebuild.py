@@ -337,7 +337,11 @@ def test_6_rebuild_with_oci_pushes_and_signs_what_it_publishes(world, registry):
     oci = json.loads((world["repo"] / new["manifest"]["path"]).read_text())["oci"]
     assert oci["registry"]["repository"] == f"{prefix}/rb-minimal"
     assert [f["format"] for f in new["files"]] == ["tar.zst", "tar.xz", "oci.tar", "lxc-meta.tar.xz", "spdx.json",
-                                                   "cdx.json", "intoto.json"]
+                                                   "cdx.json", "intoto.json", "tar.zst.delta", "tar.zst.delta"]
+    # The weekly job's deltas: from the two newest versions published before it.
+    earlier = sorted((e for e in entries(world["repo"], "rb-minimal") if e["version"] != new["version"]),
+                     key=lambda e: (e["created"], e["version"]))
+    assert [f["delta"]["base_version"] for f in new["files"][7:]] == [e["version"] for e in earlier[::-1][:2]]
     for tag in oci["registry"]["tags"]:
         raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{prefix}/rb-minimal:{tag}"],
                              capture_output=True, check=True).stdout
