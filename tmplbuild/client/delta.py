@@ -94,8 +94,7 @@ def check_delta(entry: idx.Entry, ref: idx.FileRef) -> None:
     info = ref.delta
     if info is None or ref.format != idx.DELTA_FORMAT or not ref.sha512:
         raise DeltaFailed(f"{ref.path}: not a delta with its hashes")
-    expected = f"{entry.directory}/{entry.name}_{entry.version}_{entry.arch}.from-{info.base_version}." \
-               f"{idx.DELTA_FORMAT}"
+    expected = f"{entry.directory}/{idx.delta_file_name(entry.name, entry.version, entry.arch, info.base_version)}"
     if ref.path != expected:
         raise DeltaFailed(f"delta {ref.path}, expected {expected}")
 

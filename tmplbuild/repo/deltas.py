@@ -16,7 +16,6 @@ Measured on two real builds of debian-12-minimal five months of updates apart (d
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -28,7 +27,7 @@ import zstandard
 
 from tmplbuild import zst
 from tmplbuild.errors import TmplbuildError
-from tmplbuild.files import hash_file
+from tmplbuild.files import hash_file, sha256_file
 from tmplbuild.log import say
 from tmplbuild.repo import index as idx
 
@@ -44,10 +43,6 @@ class Made:
 
     path: Path
     ref: idx.FileRef
-
-
-def file_name(name: str, version: str, arch: str, base_version: str) -> str:
-    return f"{name}_{version}_{arch}.from-{base_version}.{idx.DELTA_FORMAT}"
 
 
 def bases(current: idx.Index, name: str, version: str, arch: str, created: str, count: int) -> list[idx.Entry]:
@@ -105,15 +100,16 @@ def make(base_file: BaseFile, directory: Path, entry_key: tuple[str, str, str], 
         for base in base_entries:
             ref = base.files[0]
             base_tar = Path(tmp) / "base.tar"
-            out = directory / f".{file_name(name, version, arch, base.version)}.part"
+            out = directory / f".{idx.delta_file_name(name, version, arch, base.version)}.part"
             try:
                 base_path = base_file(ref)
-                if hash_file(base_path)[1] != ref.sha256:
+                if sha256_file(base_path) != ref.sha256:
                     say(f"deltas: {ref.path} does not match its signed sha256; no delta from {base.version}")
                     continue
-                if _decompress(base_path, base_tar) > MAX_TAR:
+                base_size = _decompress(base_path, base_tar)
+                if base_size > MAX_TAR:
                     continue
-                window = max(zst.WINDOW_LOG, max(base_tar.stat().st_size, tar_size).bit_length())
+                window = max(zst.WINDOW_LOG, max(base_size, tar_size).bit_length())
                 proc = subprocess.run(["zstd", "-q", "-f", f"-{level}", f"--long={window}",
                                        f"--patch-from={base_tar}", str(target_tar), "-o", str(out)],
                                       capture_output=True, text=True)
@@ -132,7 +128,7 @@ def make(base_file: BaseFile, directory: Path, entry_key: tuple[str, str, str], 
             info = idx.DeltaInfo(base_version=base.version, base_size=ref.size, base_sha256=ref.sha256,
                                  tar_size=tar_size, zstd_version=zst.version(), zstd_level=level_used,
                                  zstd_window_log=zst.WINDOW_LOG)
-            rel = f"templates/{name}/{version}/{file_name(name, version, arch, base.version)}"
+            rel = f"templates/{name}/{version}/{idx.delta_file_name(name, version, arch, base.version)}"
             made.append(Made(out, idx.FileRef(rel, size, sha256, sha512, idx.DELTA_FORMAT, info)))
     return made
 
@@ -156,11 +152,3 @@ def _recompressed_sha256(tar: Path, level: int) -> str:
         while chunk := fin.read(CHUNK):
             w.write(chunk)
     return h.hexdigest()
-
-
-def remove(made: list[Made]) -> None:
-    for m in made:
-        try:
-            os.unlink(m.path)
-        except FileNotFoundError:
-            pass

@@ -4,6 +4,7 @@ Pure: no I/O. The bytes that are signed are the bytes served; parsing happens on
 those exact bytes was verified (see tmplbuild.sign.verify)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -51,11 +52,11 @@ OCI_FORMAT = "oci.tar"
 SPDX_FORMAT, CYCLONEDX_FORMAT, PROVENANCE_FORMAT = "spdx.json", "cdx.json", "intoto.json"
 DOCUMENT_FORMATS = (SPDX_FORMAT, CYCLONEDX_FORMAT, PROVENANCE_FORMAT)
 FORMATS = (*ROOTFS_FORMATS, LXC_META_FORMAT, OCI_FORMAT, *DOCUMENT_FORMATS)
-# A delta (tmplbuild.delta): the entry's tar.zst rebuilt from an earlier version's. Listed among the entry's files
-# after everything else, with what it applies to and how the result is compressed (DeltaInfo); hashed in
-# SHA256SUMS, signed, served and pruned like any file of the version. A tmplbuild older than deltas lists,
-# verifies and keeps it like any file, and fetches files[0] as before. It is never a template format: `fetch
-# --format` does not offer it and `template_files` leaves it out.
+# A delta (tmplbuild.repo.deltas writes it, tmplbuild.client.delta applies it): the entry's tar.zst rebuilt from
+# an earlier version's. Listed among the entry's files after everything else, with what it applies to and how the
+# result is compressed (DeltaInfo); hashed in SHA256SUMS, signed, served and pruned like any file of the version.
+# A tmplbuild older than deltas lists, verifies and keeps it like any file, and fetches files[0] as before. It is
+# never a template format: `fetch --format` does not offer it and `template_files` leaves it out.
 DELTA_FORMAT = "tar.zst.delta"
 
 
@@ -74,9 +75,12 @@ class DeltaInfo:
     zstd_window_log: int
 
     def to_doc(self) -> dict[str, Any]:
-        return {"base_version": self.base_version, "base_size": self.base_size, "base_sha256": self.base_sha256,
-                "tar_size": self.tar_size, "zstd_version": self.zstd_version, "zstd_level": self.zstd_level,
-                "zstd_window_log": self.zstd_window_log}
+        return dataclasses.asdict(self)
+
+
+def delta_file_name(name: str, version: str, arch: str, base_version: str) -> str:
+    """A delta's file name in its version's directory: `<stem>.from-<base version>.tar.zst.delta`."""
+    return f"{name}_{version}_{arch}.from-{base_version}.{DELTA_FORMAT}"
 
 
 @dataclass(frozen=True)
